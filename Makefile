@@ -1,0 +1,35 @@
+# Everything installs from here, on a machine with only python3, make and apt-get.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { \
+	  echo "python3 -m venv failed: installing python3-venv"; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(STAMP)
+
+## make demo: start ctxaudit serve on a DuckDB file, send it spans through the OTel SDK, show what was stored
+demo: $(STAMP)
+	$(BIN)/ctxaudit demo
+
+## make test: the whole suite, the import contracts included
+test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest
+
+## make bench: ingest benchmark (figures in docs/performance.md)
+bench: $(STAMP)
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(VENV) demo-data test-artifacts .pytest_cache

@@ -1,0 +1,223 @@
+"""`ctxaudit`: the command line, and the composition root that wires the packages together.
+
+Commands stay thin: parse options, build objects, call one method. Exit codes:
+0 success, 1 runtime error (store locked, corrupt, port taken...), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+import click
+
+from . import __version__
+from .store.errors import StoreError
+
+log = logging.getLogger("ctxaudit")
+
+DEFAULT_DB = "ctxaudit.duckdb"
+
+
+def _hostport(ctx, param, value):
+    if value in (None, "", "off"):
+        return None
+    from collector_ext.addresses import parse_hostport
+
+    try:
+        parse_hostport(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def _fail(message: str) -> None:
+    click.echo(f"ctxaudit: error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ctxaudit")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail to stderr.")
+def main(verbose: bool) -> None:
+    """Find where distributed-tracing context is lost, and what the loss costs.
+
+    Point OTLP exporters (or a Collector tee) at `ctxaudit serve`; it stores every
+    span in a DuckDB file that the other commands read.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, help="DuckDB file to create or append to.")
+@click.option(
+    "--grpc", "grpc_address", default="127.0.0.1:4317", show_default=True, callback=_hostport,
+    help="OTLP/gRPC listen address, HOST:PORT; 'off' to disable.",
+)
+@click.option(
+    "--http", "http_address", default="127.0.0.1:4318", show_default=True, callback=_hostport,
+    help="OTLP/HTTP listen address, HOST:PORT; 'off' to disable.",
+)
+@click.option(
+    "--max-body-mib", type=click.FloatRange(min=0.001), default=16, show_default=True,
+    help="Largest request accepted, after decompression (413 / RESOURCE_EXHAUSTED beyond).",
+)
+@click.option(
+    "--queue-spans", type=click.IntRange(min=1), default=200_000, show_default=True,
+    help="Spans waiting for commit before requests are refused with a retryable answer.",
+)
+@click.option(
+    "--inflight-mib", type=click.FloatRange(min=0.001), default=256, show_default=True,
+    help="Request bytes being decoded or committed before requests are refused (retryable).",
+)
+@click.option(
+    "--decoders", type=click.IntRange(min=0), default=None,
+    help="Decode worker processes [default: CPU count]; 0 decodes in the server process.",
+)
+@click.option("--memory-limit", default="512MB", show_default=True, help="DuckDB memory limit.")
+@click.option(
+    "--drain-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
+    help="Seconds to let requests in flight finish on SIGTERM/SIGINT.",
+)
+@click.option(
+    "--log-interval", type=click.FloatRange(min=0), default=10, show_default=True,
+    help="Seconds between ingest progress lines on stderr; 0 for none.",
+)
+def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mib, decoders,
+          memory_limit, drain_timeout, log_interval) -> None:  # fmt: skip
+    """Receive OTLP spans over gRPC and HTTP and store them in DB.
+
+    Spans are acknowledged only after they are committed. SIGTERM or SIGINT stops
+    accepting, lets requests in flight finish, commits, and exits 0.
+    """
+    import os
+
+    from collector_ext.addresses import is_loopback, parse_hostport
+    from collector_ext.ingest import Ingestor
+    from collector_ext.receivers import OtlpReceivers
+
+    from .store.writer import SpanStore, SpanWriter
+
+    if not grpc_address and not http_address:
+        raise click.UsageError("both receivers are off: enable --grpc or --http")
+    for address in (grpc_address, http_address):
+        if address and not is_loopback(parse_hostport(address)[0]):
+            log.warning("listening on %s beyond loopback: anyone who can reach it can write spans", address)
+
+    try:
+        store = SpanStore(db, memory_limit=memory_limit)
+    except StoreError as e:
+        _fail(str(e))
+    writer = SpanWriter(store, max_queued_spans=queue_spans)
+    ingestor = Ingestor(
+        writer,
+        decoders=os.cpu_count() or 1 if decoders is None else decoders,
+        max_body_bytes=int(max_body_mib * (1 << 20)),
+        max_inflight_bytes=int(inflight_mib * (1 << 20)),
+    )
+    receivers = OtlpReceivers(
+        ingestor, grpc_address=grpc_address, http_address=http_address, drain_timeout=drain_timeout
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        receivers.start()
+    except OSError as e:
+        writer.close()
+        _fail(str(e))
+
+    listening = []
+    if receivers.grpc:
+        listening.append(f"OTLP/gRPC {parse_hostport(grpc_address)[0]}:{receivers.grpc.port}")
+    if receivers.http:
+        listening.append(f"OTLP/HTTP http://{parse_hostport(http_address)[0]}:{receivers.http.port}/v1/traces")
+    click.echo(f"ctxaudit serve: ready: {', '.join(listening)}; store {db}", err=False)
+    sys.stdout.flush()
+
+    last, last_t = 0, time.monotonic()
+    while not stop.wait(log_interval or None):
+        now, committed = time.monotonic(), writer.stats.committed_spans
+        s = ingestor.stats
+        log.info(
+            "stored %d spans (%.0f/s), %d rejected, %d requests refused (retryable), %d invalid, %d queued",
+            committed, (committed - last) / (now - last_t), s.rejected_spans, s.refused_requests,
+            s.invalid_requests, writer.stats.queued_spans,
+        )  # fmt: skip
+        last, last_t = committed, now
+
+    click.echo("ctxaudit serve: stopping: draining requests in flight", err=True)
+    receivers.stop()
+    writer.close()
+    s = ingestor.stats
+    click.echo(
+        f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed, "
+        f"{s.rejected_spans} rejected, {s.end_before_start} ending before they start",
+        err=True,
+    )
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, help="DuckDB file written by `ctxaudit serve`.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def stats(db: str, as_json: bool) -> None:
+    """Print what the store holds: spans, traces, services and the time range."""
+    from .store.reader import LocalReader
+
+    try:
+        reader = LocalReader(db)
+        result = reader.stats()
+        reader.close()
+    except StoreError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"store      {db}")
+    click.echo(f"spans      {result.spans}")
+    click.echo(f"traces     {result.traces}")
+    click.echo(f"services   {result.services}")
+    click.echo(f"links      {result.links}")
+    if result.first_span_start_ns is not None:
+        click.echo(f"from       {_when(result.first_span_start_ns)}")
+        click.echo(f"to         {_when(result.last_span_end_ns)}")
+    if result.end_before_start:
+        click.echo(f"warning    {result.end_before_start} span(s) end before they start (clock or SDK bug)")
+    for row in result.by_service:
+        click.echo(f"  {row.service:<32} {row.spans:>10} spans {row.traces:>9} traces")
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@main.command()
+@click.option(
+    "--db", default="demo-data/ctxaudit-demo.duckdb", show_default=True,
+    help="DuckDB file for the demo (created; an existing one is replaced).",
+)
+def demo(db: str) -> None:
+    """Start `ctxaudit serve`, send it spans through the OpenTelemetry SDK, show what was stored."""
+    from .demo import run_demo
+
+    try:
+        run_demo(db)
+    except StoreError as e:
+        _fail(str(e))
+    except RuntimeError as e:
+        _fail(str(e))
+    ctx = click.get_current_context()
+    ctx.invoke(stats, db=db, as_json=False)
+
+
+if __name__ == "__main__":
+    main()

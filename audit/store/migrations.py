@@ -1,0 +1,115 @@
+"""Named, append-only schema migrations for the span store.
+
+Each migration runs once, in order, inside a transaction; its name is recorded in
+`_migrations`. Never edit or reorder a migration that has shipped: append a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "0001_spans",
+        """
+        CREATE TABLE spans (
+            -- identity: fixed-width so joins over millions of spans stay fast
+            trace_id UHUGEINT NOT NULL,
+            span_id UBIGINT NOT NULL,
+            parent_span_id UBIGINT,              -- NULL for a root span
+            trace_state VARCHAR,
+            flags UINTEGER NOT NULL,
+            name VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,               -- UNSPECIFIED|INTERNAL|SERVER|CLIENT|PRODUCER|CONSUMER
+            start_ns UBIGINT NOT NULL,           -- start_time_unix_nano
+            end_ns UBIGINT NOT NULL,             -- end_time_unix_nano
+            status_code VARCHAR NOT NULL,        -- UNSET|OK|ERROR
+            status_message VARCHAR,
+            dropped_attributes_count UINTEGER NOT NULL,
+            event_count UINTEGER NOT NULL,
+            dropped_events_count UINTEGER NOT NULL,
+            link_count UINTEGER NOT NULL,        -- the links are also in span_links, for joins
+            dropped_links_count UINTEGER NOT NULL,
+            -- the whole span as an OTLP `Span` protobuf: attributes of every value type, events,
+            -- links, exactly as sent (attribute order aside); decode with otlp_attributes() etc.
+            otlp_span BLOB NOT NULL,
+            -- resource and instrumentation scope
+            service_name VARCHAR NOT NULL,
+            resource_attributes JSON,
+            resource_dropped_attributes_count UINTEGER NOT NULL,
+            resource_schema_url VARCHAR,
+            scope_name VARCHAR,
+            scope_version VARCHAR,
+            scope_attributes JSON,
+            scope_schema_url VARCHAR,
+            -- derived once at ingest for the audit
+            parent_is_remote BOOLEAN,            -- from flags bits 0x100/0x200; NULL when unknown
+            sampling_threshold UBIGINT,          -- tracestate ot=th, as a 56-bit rejection threshold
+            sampling_rv UBIGINT,                 -- tracestate ot=rv, 56-bit randomness
+            sampling_tracestate_invalid BOOLEAN NOT NULL,
+            protocol VARCHAR NOT NULL,           -- http|grpc|messaging|rpc|db|none
+            server_address VARCHAR,
+            server_port INTEGER,
+            peer_service VARCHAR,
+            url_full VARCHAR,
+            url_path VARCHAR,
+            http_route VARCHAR,
+            http_method VARCHAR,
+            http_status_code INTEGER,
+            messaging_system VARCHAR,
+            messaging_destination VARCHAR,
+            messaging_message_id VARCHAR,
+            messaging_partition VARCHAR,
+            messaging_offset BIGINT,
+            rpc_system VARCHAR,
+            rpc_service VARCHAR,
+            rpc_method VARCHAR,
+            db_system VARCHAR,
+            ingested_at TIMESTAMPTZ NOT NULL     -- commit time: the audit settles on arrival, not span time
+        );
+
+        CREATE TABLE span_links (
+            trace_id UHUGEINT NOT NULL,          -- the span that carries the link
+            span_id UBIGINT NOT NULL,
+            link_trace_id UHUGEINT NOT NULL,     -- the linked span context
+            link_span_id UBIGINT NOT NULL,
+            trace_state VARCHAR,
+            flags UINTEGER NOT NULL,
+            attributes JSON,
+            dropped_attributes_count UINTEGER NOT NULL,
+            ingested_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def apply_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply every migration not yet recorded; return the names applied now."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    done = {row[0] for row in con.execute("SELECT name FROM _migrations").fetchall()}
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.name in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(migration.sql)
+            con.execute("INSERT INTO _migrations VALUES (?, current_timestamp)", [migration.name])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(migration.name)
+    return applied

@@ -1,0 +1,118 @@
+"""The read side of the store: a DB file opened read-only, and named queries over it.
+
+Issue 6 adds a second implementation that reads through a running server's API;
+commands and pages depend only on the methods here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import duckdb
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from .errors import StoreError, translate
+from .otlp_values import attributes, to_json
+
+
+@dataclass
+class ServiceCount:
+    service: str
+    spans: int
+    traces: int
+
+
+@dataclass
+class StoreStats:
+    spans: int
+    traces: int
+    services: int
+    links: int
+    first_span_start_ns: int | None
+    last_span_end_ns: int | None
+    end_before_start: int
+    by_service: list[ServiceCount] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def otlp_attributes(blob: bytes) -> str | None:
+    """Span attributes from the stored OTLP `Span` bytes, as JSON."""
+    return to_json(attributes(Span.FromString(blob).attributes))
+
+
+def otlp_events(blob: bytes) -> str | None:
+    """Span events from the stored OTLP `Span` bytes, as a JSON list."""
+    events = Span.FromString(blob).events
+    return to_json(
+        [
+            {
+                "time_unix_nano": e.time_unix_nano,
+                "name": e.name,
+                "attributes": attributes(e.attributes),
+                "dropped_attributes_count": e.dropped_attributes_count,
+            }
+            for e in events
+        ]
+    )
+
+
+_STATS = """
+SELECT count(*), count(DISTINCT trace_id), count(DISTINCT service_name),
+       min(start_ns), max(end_ns), count(*) FILTER (WHERE end_ns < start_ns)
+FROM spans
+"""
+_BY_SERVICE = """
+SELECT service_name, count(*), count(DISTINCT trace_id) FROM spans GROUP BY 1 ORDER BY 2 DESC, 1
+"""
+
+
+class LocalReader:
+    """Reads a DB file that no server holds. DuckDB opens it read-only."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._con = duckdb.connect(path, read_only=True)
+        except duckdb.Error as e:
+            raise translate(e, path, writing=False) from None
+        self._con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON")
+        self._con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON")
+
+    def _query(self, sql: str, params: list | None = None) -> list[tuple]:
+        try:
+            return self._con.cursor().execute(sql, params or []).fetchall()
+        except duckdb.Error as e:
+            if "Table with name spans does not exist" in str(e):
+                raise StoreError(f"{self.path} is a DuckDB file but not a ctxaudit store (no spans table)") from None
+            raise translate(e, self.path, writing=False) from None
+
+    def stats(self) -> StoreStats:
+        spans, traces, services, first, last, bad_times = self._query(_STATS)[0]
+        (links,) = self._query("SELECT count(*) FROM span_links")[0]
+        by_service = [ServiceCount(*row) for row in self._query(_BY_SERVICE)]
+        return StoreStats(spans, traces, services, links, first, last, bad_times, by_service)
+
+    def span_rows(self, where: str = "true", params: list | None = None) -> list[dict]:
+        """Spans as dicts with attributes and events decoded (for tests, demos and the trace view)."""
+        cur = self._con.cursor()
+        try:
+            rel = cur.execute(
+                "SELECT *, otlp_attributes(otlp_span) AS attributes, otlp_events(otlp_span) AS events "
+                f"FROM spans WHERE {where} ORDER BY start_ns",
+                params or [],
+            )
+        except duckdb.Error as e:
+            raise translate(e, self.path, writing=False) from None
+        names = [d[0] for d in rel.description]
+        rows = [dict(zip(names, r)) for r in rel.fetchall()]
+        for r in rows:
+            for k in ("attributes", "events", "resource_attributes", "scope_attributes"):
+                if r[k] is not None:
+                    r[k] = json.loads(r[k])
+        return rows
+
+    def close(self) -> None:
+        self._con.close()

@@ -1,0 +1,205 @@
+"""The write side of the store: one connection, one writer thread, group commits.
+
+Producers `submit` a `SpanBatch` and get a future that resolves once the batch is
+committed: the receivers acknowledge only then. The queue is bounded in spans; a
+full queue refuses at once (`QueueFull`) so clients retry instead of the server
+buffering without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from .batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch
+from .errors import StoreError, translate
+from .migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The write queue has no room for this batch now; the client should retry."""
+
+
+def _insert_sql(table: str, schema: pa.Schema) -> str:
+    """INSERT ... SELECT that joins each `<x>_hi`/`<x>_lo` pair into one UHUGEINT column `<x>`."""
+    targets, exprs = [], []
+    for name in schema.names:
+        if name.endswith("_lo"):
+            continue
+        if name.endswith("_hi"):
+            base = name[:-3]
+            targets.append(base)
+            exprs.append(f"({base}_hi::UHUGEINT << 64) | {base}_lo::UHUGEINT")
+        else:
+            targets.append(name)
+            exprs.append(name)
+    targets.append("ingested_at")
+    exprs.append("current_timestamp")  # one value per transaction: the commit group
+    return f"INSERT INTO {table} ({', '.join(targets)}) SELECT {', '.join(exprs)} FROM batch_{table}"
+
+
+_INSERT_SPANS = _insert_sql("spans", SPAN_SCHEMA)
+_INSERT_LINKS = _insert_sql("span_links", LINK_SCHEMA)
+
+
+class SpanStore:
+    """The DuckDB file opened read-write, migrated, with `duckdb.Error` translated."""
+
+    def __init__(self, path: str, *, memory_limit: str = "512MB", threads: int | None = None):
+        self.path = path
+        try:
+            self._con = duckdb.connect(path, config={"memory_limit": memory_limit})
+            if threads:
+                self._con.execute(f"SET threads = {int(threads)}")
+            apply_migrations(self._con)
+        except duckdb.Error as e:
+            raise translate(e, path, writing=True) from None
+
+    def append(self, batches: list[SpanBatch]) -> None:
+        """Append batches in one transaction: all of them are committed, or none."""
+        spans = pa.concat_tables([b.spans for b in batches], promote_options="permissive")
+        links = [b.links for b in batches if b.links.num_rows]
+        con = self._con
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.register("batch_spans", spans)
+                con.execute(_INSERT_SPANS)
+                if links:
+                    con.register("batch_span_links", pa.concat_tables(links))
+                    con.execute(_INSERT_LINKS)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            finally:
+                con.unregister("batch_spans")
+                con.unregister("batch_span_links")
+        except duckdb.Error as e:
+            raise translate(e, self.path, writing=True) from None
+
+    def checkpoint(self) -> None:
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.Error as e:
+            raise translate(e, self.path, writing=True) from None
+
+    def close(self) -> None:
+        self._con.close()
+
+
+@dataclass
+class WriterStats:
+    committed_spans: int = 0
+    committed_batches: int = 0
+    commits: int = 0
+    refused_batches: int = 0
+    failed_batches: int = 0
+    queued_spans: int = 0
+
+
+@dataclass
+class _Job:
+    batch: SpanBatch
+    done: Future
+
+
+_STOP = object()
+
+
+class SpanWriter:
+    """The only writer thread; it owns the store. Group-commits whatever is queued."""
+
+    def __init__(self, store: SpanStore, *, max_queued_spans: int = 200_000, max_group_spans: int = 100_000):
+        self.store = store
+        self.max_queued_spans = max_queued_spans
+        self.max_group_spans = max_group_spans
+        self.stats = WriterStats()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._thread = threading.Thread(target=self._run, name="ctxaudit-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: SpanBatch) -> Future:
+        """Queue a batch; the future resolves when it is committed. Raises QueueFull."""
+        n = batch.accepted
+        with self._lock:
+            # an empty queue always takes one batch, so a batch larger than the bound is not stuck
+            if self.stats.queued_spans and self.stats.queued_spans + n > self.max_queued_spans:
+                self.stats.refused_batches += 1
+                raise QueueFull(f"write queue is full ({self.stats.queued_spans} spans waiting)")
+            self.stats.queued_spans += n
+        job = _Job(batch, Future())
+        self._queue.put(job)
+        return job.done
+
+    def pause(self) -> None:
+        """Hold commits (queued batches wait): for maintenance and for overload tests."""
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def close(self) -> None:
+        """Commit everything queued, then stop the thread and close the store."""
+        self._resume.set()
+        self._queue.put(_STOP)
+        self._thread.join()
+        self.store.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            group = [item]
+            spans = item.batch.accepted
+            while spans < self.max_group_spans:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                group.append(nxt)
+                spans += nxt.batch.accepted
+            self._resume.wait()
+            self._commit(group, spans)
+
+    def _commit(self, group: list[_Job], spans: int) -> None:
+        error: Exception | None = None
+        try:
+            self.store.append([job.batch for job in group])
+        except StoreError as e:
+            error = e
+        except Exception as e:  # a bug must fail the requests, not kill the only writer
+            log.exception("unexpected error while committing %d spans", spans)
+            error = e
+        with self._lock:
+            self.stats.queued_spans -= spans
+            if error is None:
+                self.stats.commits += 1
+                self.stats.committed_batches += len(group)
+                self.stats.committed_spans += spans
+            else:
+                self.stats.failed_batches += len(group)
+        for job in group:
+            if error is None:
+                job.done.set_result(None)
+            else:
+                job.done.set_exception(error)
+
+
+__all__ = ["QueueFull", "SpanStore", "SpanWriter", "WriterStats"]

@@ -1,0 +1,72 @@
+"""OTLP/gRPC: `opentelemetry.proto.collector.trace.v1.TraceService/Export` over `Ingestor.export`.
+
+The handler takes the raw request bytes (no deserializer), so protobuf parsing happens
+once, in a decode worker. gRPC itself handles `grpc-encoding: gzip` and enforces the
+maximum message size after decompression (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+
+from .addresses import parse_hostport
+from .decode import PROTOBUF, encode_response, response_for
+from .ingest import Ingestor, Refused
+
+log = logging.getLogger(__name__)
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+
+class GrpcReceiver:
+    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16):
+        self.ingestor = ingestor
+        self.address = address
+        max_bytes = ingestor.max_body_bytes
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="otlp-grpc"),
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ],
+            maximum_concurrent_rpcs=threads * 4,  # beyond this gRPC answers RESOURCE_EXHAUSTED
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {"Export": grpc.unary_unary_rpc_method_handler(self._export)},  # raw bytes in and out
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port: int | None = None
+
+    def start(self) -> int:
+        host, port = parse_hostport(self.address)
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.port = self._server.add_insecure_port(target)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen for OTLP/gRPC on {self.address}: {e}") from None
+        self._server.start()
+        return self.port
+
+    def stop(self, grace: float) -> threading.Event:
+        """Refuse new calls at once; the event is set when calls in flight have finished."""
+        return self._server.stop(grace)
+
+    def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            result = self.ingestor.export(request, PROTOBUF)
+        except Refused as e:
+            if e.retry_after is not None:
+                info = RetryInfo(retry_delay=Duration(seconds=e.retry_after))
+                context.set_trailing_metadata((("google.rpc.retryinfo-bin", info.SerializeToString()),))
+            context.abort(getattr(grpc.StatusCode, e.grpc_status), str(e))
+        except Exception:  # never let a bug take the connection down without an answer
+            log.exception("unexpected error in OTLP/gRPC export")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        return encode_response(response_for(result.rejected, result.message), PROTOBUF)

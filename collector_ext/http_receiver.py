@@ -1,0 +1,114 @@
+"""OTLP/HTTP: `POST /v1/traces` over `Ingestor.export`.
+
+The handler does what the Collector's does: check the content type (415), read the
+body within the size limit (413), and encode the answer in the request's content
+type, errors included (a `google.rpc.Status`, per the OTLP/HTTP spec). Decompression
+happens in the decode worker, bounded by the same limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from google.rpc.status_pb2 import Status
+
+from .addresses import parse_hostport
+from .decode import JSON, PROTOBUF, encode_response, response_for
+from .ingest import CONTENT_TYPES, Ingestor, PayloadTooLarge, Refused, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
+
+TRACES_PATH = "/v1/traces"
+_GRPC_CODES = {"INVALID_ARGUMENT": 3, "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14, "INTERNAL": 13}
+
+
+def _status_body(e: Refused, content_type: str) -> bytes:
+    status = Status(code=_GRPC_CODES.get(e.grpc_status, 2), message=str(e))
+    return encode_response(status, content_type)
+
+
+class HttpReceiver:
+    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16, drain_timeout: float = 30.0):
+        self.ingestor = ingestor
+        self.drain_timeout = drain_timeout
+        self.address = address
+        self.port: int | None = None
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="otlp-http")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-http-loop", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> int:
+        host, port = parse_hostport(self.address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen for OTLP/HTTP on {self.address}: {e.strerror}") from None
+        self.port = sock.getsockname()[1]
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(sock), self._loop).result()
+        return self.port
+
+    async def _serve(self, sock: socket.socket) -> None:
+        app = web.Application(client_max_size=self.ingestor.max_body_bytes)
+        app.router.add_post(TRACES_PATH, self._handle)
+        self._runner = web.AppRunner(
+            app, access_log=None, auto_decompress=False, shutdown_timeout=self.drain_timeout
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+
+    def stop(self) -> None:
+        """Stop accepting; requests in flight finish (up to `drain_timeout` seconds)."""
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._executor.shutdown(wait=True)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        content_type = request.content_type
+        answer_type = content_type if content_type in CONTENT_TYPES else PROTOBUF
+        try:
+            if content_type not in CONTENT_TYPES:
+                raise UnsupportedMediaType(
+                    f"unsupported Content-Type {content_type!r}: use {PROTOBUF} or {JSON}"
+                )
+            encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("gzip", "identity", ""):
+                raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}: use gzip or none")
+            body = await self._read_body(request)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.ingestor.export, body, content_type, encoding == "gzip"
+            )
+        except Refused as e:
+            headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+            return web.Response(
+                status=e.http_status, body=_status_body(e, answer_type), content_type=answer_type, headers=headers
+            )
+        except Exception:
+            log.exception("unexpected error in OTLP/HTTP export")
+            return web.Response(status=500, text="internal error; see the server log")
+        body = encode_response(response_for(result.rejected, result.message), answer_type)
+        return web.Response(status=200, body=body, content_type=answer_type)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.ingestor.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the maximum of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the maximum of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
