@@ -59,6 +59,8 @@ def otlp_events(blob: bytes) -> str | None:
     )
 
 
+_JSON_COLUMNS = frozenset({"attributes", "events", "resource_attributes", "scope_attributes"})
+
 _STATS = """
 SELECT count(*), count(DISTINCT trace_id), count(DISTINCT service_name),
        min(start_ns), max(end_ns), count(*) FILTER (WHERE end_ns < start_ns)
@@ -95,24 +97,33 @@ class LocalReader:
         by_service = [ServiceCount(*row) for row in self._query(_BY_SERVICE)]
         return StoreStats(spans, traces, services, links, first, last, bad_times, by_service)
 
-    def span_rows(self, where: str = "true", params: list | None = None) -> list[dict]:
-        """Spans as dicts with attributes and events decoded (for tests, demos and the trace view)."""
+    def _dicts(self, sql: str, params: list) -> list[dict]:
         cur = self._con.cursor()
         try:
-            rel = cur.execute(
-                "SELECT *, otlp_attributes(otlp_span) AS attributes, otlp_events(otlp_span) AS events "
-                f"FROM spans WHERE {where} ORDER BY start_ns",
-                params or [],
-            )
+            rel = cur.execute(sql, params)
+            names = [d[0] for d in rel.description]
+            rows = [dict(zip(names, r)) for r in rel.fetchall()]
         except duckdb.Error as e:
             raise translate(e, self.path, writing=False) from None
-        names = [d[0] for d in rel.description]
-        rows = [dict(zip(names, r)) for r in rel.fetchall()]
         for r in rows:
-            for k in ("attributes", "events", "resource_attributes", "scope_attributes"):
+            for k in _JSON_COLUMNS.intersection(r):
                 if r[k] is not None:
                     r[k] = json.loads(r[k])
         return rows
+
+    def span_rows_of_trace(self, trace_id: int) -> list[dict]:
+        """Every span of one trace, attributes and events decoded, in start order."""
+        return self._dicts(
+            "SELECT * EXCLUDE (otlp_span), otlp_attributes(otlp_span) AS attributes, "
+            "otlp_events(otlp_span) AS events FROM spans WHERE trace_id = ?::UHUGEINT ORDER BY start_ns",
+            [str(trace_id)],
+        )
+
+    def links_of_span(self, trace_id: int, span_id: int) -> list[dict]:
+        return self._dicts(
+            "SELECT * FROM span_links WHERE trace_id = ?::UHUGEINT AND span_id = ?::UBIGINT",
+            [str(trace_id), str(span_id)],
+        )
 
     def close(self) -> None:
         self._con.close()

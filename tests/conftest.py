@@ -1,0 +1,70 @@
+"""Shared fixtures: real servers on loopback ports over real DuckDB files."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from audit.store.reader import LocalReader
+from audit.store.writer import SpanStore, SpanWriter
+from collector_ext.ingest import Ingestor
+from collector_ext.receivers import OtlpReceivers
+
+
+@dataclass
+class RunningServer:
+    db: str
+    writer: SpanWriter
+    ingestor: Ingestor
+    receivers: OtlpReceivers
+    stopped: bool = False
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.receivers.grpc.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.receivers.http.port}/v1/traces"
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.receivers.stop()
+            self.writer.close()
+
+    def reader(self) -> LocalReader:
+        self.stop()
+        return LocalReader(self.db)
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start an in-process server (both receivers on free ports); stopped at teardown."""
+    servers: list[RunningServer] = []
+
+    def start(*, decoders: int = 0, max_body_bytes: int = 16 << 20, queue_spans: int = 200_000,
+              inflight_bytes: int = 256 << 20, name: str = "store.duckdb") -> RunningServer:  # fmt: skip
+        db = str(tmp_path / name)
+        writer = SpanWriter(SpanStore(db), max_queued_spans=queue_spans)
+        ingestor = Ingestor(
+            writer, decoders=decoders, max_body_bytes=max_body_bytes, max_inflight_bytes=inflight_bytes
+        )
+        receivers = OtlpReceivers(
+            ingestor, grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_timeout=10
+        )
+        receivers.start()
+        server = RunningServer(db, writer, ingestor, receivers)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def rng():
+    return random.Random(42)

@@ -1,0 +1,53 @@
+"""Small builders for OTLP protobuf requests in tests."""
+
+from __future__ import annotations
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+
+def kv(key: str, value) -> KeyValue:
+    return KeyValue(key=key, value=av(value))
+
+
+def av(value) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    if isinstance(value, list):
+        v = AnyValue()
+        v.array_value.values.extend(av(x) for x in value)
+        return v
+    if isinstance(value, dict):
+        v = AnyValue()
+        v.kvlist_value.values.extend(kv(k, x) for k, x in value.items())
+        return v
+    return AnyValue(string_value=value)
+
+
+def request(spans: list[Span], service: str = "svc") -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.append(kv("service.name", service))
+    rs.scope_spans.add().spans.extend(spans)
+    return req
+
+
+def span(trace_id: bytes, span_id: bytes, parent: bytes = b"", *, name: str = "op", kind: int = 2,
+         start: int = 1_000, end: int = 2_000, attrs: dict | None = None, **fields) -> Span:  # fmt: skip
+    s = Span(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=name, kind=kind,
+             start_time_unix_nano=start, end_time_unix_nano=end, **fields)  # fmt: skip
+    for k, v in (attrs or {}).items():
+        s.attributes.append(kv(k, v))
+    return s
+
+
+def spans(n: int, rng, trace_id: bytes | None = None) -> list[Span]:
+    tid = trace_id or rng.randbytes(16)
+    return [span(tid, rng.randbytes(8), name=f"op{i}") for i in range(n)]
