@@ -1,0 +1,118 @@
+"""Backpressure: a full queue refuses with a retryable answer, and real exporters retry until stored."""
+
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+from google.rpc.error_details_pb2 import RetryInfo
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.otlp_builders import request, spans
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def sdk_spans(service: str, n: int):
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("overload")
+    for i in range(n):
+        with tracer.start_as_current_span(f"op{i}"):
+            pass
+    return memory.get_finished_spans()
+
+
+def fill_queue(server, rng, n):
+    """Occupy the whole write queue with one request whose commit is held back."""
+    body = request(spans(n, rng)).SerializeToString()
+    done = threading.Thread(target=lambda: grpc.insecure_channel(server.grpc_target).unary_unary(EXPORT)(body))
+    done.start()
+    wait_for(lambda: server.writer.stats.queued_spans == n)
+    return done
+
+
+def test_full_queue_answers_unavailable_and_503_with_retry_hints(make_server, rng):
+    server = make_server(queue_spans=5)
+    server.writer.pause()
+    holder = fill_queue(server, rng, 5)
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        try:
+            channel.unary_unary(EXPORT)(request(spans(2, rng)).SerializeToString(), timeout=10)
+            raise AssertionError("a full queue accepted a request")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+            retry = dict(e.trailing_metadata())["google.rpc.retryinfo-bin"]
+            assert RetryInfo.FromString(retry).retry_delay.seconds == 1
+
+    req = urllib.request.Request(server.http_url, data=request(spans(2, rng)).SerializeToString(),
+                                 headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("a full queue accepted a request")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503 and e.headers["Retry-After"] == "1"
+
+    server.writer.resume()
+    holder.join()
+    assert server.reader().stats().spans == 5  # only what was acknowledged
+
+
+def test_overload_causes_retries_not_loss(make_server, rng):
+    server = make_server(queue_spans=5, decoders=1)
+    server.writer.pause()
+    holder = fill_queue(server, rng, 5)
+
+    results = {}
+    exporters = {
+        "grpc": GrpcExporter(endpoint=server.grpc_target, insecure=True, timeout=30),
+        "http": HttpExporter(endpoint=server.http_url, timeout=30),
+    }
+    batches = {name: sdk_spans(f"svc-{name}", 3) for name in exporters}
+    threads = [
+        threading.Thread(target=lambda n=name: results.__setitem__(n, exporters[n].export(batches[n])))
+        for name in exporters
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: server.ingestor.stats.refused_requests >= 2)  # both were refused at least once
+    server.writer.resume()
+    for t in threads:
+        t.join()
+    holder.join()
+
+    assert results == {"grpc": SpanExportResult.SUCCESS, "http": SpanExportResult.SUCCESS}
+    stats = server.reader().stats()
+    assert stats.spans == 11
+    assert {s.service: s.spans for s in stats.by_service} == {"svc": 5, "svc-grpc": 3, "svc-http": 3}
+
+
+def test_inflight_byte_budget_refuses_before_decoding(make_server, rng):
+    small = request(spans(1, rng)).SerializeToString()
+    server = make_server(inflight_bytes=len(small) + 1)
+    server.writer.pause()
+    holder = fill_queue(server, rng, 1)  # holds its bytes in flight until committed
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        try:
+            channel.unary_unary(EXPORT)(small, timeout=10)
+            raise AssertionError("accepted beyond the in-flight budget")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+            assert "in flight" in e.details()
+    server.writer.resume()
+    holder.join()
