@@ -160,7 +160,8 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
     writer.close()
     s = ingestor.stats
     click.echo(
-        f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed, "
+        f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed "
+        f"in {writer.stats.commits} transactions, "
         f"{s.rejected_spans} rejected, {s.end_before_start} ending before they start",
         err=True,
     )

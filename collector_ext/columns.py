@@ -27,7 +27,15 @@ _FLAG_HAS_IS_REMOTE = 0x100
 _FLAG_IS_REMOTE = 0x200
 
 
-def _as_int(v) -> int | None:
+# Converters take the OTLP AnyValue itself: reading the expected field first is one C call,
+# and the generic path handles attributes sent with another type (e.g. a port as a string).
+
+
+def _as_int(value) -> int | None:
+    i = value.int_value
+    if i:
+        return i
+    v = any_value(value)
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, str):
@@ -40,20 +48,24 @@ def _as_int(v) -> int | None:
     return None
 
 
-def _as_int32(v) -> int | None:
-    i = _as_int(v)
+def _as_int32(value) -> int | None:
+    i = _as_int(value)
     return i if i is not None and -(2**31) <= i < 2**31 else None
 
 
-def _as_str(v) -> str | None:
+def _as_str(value) -> str | None:
+    s = value.string_value
+    if s:
+        return s
+    v = any_value(value)
     if v is None or isinstance(v, str):
         return v
     return to_json(v) if isinstance(v, (list, dict)) else str(v)
 
 
-def _as_path(v) -> str | None:
+def _as_path(value) -> str | None:
     # legacy http.target carries the query string; url.path does not
-    s = _as_str(v)
+    s = _as_str(value)
     return s.partition("?")[0] if s is not None else None
 
 
@@ -104,10 +116,11 @@ def protocol_of(derived: tuple, attrs) -> str:
     return "none"
 
 
-# semconv key -> (column index, rank among that column's keys)
-_KEY_SLOT = {k: (col, rank) for col, (_, _, keys) in enumerate(DERIVED) for rank, k in enumerate(keys)}
+# semconv key -> (column index, rank among that column's keys, converter)
+_KEY_SLOT = {
+    k: (col, rank, conv) for col, (_, conv, keys) in enumerate(DERIVED) for rank, k in enumerate(keys)
+}
 _KEYS = frozenset(_KEY_SLOT)
-_CONVERTERS = tuple(conv for _, conv, _ in DERIVED)
 
 
 def _derive(attrs) -> tuple:
@@ -118,9 +131,9 @@ def _derive(attrs) -> tuple:
     out = list(_NO_DERIVED)
     best = [len(_KEY_SLOT)] * len(DERIVED)
     for k in found:
-        col, rank = _KEY_SLOT[k]
+        col, rank, conv = _KEY_SLOT[k]
         if rank < best[col]:
-            v = _CONVERTERS[col](any_value(attrs[k]))
+            v = conv(attrs[k])
             if v is not None:
                 out[col] = v
                 best[col] = rank
@@ -271,9 +284,10 @@ def to_span_batch(traces) -> SpanBatch:
     )
 
 
-def _ids(raw: list[bytes] | tuple[bytes, ...], width: int) -> np.ndarray:
-    """Big-endian id bytes -> native uint64 words, shape (n, width // 8)."""
-    return np.frombuffer(b"".join(raw), dtype=">u8").astype(np.uint64).reshape(-1, width // 8)
+def _ids(raw: list[bytes] | tuple[bytes, ...], width: int) -> list[np.ndarray]:
+    """Big-endian id bytes -> native uint64 words, one contiguous array per word (hi first)."""
+    words = np.frombuffer(b"".join(raw), dtype=">u8").astype(np.uint64).reshape(-1, width // 8)
+    return [np.ascontiguousarray(words[:, i]) for i in range(width // 8)]
 
 
 def _column(name: str, values) -> pa.Array:
@@ -284,11 +298,11 @@ def _span_table(groups, group_of, trace_ids, span_ids, parent_ids, has_parent, r
     if not rows:
         return SPAN_SCHEMA.empty_table()
     arrays: dict[str, pa.Array] = {}
-    tids = _ids(trace_ids, 16)
-    arrays["trace_id_hi"] = pa.array(tids[:, 0])
-    arrays["trace_id_lo"] = pa.array(tids[:, 1])
-    arrays["span_id"] = pa.array(_ids(span_ids, 8)[:, 0])
-    arrays["parent_span_id"] = pa.array(_ids(parent_ids, 8)[:, 0], mask=~np.asarray(has_parent, dtype=bool))
+    arrays["trace_id_hi"], arrays["trace_id_lo"] = map(pa.array, _ids(trace_ids, 16))
+    [span_id] = _ids(span_ids, 8)
+    [parent_id] = _ids(parent_ids, 8)
+    arrays["span_id"] = pa.array(span_id)
+    arrays["parent_span_id"] = pa.array(parent_id, mask=~np.asarray(has_parent, dtype=bool))
     index = pa.array(np.asarray(group_of, dtype=np.int32))
     for name, values in zip(_GROUP, zip(*groups)):
         type_ = SPAN_SCHEMA.field(name).type
@@ -308,14 +322,14 @@ def _link_table(links: list[tuple]) -> pa.Table:
     if not links:
         return LINK_SCHEMA.empty_table()
     tid, sid, ltid, lsid, trace_state, flags, attrs, dropped = zip(*links)
-    t, lt = _ids(tid, 16), _ids(ltid, 16)
+    (t_hi, t_lo), (lt_hi, lt_lo), [s], [ls] = _ids(tid, 16), _ids(ltid, 16), _ids(sid, 8), _ids(lsid, 8)
     data = {
-        "trace_id_hi": t[:, 0],
-        "trace_id_lo": t[:, 1],
-        "span_id": _ids(sid, 8)[:, 0],
-        "link_trace_id_hi": lt[:, 0],
-        "link_trace_id_lo": lt[:, 1],
-        "link_span_id": _ids(lsid, 8)[:, 0],
+        "trace_id_hi": t_hi,
+        "trace_id_lo": t_lo,
+        "span_id": s,
+        "link_trace_id_hi": lt_hi,
+        "link_trace_id_lo": lt_lo,
+        "link_span_id": ls,
         "trace_state": trace_state,
         "flags": flags,
         "attributes": attrs,

@@ -53,12 +53,13 @@ _INSERT_LINKS = _insert_sql("span_links", LINK_SCHEMA)
 class SpanStore:
     """The DuckDB file opened read-write, migrated, with `duckdb.Error` translated."""
 
-    def __init__(self, path: str, *, memory_limit: str = "512MB", threads: int | None = None):
+    def __init__(self, path: str, *, memory_limit: str = "512MB", checkpoint_mib: int = 128):
         self.path = path
         try:
-            self._con = duckdb.connect(path, config={"memory_limit": memory_limit})
-            if threads:
-                self._con.execute(f"SET threads = {int(threads)}")
+            # DuckDB checkpoints when the WAL passes this size. Its default (16 MiB) rewrites the
+            # growing row group so often that commits cost 3x more (bench: docs/performance.md).
+            config = {"memory_limit": memory_limit, "checkpoint_threshold": f"{int(checkpoint_mib)}MiB"}
+            self._con = duckdb.connect(path, config=config)
             apply_migrations(self._con)
         except duckdb.Error as e:
             raise translate(e, path, writing=True) from None

@@ -1,0 +1,208 @@
+"""Ingest benchmark: a real `ctxaudit serve` process under load from pre-encoded OTLP requests.
+
+    python -m bench.ingest [--seconds 20] [--runs 3] [--streams 8] [--transport grpc|http|both]
+
+Each run starts a fresh server on a new DuckDB file, sends realistic 1000-span requests
+(bench/payloads.py) over several concurrent streams for a fixed time, then stops the server
+with SIGTERM and counts what was stored. It reports spans/s stored, server CPU (the server and
+its decode workers), peak RSS, bytes per span on disk, and checks stored == acknowledged.
+The baseline, measured in the same run, is the same server with `--decoders 0` (decode in the
+server process: the straightforward single-process receiver). Figures: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import psutil
+
+from audit.demo import start_server, stop_server
+from audit.store.reader import LocalReader
+
+from .payloads import encoded_requests
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+@dataclass
+class RunResult:
+    label: str
+    transport: str
+    seconds: float
+    acked_spans: int
+    stored_spans: int
+    refused: int
+    cpu_seconds: float
+    peak_rss_mib: float
+    peak_total_rss_mib: float
+    bytes_per_span: float
+
+    @property
+    def spans_per_s(self) -> float:
+        return self.acked_spans / self.seconds
+
+
+class Load:
+    """Concurrent senders cycling through pre-encoded requests until the deadline."""
+
+    def __init__(self, transport: str, target: str, bodies: list[bytes], spans_per_body: int, streams: int):
+        self.transport, self.target, self.bodies, self.per = transport, target, bodies, spans_per_body
+        self.acked = 0
+        self.refused = 0
+        self.lock = threading.Lock()
+        self.streams = streams
+
+    def run(self, seconds: float) -> float:
+        deadline = time.monotonic() + seconds
+        threads = [threading.Thread(target=self._send, args=(i, deadline)) for i in range(self.streams)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.monotonic() - start
+
+    def _send(self, i: int, deadline: float) -> None:
+        k = i
+        if self.transport == "grpc":
+            channel = grpc.insecure_channel(self.target, options=[("grpc.max_send_message_length", 64 << 20)])
+            export = channel.unary_unary(EXPORT)
+        while time.monotonic() < deadline:
+            body = self.bodies[k % len(self.bodies)]
+            k += self.streams
+            try:
+                if self.transport == "grpc":
+                    export(body, timeout=60)
+                else:
+                    req = urllib.request.Request(self.target, data=body,
+                                                 headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+                    urllib.request.urlopen(req, timeout=60).read()
+            except (grpc.RpcError, OSError):
+                with self.lock:
+                    self.refused += 1
+                time.sleep(0.05)  # retryable refusal: back off a little, as exporters do
+                continue
+            with self.lock:
+                self.acked += self.per
+        if self.transport == "grpc":
+            channel.close()
+
+
+class Sampler:
+    """Samples the server's RSS (alone, and with its decode workers) and CPU time while it runs."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak_rss = self.peak_total = 0
+        self.cpu = 0.0
+        self._stop = threading.Event()
+        self._cpu_by_pid: dict[int, float] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                rss = [p.memory_info().rss for p in procs]
+                for p in procs:
+                    t = p.cpu_times()
+                    self._cpu_by_pid[p.pid] = t.user + t.system
+            except psutil.Error:
+                continue
+            self.peak_rss = max(self.peak_rss, rss[0])
+            self.peak_total = max(self.peak_total, sum(rss))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.cpu = sum(self._cpu_by_pid.values())
+
+
+def one_run(label: str, transport: str, bodies: list[bytes], per: int, seconds: float, streams: int,
+            server_args: list[str]) -> RunResult:  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ctxaudit-bench-") as tmp:
+        db = os.path.join(tmp, "bench.duckdb")
+        proc, grpc_port, http_url = start_server(db, *server_args)
+        target = f"127.0.0.1:{grpc_port}" if transport == "grpc" else http_url
+        load = Load(transport, target, bodies, per, streams)
+        with Sampler(proc.pid) as sampler:
+            cpu0 = sum(t for t in psutil.Process(proc.pid).cpu_times()[:2])
+            elapsed = load.run(seconds)
+            # CPU spent during the load window, server and workers together
+            time.sleep(0.3)
+        code = stop_server(proc, timeout=120)
+        if code != 0:
+            raise SystemExit(f"server exited with {code}")
+        reader = LocalReader(db)
+        stored = reader.stats().spans
+        reader.close()
+        size = os.path.getsize(db) + (os.path.getsize(db + ".wal") if os.path.exists(db + ".wal") else 0)
+        return RunResult(label, transport, elapsed, load.acked, stored, load.refused, sampler.cpu - cpu0 * 0,
+                         sampler.peak_rss / 2**20, sampler.peak_total / 2**20, size / max(stored, 1))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--transport", choices=["grpc", "http", "both"], default="both")
+    ap.add_argument("--requests", type=int, default=32, help="distinct pre-encoded requests to cycle through")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--server-args", default="", help="extra `ctxaudit serve` options for the measured server")
+    args = ap.parse_args()
+
+    per = 1000
+    print(f"encoding {args.requests} requests of {per} spans ...", flush=True)
+    bodies = encoded_requests(args.requests, per)
+    print(f"{sum(map(len, bodies)) / len(bodies) / per:.0f} bytes/span on the wire; "
+          f"{os.cpu_count()} cores; {args.runs} runs of {args.seconds:.0f}s, {args.streams} streams", flush=True)  # fmt: skip
+
+    extra = args.server_args.split()
+    configs = [(f"ctxaudit serve {args.server_args}".strip() if extra else "ctxaudit serve (default)", extra)]
+    if not args.no_baseline:
+        configs.append(("baseline: --decoders 0", ["--decoders", "0"]))
+    transports = ["grpc", "http"] if args.transport == "both" else [args.transport]
+    results: dict[tuple[str, str], list[RunResult]] = {}
+    for run in range(args.runs):
+        for transport in transports:
+            for label, server_args in configs:  # interleaved, so noise hits both alike
+                r = one_run(label, transport, bodies, per, args.seconds, args.streams, server_args)
+                results.setdefault((label, transport), []).append(r)
+                lost = r.acked_spans - r.stored_spans
+                print(f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
+                      f"cpu {r.cpu_seconds / r.seconds:4.2f} cores  rss {r.peak_rss_mib:5.0f} MiB "
+                      f"(+workers {r.peak_total_rss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
+                      f"refused {r.refused}  {'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
+                      flush=True)  # fmt: skip
+
+    print("\nmedians")
+    for transport in transports:
+        base = None
+        for label, _ in configs:
+            rs = results[(label, transport)]
+            med = statistics.median(r.spans_per_s for r in rs)
+            base = base or (med if label.startswith("baseline") else None)
+            print(f"  {transport:<4} {label:<26} {med:>9,.0f} spans/s  "
+                  f"peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
+                  f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs")  # fmt: skip
+        if not args.no_baseline:
+            default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
+            baseline = statistics.median(r.spans_per_s for r in results[(configs[1][0], transport)])
+            print(f"  {transport:<4} ratio default / baseline: {default / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
