@@ -10,6 +10,7 @@ are converted in bulk with numpy.
 
 from __future__ import annotations
 
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -98,46 +99,47 @@ DERIVED = (
     ("db_system", _as_str, ("db.system.name", "db.system")),
 )
 _NO_DERIVED = (None,) * len(DERIVED)
-_HTTP_KEYS = ("http.request.method", "http.method", "url.full", "http.url", "http.route")
+_COLUMN = {name: i for i, (name, _, _) in enumerate(DERIVED)}
+_HTTP_KEYS = frozenset(("http.request.method", "http.method", "url.full", "http.url", "http.route"))
+_KEYS = frozenset(k for _, _, keys in DERIVED for k in keys)
 
 
-def protocol_of(derived: tuple, attrs) -> str:
+def protocol_of(derived: tuple, keys: frozenset) -> str:
     """Protocol class of a span: messaging > grpc/rpc > db > http > none."""
-    (_, _, _, _, _, _, _, _, messaging_system, _, _, _, _, rpc_system, _, _, db_system) = derived
-    if messaging_system is not None:
+    if derived[_COLUMN["messaging_system"]] is not None:
         return "messaging"
+    rpc_system = derived[_COLUMN["rpc_system"]]
     if rpc_system is not None:
         return "grpc" if rpc_system == "grpc" else "rpc"
-    if db_system is not None:
+    if derived[_COLUMN["db_system"]] is not None:
         return "db"
-    for k in _HTTP_KEYS:
-        if k in attrs:
-            return "http"
-    return "none"
+    return "http" if keys & _HTTP_KEYS else "none"
 
 
-# semconv key -> (column index, rank among that column's keys, converter)
-_KEY_SLOT = {
-    k: (col, rank, conv) for col, (_, conv, keys) in enumerate(DERIVED) for rank, k in enumerate(keys)
-}
-_KEYS = frozenset(_KEY_SLOT)
+@lru_cache(maxsize=1024)  # spans of one instrumentation share a few key sets: plan each once
+def _plan(keys: frozenset) -> tuple:
+    """For the audit keys present: per column, its converter and the present keys by precedence."""
+    return tuple(
+        (col, conv, tuple(k for k in candidates if k in keys))
+        for col, (_, conv, candidates) in enumerate(DERIVED)
+        if not keys.isdisjoint(candidates)
+    )
 
 
-def _derive(attrs) -> tuple:
-    """The DERIVED columns of one span; a set intersection in C finds the few keys present."""
-    found = _KEYS.intersection(attrs)
-    if not found:
-        return _NO_DERIVED
+def _derive(attrs) -> tuple[tuple, str]:
+    """The DERIVED columns and the protocol class of one span, from its attribute map."""
+    keys = _KEYS.intersection(attrs)  # a set intersection in C finds the few keys present
+    if not keys:
+        return _NO_DERIVED, "none"
     out = list(_NO_DERIVED)
-    best = [len(_KEY_SLOT)] * len(DERIVED)
-    for k in found:
-        col, rank, conv = _KEY_SLOT[k]
-        if rank < best[col]:
+    for col, conv, present in _plan(keys):
+        for k in present:
             v = conv(attrs[k])
-            if v is not None:
+            if v is not None:  # else fall back to the next (legacy) key
                 out[col] = v
-                best[col] = rank
-    return tuple(out)
+                break
+    derived = tuple(out)
+    return derived, protocol_of(derived, keys)
 
 
 # Per-span scalar columns, in the order `to_span_batch` builds each row tuple.
@@ -233,8 +235,7 @@ def to_span_batch(traces) -> SpanBatch:
                     end_before_start += 1
                 status = span.status
                 code = status.code
-                attrs = span.attributes
-                d = _derive(attrs)
+                d, protocol = _derive(span.attributes)
                 derived.append(d)
                 n_links = len(span_links)
                 rows.append(
@@ -257,7 +258,7 @@ def to_span_batch(traces) -> SpanBatch:
                         th,
                         rv,
                         ts_bad,
-                        protocol_of(d, attrs),
+                        protocol,
                     )
                 )
                 if n_links:

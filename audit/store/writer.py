@@ -8,6 +8,7 @@ buffering without bound.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -48,6 +49,7 @@ def _insert_sql(table: str, schema: pa.Schema) -> str:
 
 _INSERT_SPANS = _insert_sql("spans", SPAN_SCHEMA)
 _INSERT_LINKS = _insert_sql("span_links", LINK_SCHEMA)
+_COMMIT_WITH_LINKS = f"BEGIN TRANSACTION; {_INSERT_SPANS}; {_INSERT_LINKS}; COMMIT"
 
 
 class SpanStore:
@@ -69,21 +71,19 @@ class SpanStore:
         spans = pa.concat_tables([b.spans for b in batches], promote_options="permissive")
         links = [b.links for b in batches if b.links.num_rows]
         con = self._con
+        # Few calls on purpose: each DuckDB call drops and retakes the GIL, which costs
+        # milliseconds while transport threads are busy. A registration is simply replaced
+        # by the next one, so nothing is unregistered.
         try:
-            con.execute("BEGIN TRANSACTION")
+            con.register("batch_spans", spans)
+            if links:
+                con.register("batch_span_links", pa.concat_tables(links))
             try:
-                con.register("batch_spans", spans)
-                con.execute(_INSERT_SPANS)
-                if links:
-                    con.register("batch_span_links", pa.concat_tables(links))
-                    con.execute(_INSERT_LINKS)
-                con.execute("COMMIT")
+                con.execute(_COMMIT_WITH_LINKS if links else _INSERT_SPANS)
             except BaseException:
-                con.execute("ROLLBACK")
+                with contextlib.suppress(duckdb.Error):  # no transaction is open after a failed autocommit
+                    con.execute("ROLLBACK")
                 raise
-            finally:
-                con.unregister("batch_spans")
-                con.unregister("batch_span_links")
         except duckdb.Error as e:
             raise translate(e, self.path, writing=True) from None
 
