@@ -1,9 +1,9 @@
 """Turn a decoded OTLP export request into the store's Arrow columns.
 
 This is the ingest hot path: every span passes through `to_span_batch` once. Per-span
-Python work is kept to field reads and one tuple: the span itself is kept as its
-serialized protobuf (lossless: every attribute type, events, links), and only the
-keys the audit needs are looked up, in C, through the map view of `otlp_lite`.
+Python work is kept to field reads and one tuple: attributes and events are kept as
+serialized protobuf (lossless, every value type), and only the keys the audit needs are
+looked up, in C, through the map view of `otlp_lite`.
 Values repeated per resource or scope are stored once as dictionary arrays; ids
 are converted in bulk with numpy.
 """
@@ -142,12 +142,29 @@ def _derive(attrs) -> tuple[tuple, str]:
     return derived, protocol_of(derived, keys)
 
 
+# Span fields held in columns (links: in span_links). Stripping them before serializing
+# leaves `otlp_rest`: attributes, events and unknown fields. The random ids alone would be
+# a tenth of the blob and do not compress; the whole strip makes commits ~20% cheaper.
+_IN_COLUMNS = (
+    "trace_id", "span_id", "parent_span_id", "trace_state", "flags", "name", "kind",
+    "start_time_unix_nano", "end_time_unix_nano", "status", "dropped_attributes_count",
+    "dropped_events_count", "links", "dropped_links_count",
+)  # fmt: skip
+
+
+def _rest(span) -> bytes:
+    clear = span.ClearField
+    for name in _IN_COLUMNS:
+        clear(name)
+    return span.SerializeToString()
+
+
 # Per-span scalar columns, in the order `to_span_batch` builds each row tuple.
 _ROW = (
     "trace_state", "flags", "name", "kind", "start_ns", "end_ns", "status_code", "status_message",
     "dropped_attributes_count", "event_count", "dropped_events_count", "link_count",
-    "dropped_links_count", "otlp_span", "parent_is_remote", "sampling_threshold", "sampling_rv",
-    "sampling_tracestate_invalid", "protocol",
+    "dropped_links_count", "parent_is_remote", "sampling_threshold", "sampling_rv",
+    "sampling_tracestate_invalid", "protocol", "otlp_rest",
 )  # fmt: skip
 _GROUP = (
     "service_name", "resource_attributes", "resource_dropped_attributes_count",
@@ -238,6 +255,20 @@ def to_span_batch(traces) -> SpanBatch:
                 d, protocol = _derive(span.attributes)
                 derived.append(d)
                 n_links = len(span_links)
+                if n_links:
+                    for link in span_links:
+                        links.append(
+                            (
+                                tid,
+                                sid,
+                                link.trace_id,
+                                link.span_id,
+                                link.trace_state or None,
+                                link.flags,
+                                to_json(attributes(link.attributes)),
+                                link.dropped_attributes_count,
+                            )
+                        )
                 rows.append(
                     (
                         trace_state,
@@ -253,28 +284,14 @@ def to_span_batch(traces) -> SpanBatch:
                         span.dropped_events_count,
                         n_links,
                         span.dropped_links_count,
-                        span.SerializeToString(),
                         bool(flags & _FLAG_IS_REMOTE) if flags & _FLAG_HAS_IS_REMOTE else None,
                         th,
                         rv,
                         ts_bad,
                         protocol,
+                        _rest(span),  # last: it clears the fields read before it
                     )
                 )
-                if n_links:
-                    for link in span_links:
-                        links.append(
-                            (
-                                tid,
-                                sid,
-                                link.trace_id,
-                                link.span_id,
-                                link.trace_state or None,
-                                link.flags,
-                                to_json(attributes(link.attributes)),
-                                link.dropped_attributes_count,
-                            )
-                        )
 
     return SpanBatch(
         spans=_span_table(groups, group_of, trace_ids, span_ids, parent_ids, has_parent, rows, derived),

@@ -1,5 +1,7 @@
 """The ingest conversion: whole spans kept losslessly, audit keys derived, bad ids refused."""
 
+import json
+
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -26,6 +28,36 @@ ALL_TYPES = {
 }  # fmt: skip
 
 
+KINDS = ["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"]
+
+
+def rebuild(row: dict, links: list[dict]) -> Span:
+    """Columns + otlp_rest + span_links -> the OTLP span: the store must lose nothing."""
+    s = Span.FromString(row["otlp_rest"])
+    s.trace_id = (row["trace_id_hi"] << 64 | row["trace_id_lo"]).to_bytes(16, "big")
+    s.span_id = row["span_id"].to_bytes(8, "big")
+    if row["parent_span_id"] is not None:
+        s.parent_span_id = row["parent_span_id"].to_bytes(8, "big")
+    s.trace_state, s.flags, s.name = row["trace_state"] or "", row["flags"], row["name"]
+    s.kind = KINDS.index(row["kind"])
+    s.start_time_unix_nano, s.end_time_unix_nano = row["start_ns"], row["end_ns"]
+    s.status.code = ["UNSET", "OK", "ERROR"].index(row["status_code"])
+    s.status.message = row["status_message"] or ""
+    s.dropped_attributes_count = row["dropped_attributes_count"]
+    s.dropped_events_count = row["dropped_events_count"]
+    s.dropped_links_count = row["dropped_links_count"]
+    for link in links:
+        li = s.links.add(
+            trace_id=(link["link_trace_id_hi"] << 64 | link["link_trace_id_lo"]).to_bytes(16, "big"),
+            span_id=link["link_span_id"].to_bytes(8, "big"),
+            trace_state=link["trace_state"] or "", flags=link["flags"],
+            dropped_attributes_count=link["dropped_attributes_count"],
+        )  # fmt: skip
+        for k, v in json.loads(link["attributes"] or "{}").items():
+            li.attributes.append(kv(k, v))
+    return s
+
+
 def test_the_stored_span_is_the_sent_span():
     sent = span(T1, S1, S2, name="GET /x", kind=3, start=5, end=9, attrs=ALL_TYPES, trace_state="ot=th:8",
                 flags=0x301, dropped_attributes_count=2, dropped_events_count=3, dropped_links_count=4)  # fmt: skip
@@ -34,12 +66,19 @@ def test_the_stored_span_is_the_sent_span():
     ev.attributes.append(kv("exception.type", "ValueError"))
     link = sent.links.add(trace_id=b"\x05" * 16, span_id=b"\x06" * 8, trace_state="k=v", flags=1)
     link.attributes.append(kv("why", "batch"))
-    row = convert(request([sent])).spans.to_pylist()[0]
-    stored = Span.FromString(row["otlp_span"])
+    batch = convert(request([sent]))
+    stored = rebuild(batch.spans.to_pylist()[0], batch.links.to_pylist())
     # attributes are a map on the way in, so compare them as a mapping, the rest as messages
     assert {a.key: a.value for a in stored.attributes} == {a.key: a.value for a in sent.attributes}
     del stored.attributes[:], sent.attributes[:]
     assert stored == sent
+
+
+def test_otlp_rest_holds_no_field_that_a_column_holds():
+    sent = span(T1, S1, S2, name="n", attrs={"a": 1}, trace_state="x=y", flags=0x301)
+    sent.links.add(trace_id=b"\x05" * 16, span_id=b"\x06" * 8)
+    rest = Span.FromString(convert(request([sent])).spans.to_pylist()[0]["otlp_rest"])
+    assert [f.name for f, _ in rest.ListFields()] == ["attributes"]
 
 
 def test_scalar_columns():

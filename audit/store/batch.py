@@ -34,7 +34,7 @@ SPAN_SCHEMA = pa.schema(
         ("dropped_events_count", _u32),
         ("link_count", _u32),
         ("dropped_links_count", _u32),
-        ("otlp_span", pa.binary()),
+        ("otlp_rest", pa.binary()),
         ("service_name", _str),
         ("resource_attributes", _str),
         ("resource_dropped_attributes_count", _u32),

@@ -39,9 +39,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             dropped_events_count UINTEGER NOT NULL,
             link_count UINTEGER NOT NULL,        -- the links are also in span_links, for joins
             dropped_links_count UINTEGER NOT NULL,
-            -- the whole span as an OTLP `Span` protobuf: attributes of every value type, events,
-            -- links, exactly as sent (attribute order aside); decode with otlp_attributes() etc.
-            otlp_span BLOB NOT NULL,
+            -- what no column holds: an OTLP `Span` protobuf with the attributes (every value type),
+            -- the events, and any field newer than this schema; decode with otlp_attributes() etc.
+            otlp_rest BLOB NOT NULL,
             -- resource and instrumentation scope
             service_name VARCHAR NOT NULL,
             resource_attributes JSON,

@@ -39,12 +39,12 @@ class StoreStats:
 
 
 def otlp_attributes(blob: bytes) -> str | None:
-    """Span attributes from the stored OTLP `Span` bytes, as JSON."""
+    """Span attributes from the stored `otlp_rest` bytes, as JSON."""
     return to_json(attributes(Span.FromString(blob).attributes))
 
 
 def otlp_events(blob: bytes) -> str | None:
-    """Span events from the stored OTLP `Span` bytes, as a JSON list."""
+    """Span events from the stored `otlp_rest` bytes, as a JSON list."""
     events = Span.FromString(blob).events
     return to_json(
         [
@@ -114,8 +114,8 @@ class LocalReader:
     def span_rows_of_trace(self, trace_id: int) -> list[dict]:
         """Every span of one trace, attributes and events decoded, in start order."""
         return self._dicts(
-            "SELECT * EXCLUDE (otlp_span), otlp_attributes(otlp_span) AS attributes, "
-            "otlp_events(otlp_span) AS events FROM spans WHERE trace_id = ?::UHUGEINT ORDER BY start_ns",
+            "SELECT * EXCLUDE (otlp_rest), otlp_attributes(otlp_rest) AS attributes, "
+            "otlp_events(otlp_rest) AS events FROM spans WHERE trace_id = ?::UHUGEINT ORDER BY start_ns",
             [str(trace_id)],
         )
 
