@@ -116,3 +116,27 @@ def test_inflight_byte_budget_refuses_before_decoding(make_server, rng):
             assert "in flight" in e.details()
     server.writer.resume()
     holder.join()
+
+
+def test_a_dead_decode_worker_is_replaced(make_server, rng):
+    import os
+    import signal
+
+    import psutil
+
+    server = make_server(decoders=1)
+    export = grpc.insecure_channel(server.grpc_target).unary_unary(EXPORT)
+    export(request(spans(2, rng)).SerializeToString(), timeout=10)
+    workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].wait(10)
+    outcomes = []
+    for _ in range(3):  # the first request may meet the dead pool: retryable; then it works again
+        try:
+            export(request(spans(2, rng)).SerializeToString(), timeout=30)
+            outcomes.append("ok")
+        except grpc.RpcError as e:
+            outcomes.append(e.code().name)
+    assert outcomes[-1] == "ok" and set(outcomes) <= {"ok", "UNAVAILABLE"}
+    assert server.reader().stats().spans == 2 + 2 * outcomes.count("ok")
