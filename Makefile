@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { \
@@ -22,8 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ctxaudit demo
 
-## make test: the whole suite, the import contracts included
+## make test: lint, the import contracts, and the whole suite
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

@@ -14,6 +14,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 from aiohttp import web
 from google.rpc.status_pb2 import Status
 
@@ -24,11 +25,10 @@ from .ingest import CONTENT_TYPES, Ingestor, PayloadTooLarge, Refused, Unsupport
 log = logging.getLogger(__name__)
 
 TRACES_PATH = "/v1/traces"
-_GRPC_CODES = {"INVALID_ARGUMENT": 3, "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14, "INTERNAL": 13}
 
 
 def _status_body(e: Refused, content_type: str) -> bytes:
-    status = Status(code=_GRPC_CODES.get(e.grpc_status, 2), message=str(e))
+    status = Status(code=grpc.StatusCode[e.grpc_status].value[0], message=str(e))
     return encode_response(status, content_type)
 
 

@@ -137,6 +137,7 @@ class Ingestor:
 
     def export(self, body: bytes, content_type: str, gzipped: bool = False) -> ExportResult:
         if content_type not in CONTENT_TYPES:
+            self._count(invalid=True)
             raise UnsupportedMediaType(
                 f"unsupported content type {content_type!r}: use {PROTOBUF} or {JSON}"
             )

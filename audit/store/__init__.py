@@ -1,0 +1,1 @@
+"""The DuckDB span store: migrations, the one writer, read-only readers, error translation."""
