@@ -113,9 +113,6 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
 
     if not grpc_address and not http_address:
         raise click.UsageError("both receivers are off: enable --grpc or --http")
-    # DuckDB drops and retakes the GIL several times per call; with transport threads busy,
-    # each retake waits out the 5 ms default switch interval and commits stall (bench/ingest.py).
-    sys.setswitchinterval(0.0005)
     for address in (grpc_address, http_address):
         if address and not is_loopback(parse_hostport(address)[0]):
             log.warning("listening on %s beyond loopback: anyone who can reach it can write spans", address)

@@ -49,6 +49,11 @@ class RunResult:
     def spans_per_s(self) -> float:
         return self.acked_spans / self.seconds
 
+    @property
+    def cpu_us_per_span(self) -> float:
+        """Server CPU (with its decode workers) per span: steadier than spans/s on a shared machine."""
+        return self.cpu_seconds / max(self.acked_spans, 1) * 1e6
+
 
 class Load:
     """Concurrent senders cycling through pre-encoded requests until the deadline."""
@@ -97,37 +102,38 @@ class Load:
 
 
 class Sampler:
-    """Samples the server's RSS (alone, and with its decode workers) and CPU time while it runs."""
+    """Samples the server's RSS (alone, and with its decode workers) while it runs, and the CPU
+    time the server and its workers spend between enter and exit."""
 
     def __init__(self, pid: int):
         self.proc = psutil.Process(pid)
+        self.procs = [self.proc, *self.proc.children(recursive=True)]
         self.peak_rss = self.peak_total = 0
         self.cpu = 0.0
         self._stop = threading.Event()
-        self._cpu_by_pid: dict[int, float] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.procs)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                rss = [p.memory_info().rss for p in procs]
-                for p in procs:
-                    t = p.cpu_times()
-                    self._cpu_by_pid[p.pid] = t.user + t.system
+                rss = [p.memory_info().rss for p in self.procs]
             except psutil.Error:
                 continue
             self.peak_rss = max(self.peak_rss, rss[0])
             self.peak_total = max(self.peak_total, sum(rss))
 
     def __enter__(self):
+        self._cpu_start = self._cpu()
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.cpu = self._cpu() - self._cpu_start
         self._stop.set()
         self.thread.join()
-        self.cpu = sum(self._cpu_by_pid.values())
 
 
 def one_run(label: str, transport: str, bodies: list[bytes], per: int, seconds: float, streams: int,
@@ -138,10 +144,7 @@ def one_run(label: str, transport: str, bodies: list[bytes], per: int, seconds: 
         target = f"127.0.0.1:{grpc_port}" if transport == "grpc" else http_url
         load = Load(transport, target, bodies, per, streams)
         with Sampler(proc.pid) as sampler:
-            cpu0 = sum(t for t in psutil.Process(proc.pid).cpu_times()[:2])
             elapsed = load.run(seconds)
-            # CPU spent during the load window, server and workers together
-            time.sleep(0.3)
         code = stop_server(proc, timeout=120)
         if code != 0:
             raise SystemExit(f"server exited with {code}")
@@ -149,7 +152,7 @@ def one_run(label: str, transport: str, bodies: list[bytes], per: int, seconds: 
         stored = reader.stats().spans
         reader.close()
         size = os.path.getsize(db) + (os.path.getsize(db + ".wal") if os.path.exists(db + ".wal") else 0)
-        return RunResult(label, transport, elapsed, load.acked, stored, load.refused, sampler.cpu - cpu0 * 0,
+        return RunResult(label, transport, elapsed, load.acked, stored, load.refused, sampler.cpu,
                          sampler.peak_rss / 2**20, sampler.peak_total / 2**20, size / max(stored, 1))  # fmt: skip
 
 
@@ -183,7 +186,7 @@ def main() -> None:
                 results.setdefault((label, transport), []).append(r)
                 lost = r.acked_spans - r.stored_spans
                 print(f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
-                      f"cpu {r.cpu_seconds / r.seconds:4.2f} cores  rss {r.peak_rss_mib:5.0f} MiB "
+                      f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  rss {r.peak_rss_mib:5.0f} MiB "
                       f"(+workers {r.peak_total_rss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
                       f"refused {r.refused}  {'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
                       flush=True)  # fmt: skip
@@ -196,7 +199,7 @@ def main() -> None:
             med = statistics.median(r.spans_per_s for r in rs)
             base = base or (med if label.startswith("baseline") else None)
             print(f"  {transport:<4} {label:<26} {med:>9,.0f} spans/s  "
-                  f"peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
+                  f"{statistics.median(r.cpu_us_per_span for r in rs):4.1f} us CPU/span  peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
                   f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs")  # fmt: skip
         if not args.no_baseline:
             default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
