@@ -124,7 +124,7 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
     writer = SpanWriter(store, max_queued_spans=queue_spans)
     ingestor = Ingestor(
         writer,
-        decoders=os.cpu_count() or 1 if decoders is None else decoders,
+        decoders=(os.cpu_count() or 1) if decoders is None else decoders,
         max_body_bytes=int(max_body_mib * (1 << 20)),
         max_inflight_bytes=int(inflight_mib * (1 << 20)),
     )

@@ -42,7 +42,7 @@ class RunResult:
     refused: int
     cpu_seconds: float
     peak_rss_mib: float
-    peak_total_rss_mib: float
+    peak_total_pss_mib: float
     bytes_per_span: float
 
     @property
@@ -102,8 +102,8 @@ class Load:
 
 
 class Sampler:
-    """Samples the server's RSS (alone, and with its decode workers) while it runs, and the CPU
-    time the server and its workers spend between enter and exit."""
+    """Samples the server's RSS, and the PSS of the server with its decode workers, while it
+    runs; and the CPU time the server and its workers spend between enter and exit."""
 
     def __init__(self, pid: int):
         self.proc = psutil.Process(pid)
@@ -119,11 +119,14 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             try:
-                rss = [p.memory_info().rss for p in self.procs]
+                rss = self.proc.memory_info().rss
+                # PSS shares each shared page among the processes mapping it, so the sum does
+                # not count the libraries the server and its workers share several times
+                pss = sum(p.memory_full_info().pss for p in self.procs)
             except psutil.Error:
                 continue
-            self.peak_rss = max(self.peak_rss, rss[0])
-            self.peak_total = max(self.peak_total, sum(rss))
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_total = max(self.peak_total, pss)
 
     def __enter__(self):
         self._cpu_start = self._cpu()
@@ -187,7 +190,7 @@ def main() -> None:
                 lost = r.acked_spans - r.stored_spans
                 print(f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
                       f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  rss {r.peak_rss_mib:5.0f} MiB "
-                      f"(+workers {r.peak_total_rss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
+                      f"(pss with workers {r.peak_total_pss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
                       f"refused {r.refused}  {'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
                       flush=True)  # fmt: skip
 

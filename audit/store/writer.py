@@ -87,12 +87,6 @@ class SpanStore:
         except duckdb.Error as e:
             raise translate(e, self.path, writing=True) from None
 
-    def checkpoint(self) -> None:
-        try:
-            self._con.execute("CHECKPOINT")
-        except duckdb.Error as e:
-            raise translate(e, self.path, writing=True) from None
-
     def close(self) -> None:
         self._con.close()
 
@@ -201,6 +195,3 @@ class SpanWriter:
                 job.done.set_result(None)
             else:
                 job.done.set_exception(error)
-
-
-__all__ = ["QueueFull", "SpanStore", "SpanWriter", "WriterStats"]
