@@ -13,7 +13,7 @@ import json
 import zlib
 
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -64,7 +64,7 @@ def decode_request(body: bytes, content_type: str):
 def _decode_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadRequest(f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):
         raise BadRequest("malformed OTLP/JSON: the top level must be an object")
@@ -112,7 +112,8 @@ def _convert_ids(obj: dict) -> None:
         obj[key] = base64.b64encode(raw).decode("ascii")
 
 
-def encode_response(response: ExportTraceServiceResponse, content_type: str) -> bytes:
+def encode_response(response: Message, content_type: str) -> bytes:
+    """A response or a `google.rpc.Status`, in the request's encoding."""
     if content_type == JSON:
         return json_format.MessageToJson(response, indent=None).encode()
     return response.SerializeToString()
@@ -125,14 +126,3 @@ def response_for(rejected: int, message: str) -> ExportTraceServiceResponse:
         response.partial_success.error_message = message
     return response
 
-
-__all__ = [
-    "BadRequest",
-    "TooLarge",
-    "JSON",
-    "PROTOBUF",
-    "decode_request",
-    "encode_response",
-    "gunzip",
-    "response_for",
-]

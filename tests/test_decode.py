@@ -73,6 +73,14 @@ def test_protobuf_and_json_decode_to_the_same_spans():
     assert decode_request(json.dumps(doc).encode(), JSON) == decode_request(req.SerializeToString(), PROTOBUF)
 
 
+# an attribute value nested 150 kvlists deep: beyond protobuf's recursion limit
+DEEP_KVLIST = (
+    '{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": '
+    + '{"kvlistValue": {"values": [{"key": "a", "value": ' * 150 + "{}" + "}]}}" * 150
+    + "}]}]}]}]}"
+).encode()
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -84,6 +92,8 @@ def test_protobuf_and_json_decode_to_the_same_spans():
         json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"kind": [2]}]}]}]}).encode(),
         json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "soon"}]}]}]}).encode(),
         b"\xff\xfe",
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than any parser's stack
+        DEEP_KVLIST,
     ],
 )
 def test_malformed_json_is_a_bad_request(body):
