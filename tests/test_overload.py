@@ -38,9 +38,21 @@ def sdk_spans(service: str, n: int):
 
 
 def fill_queue(server, rng, n):
-    """Occupy the whole write queue with one request whose commit is held back."""
+    """Occupy the whole write queue with one request whose commit is held back.
+    The returned thread's `outcome` says how that request was answered."""
     body = request(spans(n, rng)).SerializeToString()
-    done = threading.Thread(target=lambda: grpc.insecure_channel(server.grpc_target).unary_unary(EXPORT)(body))
+    outcome: dict = {}
+
+    def send():
+        try:
+            with grpc.insecure_channel(server.grpc_target) as channel:
+                channel.unary_unary(EXPORT)(body, timeout=60)
+            outcome["code"] = "OK"
+        except grpc.RpcError as e:
+            outcome["code"] = e.code().name
+
+    done = threading.Thread(target=send)
+    done.outcome = outcome
     done.start()
     wait_for(lambda: server.writer.stats.queued_spans == n)
     return done
@@ -70,6 +82,7 @@ def test_full_queue_answers_unavailable_and_503_with_retry_hints(make_server, rn
 
     server.writer.resume()
     holder.join()
+    assert holder.outcome == {"code": "OK"}
     assert server.reader().stats().spans == 5  # only what was acknowledged
 
 
@@ -95,6 +108,7 @@ def test_overload_causes_retries_not_loss(make_server, rng):
     for t in threads:
         t.join()
     holder.join()
+    assert holder.outcome == {"code": "OK"}
 
     assert results == {"grpc": SpanExportResult.SUCCESS, "http": SpanExportResult.SUCCESS}
     stats = server.reader().stats()
@@ -140,3 +154,30 @@ def test_a_dead_decode_worker_is_replaced(make_server, rng):
             outcomes.append(e.code().name)
     assert outcomes[-1] == "ok" and set(outcomes) <= {"ok", "UNAVAILABLE"}
     assert server.reader().stats().spans == 2 + 2 * outcomes.count("ok")
+
+
+def test_stop_lets_requests_in_flight_finish(make_server, rng):
+    """Shutdown refuses new calls at once but answers the one already in flight, after its commit."""
+    server = make_server()
+    server.writer.pause()
+    holder = fill_queue(server, rng, 3)  # in flight: decoded, waiting for its commit
+    stopper = threading.Thread(target=server.receivers.stop)
+    stopper.start()
+    time.sleep(0.5)  # the receivers are now draining
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        try:
+            channel.unary_unary(EXPORT)(request(spans(1, rng)).SerializeToString(), timeout=5)
+            raise AssertionError("a stopping server accepted a new call")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+    assert stopper.is_alive() and holder.is_alive()  # still waiting for the in-flight request
+    server.writer.resume()
+    holder.join(10)
+    stopper.join(10)
+    assert not holder.is_alive() and not stopper.is_alive()
+    assert holder.outcome == {"code": "OK"}  # answered after its commit, not cut off
+    server.writer.close()
+    server.stopped = True
+    from audit.store.reader import LocalReader
+
+    assert LocalReader(server.db).stats().spans == 3
