@@ -1,0 +1,1 @@
+"""Traffic with ground truth: scenario files and the simulator that plays them (docs/scenarios.md)."""
