@@ -207,6 +207,70 @@ def _when(ns: int) -> str:
 
 @main.command()
 @click.option(
+    "--scenario", required=True, metavar="NAME|FILE",
+    help="A scenario YAML file, or a bundled one by name (shop-small, shop-large).",
+)
+@click.option("--otlp", metavar="grpc://HOST:PORT", help="Send to this OTLP/gRPC endpoint (a running serve).")
+@click.option("--db", metavar="PATH", help="Or write straight into this DuckDB file (no server may hold it).")
+@click.option("--truth", required=True, metavar="PATH", help="Ground truth, JSON Lines (gzip if it ends in .gz).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same spans, same bytes.")
+@click.option("--spans", "max_spans", type=click.IntRange(min=1), help="Stop after exporting this many spans.")
+def simulate(scenario, otlp, db, truth, seed, max_spans) -> None:
+    """Generate OTLP traffic from a scenario, with the ground truth of every span."""
+    from .scenarios.model import ScenarioError, load_scenario
+    from .scenarios.output import OtlpGrpcSender, SendError, TruthWriter
+    from .scenarios.simulate import Simulator
+
+    if (otlp is None) == (db is None):
+        raise click.UsageError("give exactly one of --otlp grpc://HOST:PORT and --db PATH")
+    if otlp is not None and not otlp.startswith("grpc://"):
+        raise click.BadParameter("use the form grpc://HOST:PORT", param_hint="--otlp")
+    try:
+        sim = Simulator(load_scenario(scenario), seed=seed)
+    except ScenarioError as e:
+        _fail(str(e))
+    sink = OtlpGrpcSender(otlp.removeprefix("grpc://")) if otlp else _DbSink(db)
+    truth_out = TruthWriter(truth)
+    last = time.monotonic()
+    try:
+        for request, records in sim.run(max_spans):
+            sink.send(request.SerializeToString())
+            truth_out.write(records)
+            if time.monotonic() - last > 2:
+                last = time.monotonic()
+                click.echo(f"simulate: {sim.exported:,} spans exported of {sim.generated:,} generated", err=True)
+    except (SendError, StoreError) as e:
+        _fail(str(e))
+    finally:
+        truth_out.close()
+        sink.close()
+    click.echo(
+        f"simulate: {sim.exported:,} spans exported ({sim.generated:,} generated, the rest unsampled); "
+        f"truth in {truth}"
+    )
+
+
+class _DbSink:
+    """Simulated requests straight into a DuckDB file, through the receivers' own conversion."""
+
+    def __init__(self, path: str):
+        from collector_ext.ingest import decode_batch
+
+        from .store.writer import SpanStore, SpanWriter
+
+        self._decode = decode_batch
+        self._writer = SpanWriter(SpanStore(path))
+
+    def send(self, body: bytes) -> None:
+        batch = self._decode(body, "application/x-protobuf", False, len(body))
+        self._writer.submit(batch).result()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+@main.command()
+@click.option(
     "--db", default="demo-data/ctxaudit-demo.duckdb", show_default=True, metavar="PATH",
     help="DuckDB file for the demo (created; an existing one is replaced).",
 )
