@@ -274,18 +274,30 @@ class _DbSink:
     "--db", default="demo-data/ctxaudit-demo.duckdb", show_default=True, metavar="PATH",
     help="DuckDB file for the demo (created; an existing one is replaced).",
 )
-def demo(db: str) -> None:
-    """Start `ctxaudit serve`, send it spans through the OpenTelemetry SDK, show what was stored."""
+@click.option(
+    "--truth", default="demo-data/ground-truth.jsonl", show_default=True, metavar="PATH",
+    help="Where the fleet writes the ground truth (JSON Lines).",
+)
+@click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True, help="How long to drive load.")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=10, show_default=True, help="Requests/s to the frontend.")
+def demo(db: str, truth: str, seconds: float, rate: float) -> None:
+    """Run `ctxaudit serve` and the demo fleet against it, then summarise what was stored."""
     from .demo import run_demo
+    from .store.reader import LocalReader
 
     try:
-        run_demo(db)
-    except StoreError as e:
-        _fail(str(e))
-    except RuntimeError as e:
+        run_demo(db, truth, seconds, rate)
+        reader = LocalReader(db)
+        summary = reader.protocol_summary()
+        reader.close()
+    except (StoreError, RuntimeError) as e:
         _fail(str(e))
     ctx = click.get_current_context()
     ctx.invoke(stats, db=db, as_json=False)
+    click.echo("\nper service and protocol (roots: spans without a parent in their trace)")
+    for row in summary:
+        click.echo(f"  {row['service']:<16} {row['protocol']:<10} {row['kind']:<9} "
+                   f"{row['spans']:>7} spans {row['roots']:>6} roots")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -125,5 +125,14 @@ class LocalReader:
             [str(trace_id), str(span_id)],
         )
 
+    def protocol_summary(self) -> list[dict]:
+        """Spans and root spans per service, protocol and kind."""
+        return self._dicts(
+            "SELECT service_name AS service, protocol, kind, count(*) AS spans, "
+            "count(*) FILTER (WHERE parent_span_id IS NULL) AS roots "
+            "FROM spans GROUP BY ALL ORDER BY service, protocol, kind",
+            [],
+        )
+
     def close(self) -> None:
         self._con.close()

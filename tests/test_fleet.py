@@ -1,0 +1,93 @@
+"""The demo fleet through the real instrumentation: each loss mode gives the span shape it should,
+and the out-of-band truth agrees with what was stored."""
+
+import json
+
+import pytest
+
+from audit.fleet.runner import run_fleet
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    from audit.store.reader import LocalReader
+    from audit.store.writer import SpanStore, SpanWriter
+    from collector_ext.ingest import Ingestor
+    from collector_ext.receivers import OtlpReceivers
+
+    tmp = tmp_path_factory.mktemp("fleet")
+    db, truth_path = str(tmp / "fleet.duckdb"), str(tmp / "truth.jsonl")
+    writer = SpanWriter(SpanStore(db))
+    receivers = OtlpReceivers(Ingestor(writer, decoders=0), grpc_address="127.0.0.1:0", http_address=None)
+    receivers.start()
+    try:
+        run = run_fleet(f"127.0.0.1:{receivers.grpc.port}", truth_path, seconds=4, rate=10)
+    finally:
+        receivers.stop()
+        writer.close()
+    assert run.failed == 0 and run.requests >= 30
+    reader = LocalReader(db)
+    rows = reader._dicts(
+        "SELECT *, lpad(hex(trace_id), 32, '0') AS tid, lpad(hex(span_id), 16, '0') AS sid, "
+        "lpad(hex(parent_span_id), 16, '0') AS pid FROM spans", [])  # fmt: skip
+    reader.close()
+    for r in rows:
+        r["tid"], r["sid"] = r["tid"].lower(), r["sid"].lower()
+        r["pid"] = r["pid"].lower() if r["pid"] else None
+    truth = [json.loads(line) for line in open(truth_path)]
+    return {r["sid"]: r for r in rows}, {t["span_id"]: t for t in truth}
+
+
+def test_truth_covers_every_stored_span_and_agrees_on_parents(fleet):
+    spans, truth = fleet
+    assert spans.keys() == truth.keys()
+    for sid, r in spans.items():
+        t = truth[sid]
+        assert (t["trace_id"], t["parent_span_id"], t["service"], t["kind"]) == (r["tid"], r["pid"], r["service_name"], r["kind"])
+        if t["cause"] is None:
+            assert t["true_parent_span_id"] == t["parent_span_id"]
+
+
+@pytest.mark.parametrize(
+    "service, kind, cause, protocol",
+    [
+        ("recommendations", "SERVER", "proxy_strips_traceparent", "http"),
+        ("pricing", "SERVER", "client_does_not_inject", "http"),
+        ("payments", "SERVER", "custom_rpc_no_context", "rpc"),
+        ("frontend", "CLIENT", "thread_pool_no_context", "db"),
+    ],
+)
+def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(fleet, service, kind, cause, protocol):
+    spans, truth = fleet
+    orphans = [t for t in truth.values() if t["cause"] == cause]
+    assert orphans
+    for t in orphans:
+        r = spans[t["span_id"]]
+        assert (r["service_name"], r["kind"], r["protocol"], r["pid"]) == (service, kind, protocol, None)
+        assert t["true_parent_trace_id"] != t["trace_id"]
+        parent = spans.get(t["true_parent_span_id"])  # stored when the caller's trace was sampled
+        if parent is not None:
+            assert parent["tid"] == t["true_parent_trace_id"]
+            assert parent["kind"] in ("CLIENT", "SERVER")
+    assert any(t["true_parent_span_id"] in spans for t in orphans)  # some real parents were stored
+
+
+def test_propagated_calls_stay_in_the_trace(fleet):
+    spans, _ = fleet
+    for r in spans.values():
+        if r["service_name"] == "payments" and r["rpc_method"] == "Authorize" or r["service_name"] == "cart":
+            assert r["pid"] is not None and r["parent_is_remote"] is True
+
+
+def test_samplers_write_thresholds_and_the_independent_one_leaves_dangling_parents(fleet):
+    spans, _ = fleet
+    states = {(r["service_name"], r["trace_state"]) for r in spans.values() if r["kind"] == "SERVER"}
+    assert ("frontend", "ot=th:8") in states and ("cart", "ot=th:4") in states
+    dangling = [r for r in spans.values() if r["pid"] is not None and r["pid"] not in spans]
+    assert dangling and {r["service_name"] for r in dangling} == {"cart"}
+
+
+def test_entry_and_scheduled_roots_are_legitimate(fleet):
+    spans, truth = fleet
+    roots = [r for r in spans.values() if r["pid"] is None and truth[r["sid"]]["cause"] is None]
+    assert {(r["service_name"], r["kind"]) for r in roots} == {("frontend", "SERVER"), ("billing-cron", "INTERNAL")}
