@@ -75,8 +75,14 @@ def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(flee
 def test_propagated_calls_stay_in_the_trace(fleet):
     spans, _ = fleet
     for r in spans.values():
-        if r["service_name"] == "payments" and r["rpc_method"] == "Authorize" or r["service_name"] == "cart":
+        if r["service_name"] == "payments" and r["rpc_method"] == "Authorize" or r["service_name"] in ("cart", "inventory"):
             assert r["pid"] is not None and r["parent_is_remote"] is True
+    grpc_servers = [r for r in spans.values() if r["service_name"] == "inventory"]
+    assert grpc_servers and {(r["protocol"], r["rpc_service"], r["rpc_method"]) for r in grpc_servers} == {
+        ("grpc", "shop.Inventory", "Reserve")}  # fmt: skip
+    for r in grpc_servers:  # the parent, when stored, is the frontend's instrumented gRPC client span
+        parent = spans.get(r["pid"])
+        assert parent is None or (parent["service_name"], parent["kind"], parent["protocol"]) == ("frontend", "CLIENT", "grpc")
 
 
 def test_samplers_write_thresholds_and_the_independent_one_leaves_dangling_parents(fleet):

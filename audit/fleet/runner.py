@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .services import run_service
 
-ROLES = ("proxy", "cart", "recommendations", "pricing", "payments", "frontend", "billing-cron")
+ROLES = ("proxy", "cart", "recommendations", "pricing", "inventory", "payments", "frontend", "billing-cron")
 
 
 @dataclass

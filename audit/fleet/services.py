@@ -4,7 +4,9 @@ frontend  GET /checkout: calls cart (instrumented requests: propagates), recomme
           through a proxy that strips traceparent, pricing through a hand-made client that
           does not inject, payments over a custom JSON/TCP RPC (one call site injects, one
           forgets), a database, an external host, and a thread pool that loses the context.
+          It also calls inventory over gRPC (official client and server instrumentation).
 cart, recommendations, pricing: WSGI services behind the official WSGI middleware.
+inventory a gRPC service.
 proxy     forwards to recommendations without traceparent/tracestate (uninstrumented).
 payments  the custom RPC server: extracts context from the envelope when there is one.
 billing-cron  a scheduled job: a root span every second that calls payments.
@@ -25,12 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from .telemetry import TRUTH_HEADER, context_id, setup
 
 RPC_SYSTEM = "tcp-jsonrpc"
+INVENTORY_METHOD = "shop.Inventory/Reserve"
 SAMPLERS = {  # service -> (sampler, probability)
     "frontend": ("parent_based", 0.5),
     "cart": ("independent", 0.75),  # a plain ratio sampler that ignores the parent: dangling parents
@@ -129,6 +133,8 @@ def _frontend_app(ports: dict[str, int], truth):
     tracer = trace.get_tracer("fleet.frontend")
     pool = ThreadPoolExecutor(max_workers=2)
     session = requests.Session()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports['inventory']}")  # instrumented: see run_service
+    inventory = channel.unary_unary(f"/{INVENTORY_METHOD}")
 
     def flush_cache(true_parent: str) -> None:
         # runs on a pool thread: the caller's context did not come along, so this exit is a root
@@ -143,21 +149,23 @@ def _frontend_app(ports: dict[str, int], truth):
         server_span = trace.get_current_span()
         # 1. instrumented requests: propagates (the truth header is added by the request hook)
         session.get(f"http://127.0.0.1:{ports['cart']}/cart/42", timeout=10)
-        # 2. through a proxy that strips traceparent: the callee starts a new trace
+        # 2. gRPC, instrumented client and server: propagates
+        inventory(b"sku-42", timeout=10)
+        # 3. through a proxy that strips traceparent: the callee starts a new trace
         session.get(f"http://127.0.0.1:{ports['proxy']}/recs/7", timeout=10, headers={
             "x-ctxaudit-cause": "proxy_strips_traceparent", "x-ctxaudit-hop": "frontend->recommendations"})  # fmt: skip
-        # 3. a hand-made client that makes a CLIENT span but never injects
+        # 4. a hand-made client that makes a CLIENT span but never injects
         with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT, attributes={
                 "http.request.method": "GET", "server.address": "127.0.0.1", "server.port": ports["pricing"],
                 "url.full": f"http://127.0.0.1:{ports['pricing']}/price/7"}) as span:  # fmt: skip
             req = urllib.request.Request(f"http://127.0.0.1:{ports['pricing']}/price/7", headers={
                 TRUTH_HEADER: _truth_header(span, "client_does_not_inject", "frontend->pricing")})  # fmt: skip
             urllib.request.urlopen(req, timeout=10).read()
-        # 4. custom RPC: one call site injects, the other forgets
+        # 5. custom RPC: one call site injects, the other forgets
         rpc_call(ports["payments"], "payments.Charges/Authorize", inject=True, hop="frontend->payments")
         rpc_call(ports["payments"], "payments.Charges/Capture", inject=False, hop="frontend->payments",
                  cause="custom_rpc_no_context")  # fmt: skip
-        # 5. a database and an external host: exits with no child span by nature
+        # 6. a database and an external host: exits with no child span by nature
         with tracer.start_as_current_span("INSERT orders", kind=SpanKind.CLIENT, attributes={
                 "db.system.name": "postgresql", "db.operation.name": "INSERT", "server.address": "postgres",
                 "server.port": 5432}):  # fmt: skip
@@ -166,7 +174,7 @@ def _frontend_app(ports: dict[str, int], truth):
                 "http.request.method": "POST", "server.address": "api.partner.example", "server.port": 443,
                 "url.full": "https://api.partner.example/v1/notify"}):  # fmt: skip
             time.sleep(0.001)
-        # 6. work handed to a thread pool without the context
+        # 7. work handed to a thread pool without the context
         pool.submit(flush_cache, context_id(server_span)).result()
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"checked out"]
@@ -204,8 +212,10 @@ def run_service(role: str, ports: dict[str, int], otlp_endpoint: str, truth_dir:
     provider, truth = setup(role, otlp_endpoint, f"{truth_dir}/{role}.jsonl", kind, probability)
     servers = []
     if role == "frontend":
+        from opentelemetry.instrumentation.grpc import GrpcInstrumentorClient
         from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
+        GrpcInstrumentorClient().instrument(tracer_provider=provider)
         def add_truth(span, request):  # the client span's own context, out of band
             cause = request.headers.pop("x-ctxaudit-cause", None)
             hop = request.headers.pop("x-ctxaudit-hop", "")
@@ -215,6 +225,17 @@ def run_service(role: str, ports: dict[str, int], otlp_endpoint: str, truth_dir:
         servers.append(_serve_wsgi(_frontend_app(ports, truth), ports["frontend"]))
     elif role in ("cart", "recommendations", "pricing"):
         servers.append(_serve_wsgi(_wsgi_service(role, truth), ports[role]))
+    elif role == "inventory":
+        from opentelemetry.instrumentation.grpc import GrpcInstrumentorServer
+
+        GrpcInstrumentorServer().instrument(tracer_provider=provider)
+        server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        service, _, method = INVENTORY_METHOD.partition("/")
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: b"reserved")}),))  # fmt: skip
+        server.add_insecure_port(f"127.0.0.1:{ports['inventory']}")
+        server.start()
+        servers.append(_GrpcStopper(server))
     elif role == "payments":
         _RpcHandler.truth = truth
         rpc = _ThreadingTCPServer(("127.0.0.1", ports["payments"]), _RpcHandler)
@@ -227,6 +248,14 @@ def run_service(role: str, ports: dict[str, int], otlp_endpoint: str, truth_dir:
     for server in servers:
         server.shutdown()
     provider.shutdown()  # exports what is buffered, closes the truth file
+
+
+class _GrpcStopper:
+    def __init__(self, server):
+        self.server = server
+
+    def shutdown(self) -> None:
+        self.server.stop(5).wait()
 
 
 def _cron(ports: dict[str, int], stop) -> None:
