@@ -44,20 +44,22 @@ def test_truth_covers_every_stored_span_and_agrees_on_parents(fleet):
     for sid, r in spans.items():
         t = truth[sid]
         assert (t["trace_id"], t["parent_span_id"], t["service"], t["kind"]) == (r["tid"], r["pid"], r["service_name"], r["kind"])
-        if t["cause"] is None:
+        if t["cause"] is None and not t["linked"]:
             assert t["true_parent_span_id"] == t["parent_span_id"]
 
 
 @pytest.mark.parametrize(
-    "service, kind, cause, protocol",
+    "service, kind, cause, protocol, parent_kind",
     [
-        ("recommendations", "SERVER", "proxy_strips_traceparent", "http"),
-        ("pricing", "SERVER", "client_does_not_inject", "http"),
-        ("payments", "SERVER", "custom_rpc_no_context", "rpc"),
-        ("frontend", "CLIENT", "thread_pool_no_context", "db"),
+        ("recommendations", "SERVER", "proxy_strips_traceparent", "http", "CLIENT"),
+        ("pricing", "SERVER", "client_does_not_inject", "http", "CLIENT"),
+        ("payments", "SERVER", "custom_rpc_no_context", "rpc", "CLIENT"),
+        ("frontend", "CLIENT", "thread_pool_no_context", "db", "SERVER"),  # the request it ran for
+        ("notifications", "CONSUMER", "producer_does_not_inject", "messaging", "PRODUCER"),
     ],
 )
-def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(fleet, service, kind, cause, protocol):
+def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(fleet, service, kind, cause, protocol,
+                                                                             parent_kind):  # fmt: skip
     spans, truth = fleet
     orphans = [t for t in truth.values() if t["cause"] == cause]
     assert orphans
@@ -68,7 +70,7 @@ def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(flee
         parent = spans.get(t["true_parent_span_id"])  # stored when the caller's trace was sampled
         if parent is not None:
             assert parent["tid"] == t["true_parent_trace_id"]
-            assert parent["kind"] in ("CLIENT", "SERVER")
+            assert parent["kind"] == parent_kind
     assert any(t["true_parent_span_id"] in spans for t in orphans)  # some real parents were stored
 
 
@@ -95,5 +97,32 @@ def test_samplers_write_thresholds_and_the_independent_one_leaves_dangling_paren
 
 def test_entry_and_scheduled_roots_are_legitimate(fleet):
     spans, truth = fleet
-    roots = [r for r in spans.values() if r["pid"] is None and truth[r["sid"]]["cause"] is None]
+    roots = [r for r in spans.values()
+             if r["pid"] is None and truth[r["sid"]]["cause"] is None and not truth[r["sid"]]["linked"]]  # fmt: skip
     assert {(r["service_name"], r["kind"]) for r in roots} == {("frontend", "SERVER"), ("billing-cron", "INTERNAL")}
+
+
+def test_kafka_consumer_that_extracts_continues_the_producers_trace(fleet):
+    spans, _ = fleet
+    consumers = [r for r in spans.values() if r["service_name"] == "fulfilment"]
+    assert consumers
+    for c in consumers:
+        assert c["pid"] is not None and c["parent_is_remote"] is True
+        producer = spans[c["pid"]]  # a sampled consumer child means its producer was sampled too
+        assert (producer["service_name"], producer["kind"], producer["messaging_destination"]) == (
+            "frontend", "PRODUCER", "orders")  # fmt: skip
+        assert c["tid"] == producer["tid"] and c["messaging_destination"] == "orders"
+
+
+def test_kafka_consumer_with_the_official_instrumentation_links_to_the_producer(fleet, tmp_path):
+    spans, truth = fleet
+    linked_roots = [t for t in truth.values() if t["linked"]]
+    assert linked_roots
+    for t in linked_roots:
+        root = spans[t["span_id"]]
+        assert (root["service_name"], root["kind"], root["pid"]) == ("auditor", "CONSUMER", None)
+        children = [r for r in spans.values() if r["pid"] == t["span_id"]]
+        assert len(children) == 1 and children[0]["link_count"] == 1  # the `process` span carries the link
+        assert children[0]["messaging_destination"] == "audit-log"
+        producer = spans.get(t["true_parent_span_id"])
+        assert producer is None or (producer["kind"], producer["messaging_destination"]) == ("PRODUCER", "audit-log")

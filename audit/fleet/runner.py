@@ -12,9 +12,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .services import run_service
+from .services import KAFKA_CONSUMERS, TOPIC_CREATED, run_service
 
-ROLES = ("proxy", "cart", "recommendations", "pricing", "inventory", "payments", "frontend", "billing-cron")
+ROLES = ("proxy", "cart", "recommendations", "pricing", "inventory", "payments", "fulfilment", "notifications",
+         "auditor", "frontend", "billing-cron")  # fmt: skip
 
 
 @dataclass
@@ -40,11 +41,19 @@ def run_fleet(otlp_endpoint: str, truth_path: str, *, seconds: float = 60.0, rat
               progress: Callable[[str], None] | None = None) -> FleetRun:  # fmt: skip
     """Run every service in its own process, send `rate` requests/s to the frontend for
     `seconds`, then stop them (each flushes its spans) and merge their truth into `truth_path`."""
+    from confluent_kafka import Producer
+
     ctx = multiprocessing.get_context("spawn")
     ports = _free_ports(ROLES)
+    # librdkafka's mock cluster lives in this client for the whole run; services reach it on loopback
+    cluster = Producer({"test.mock.num.brokers": 1, "log_level": 3})
+    bootstrap = ",".join(f"{b.host}:{b.port}" for b in cluster.list_topics(timeout=10).brokers.values())
+    for topic in KAFKA_CONSUMERS.values():  # the mock cluster creates a topic on its first produce only
+        cluster.produce(topic, TOPIC_CREATED)
+    cluster.flush(10)
     ready, stop = ctx.Queue(), ctx.Event()
     with tempfile.TemporaryDirectory(prefix="ctxaudit-fleet-") as truth_dir:
-        procs = [ctx.Process(target=run_service, args=(role, ports, otlp_endpoint, truth_dir, ready, stop),
+        procs = [ctx.Process(target=run_service, args=(role, ports, bootstrap, otlp_endpoint, truth_dir, ready, stop),
                              name=f"fleet-{role}", daemon=True) for role in ROLES]  # fmt: skip
         for p in procs:
             p.start()

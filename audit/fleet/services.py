@@ -10,6 +10,7 @@ inventory a gRPC service.
 proxy     forwards to recommendations without traceparent/tracestate (uninstrumented).
 payments  the custom RPC server: extracts context from the envelope when there is one.
 billing-cron  a scheduled job: a root span every second that calls payments.
+fulfilment, notifications, auditor: Kafka consumers (see KAFKA_CONSUMERS).
 
 Every caller also sends the out-of-band truth header (the client span's context, the cause
 it will lose, the hop); the callee records it only in the truth file, never in a span.
@@ -127,8 +128,13 @@ class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
 # -- the frontend ---------------------------------------------------------------------------------
 
 
-def _frontend_app(ports: dict[str, int], truth):
+def _frontend_app(ports: dict[str, int], truth, provider, bootstrap: str):
     import requests
+    from confluent_kafka import Producer
+    from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
+
+    kafka = ConfluentKafkaInstrumentor().instrument_producer(Producer({"bootstrap.servers": bootstrap}), provider)
+    plain_kafka = Producer({"bootstrap.servers": bootstrap})
 
     tracer = trace.get_tracer("fleet.frontend")
     pool = ThreadPoolExecutor(max_workers=2)
@@ -176,6 +182,17 @@ def _frontend_app(ports: dict[str, int], truth):
             time.sleep(0.001)
         # 7. work handed to a thread pool without the context
         pool.submit(flush_cache, context_id(server_span)).result()
+        # 8. Kafka: an instrumented producer (injects headers) for `orders` and `audit-log`,
+        #    and a hand-made one for `order-events` that makes a PRODUCER span but never injects
+        kafka.produce("orders", b"order")
+        kafka.produce("audit-log", b"audit")
+        with tracer.start_as_current_span("order-events send", kind=SpanKind.PRODUCER, attributes={
+                "messaging.system": "kafka", "messaging.destination.name": "order-events",
+                "messaging.operation.type": "send"}) as span:  # fmt: skip
+            plain_kafka.produce("order-events", b"event", headers=[
+                (TRUTH_HEADER, _truth_header(span, "producer_does_not_inject", "frontend->notifications"))])  # fmt: skip
+        kafka.flush(10)
+        plain_kafka.flush(10)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"checked out"]
 
@@ -200,7 +217,8 @@ def _proxy_app(upstream: int):
 # -- process entry point ------------------------------------------------------------------------------
 
 
-def run_service(role: str, ports: dict[str, int], otlp_endpoint: str, truth_dir: str, ready, stop) -> None:
+def run_service(role: str, ports: dict[str, int], bootstrap: str, otlp_endpoint: str, truth_dir: str,
+                ready, stop) -> None:  # fmt: skip
     """The body of one fleet process: set up telemetry, serve, report ready, wait for stop, flush."""
     if role == "proxy":  # not a traced service
         server = _serve_wsgi(_proxy_app(ports["recommendations"]), ports["proxy"])
@@ -222,7 +240,7 @@ def run_service(role: str, ports: dict[str, int], otlp_endpoint: str, truth_dir:
             request.headers[TRUTH_HEADER] = _truth_header(span, cause, hop)
 
         RequestsInstrumentor().instrument(tracer_provider=provider, request_hook=add_truth)
-        servers.append(_serve_wsgi(_frontend_app(ports, truth), ports["frontend"]))
+        servers.append(_serve_wsgi(_frontend_app(ports, truth, provider, bootstrap), ports["frontend"]))
     elif role in ("cart", "recommendations", "pricing"):
         servers.append(_serve_wsgi(_wsgi_service(role, truth), ports[role]))
     elif role == "inventory":
@@ -243,11 +261,80 @@ def run_service(role: str, ports: dict[str, int], otlp_endpoint: str, truth_dir:
         servers.append(rpc)
     elif role == "billing-cron":
         threading.Thread(target=_cron, args=(ports, stop), daemon=True).start()
+    elif role in KAFKA_CONSUMERS:
+        consumer = _subscribe(role, bootstrap, provider)
+        ready.put(role)
+        _consume(role, consumer, truth, stop)
+        provider.shutdown()
+        return
     ready.put(role)
     stop.wait()
     for server in servers:
         server.shutdown()
     provider.shutdown()  # exports what is buffered, closes the truth file
+
+
+# -- Kafka consumers -------------------------------------------------------------------------------
+
+TOPIC_CREATED = b"ctxaudit-fleet: topic created"  # the runner's first message on each topic, skipped
+KAFKA_CONSUMERS = {  # service -> topic
+    "fulfilment": "orders",  # extracts the headers and continues the trace
+    "notifications": "order-events",  # the same code, but the producer never injected
+    "auditor": "audit-log",  # the official instrumentation: a new trace with a link to the producer
+}
+
+
+def _subscribe(role: str, bootstrap: str, provider):
+    """Join the group and read past the runner's topic-creation message before instrumenting,
+    so that message leaves no span behind."""
+    from confluent_kafka import Consumer
+
+    raw = Consumer({"bootstrap.servers": bootstrap, "group.id": role, "auto.offset.reset": "earliest"})
+    raw.subscribe([KAFKA_CONSUMERS[role]])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        msg = raw.poll(0.2)
+        if msg is not None and not msg.error() and msg.value() == TOPIC_CREATED:
+            break
+    if role == "auditor":
+        from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
+
+        return ConfluentKafkaInstrumentor().instrument_consumer(raw, provider)
+    return raw
+
+
+def _consume(role: str, consumer, truth, stop) -> None:
+    idle = 0
+    while True:
+        msg = consumer.poll(0.2)
+        if msg is None or msg.error():
+            idle += 1
+            if stop.is_set() and idle >= 5:  # drained: nothing for a second after stop
+                break
+            continue
+        idle = 0
+        _process(role, msg, truth)
+    consumer.close()
+
+
+def _process(role: str, msg, truth) -> None:
+    headers = {k: v.decode() for k, v in (msg.headers() or [])}
+    if role == "auditor":  # the instrumented poll() made a `recv` root and a linked `process` span
+        current = trace.get_current_span()
+        parent = getattr(current, "parent", None)
+        if truth is not None and parent is not None and "traceparent" in headers:
+            _, tid, sid, _ = headers["traceparent"].split("-")
+            truth.note(current, span_id=parent.span_id, true_parent=f"{tid}-{sid}", cause=None,
+                       hop=f"frontend->{role}", protocol="kafka", linked=True)  # fmt: skip
+        return
+    tracer = trace.get_tracer("fleet.kafka")
+    ctx = propagate.extract(headers) if "traceparent" in headers else None
+    with tracer.start_as_current_span(f"{msg.topic()} process", context=ctx, kind=SpanKind.CONSUMER, attributes={
+            "messaging.system": "kafka", "messaging.destination.name": msg.topic(),
+            "messaging.operation.type": "process", "messaging.destination.partition.id": str(msg.partition()),
+            "messaging.kafka.offset": msg.offset()}) as span:  # fmt: skip
+        if truth is not None:
+            _note_incoming(truth, span, headers.get(TRUTH_HEADER), ctx is not None, "kafka")
 
 
 class _GrpcStopper:

@@ -52,24 +52,38 @@ class TruthRecorder(SpanProcessor):
         self.service = service
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in shutdown)
         self._notes: dict[int, dict] = {}
+        self._held: dict[int, ReadableSpan] = {}
         self._lock = threading.Lock()
 
     def note(self, span, *, true_parent: str | None, cause: str | None, hop: str | None,
-             protocol: str | None, linked: bool = False) -> None:  # fmt: skip
-        """`true_parent` is "traceid-spanid" in hex."""
-        self._notes[span.get_span_context().span_id] = {
-            "true_parent": true_parent, "cause": cause, "hop": hop, "protocol": protocol, "linked": linked,
-        }  # fmt: skip
+             protocol: str | None, linked: bool = False, span_id: int | None = None) -> None:  # fmt: skip
+        """`true_parent` is "traceid-spanid" in hex; `span_id` names a span other than `span`,
+        which may already have ended (the official Kafka consumer ends its root at once)."""
+        sid = span_id if span_id is not None else span.get_span_context().span_id
+        note = {"true_parent": true_parent, "cause": cause, "hop": hop, "protocol": protocol, "linked": linked}
+        with self._lock:
+            record = self._held.pop(sid, None)
+            if record is None:
+                self._notes[sid] = note
+                return
+        self._write(self._record(record, note))
 
     def on_end(self, span: ReadableSpan) -> None:
+        note = self._notes.pop(span.get_span_context().span_id, None)
+        if note is None and span.parent is None and span.kind is trace.SpanKind.CONSUMER:
+            with self._lock:  # a consumer root: its note may still come; written at shutdown if not
+                self._held[span.get_span_context().span_id] = span
+            return
+        self._write(self._record(span, note or {}))
+
+    def _record(self, span: ReadableSpan, note: dict) -> dict:
         ctx = span.get_span_context()
-        note = self._notes.pop(ctx.span_id, None) or {}
         parent = span.parent
         true_parent = note.get("true_parent") or (
             f"{parent.trace_id:032x}-{parent.span_id:016x}" if parent is not None else None
         )
         tp_trace, _, tp_span = true_parent.partition("-") if true_parent else (None, None, None)
-        record = {
+        return {
             "trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}", "service": self.service,
             "kind": span.kind.name, "name": span.name, "request_id": None, "exported": ctx.trace_flags.sampled,
             "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
@@ -77,10 +91,16 @@ class TruthRecorder(SpanProcessor):
             "cause": note.get("cause"), "hop": note.get("hop"), "protocol": note.get("protocol"),
             "linked": note.get("linked", False),
         }  # fmt: skip
+
+    def _write(self, record: dict) -> None:
         with self._lock:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def shutdown(self) -> None:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for span in held:
+            self._write(self._record(span, {}))
         with self._lock:
             self._file.close()
 
