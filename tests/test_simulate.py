@@ -74,7 +74,7 @@ def test_every_loss_mode_has_its_shape(run):
             assert t["true_parent_trace_id"] != t["trace_id"]
         if t["linked"]:  # the correct messaging pattern: a new trace with a link to the producer
             assert r["parent_span_id"] is None and r["kind"] == "CONSUMER"
-            assert [f"{x['link_span_id']:016x}" for x in r["links"]] == [t["true_parent_span_id"]]
+            assert t["true_parent_span_id"] in [f"{x['link_span_id']:016x}" for x in r["links"]]
 
 
 def test_kafka_consumer_carries_the_producers_partition_and_offset(run):
@@ -82,7 +82,8 @@ def test_kafka_consumer_carries_the_producers_partition_and_offset(run):
     by_id = {hexid(r): r for r in rows}
     pairs = 0
     for t in truth:
-        if t["kind"] == "CONSUMER" and t["span_id"] in by_id and t["true_parent_span_id"] in by_id:
+        batch = t["service"] == "analytics"  # batch consumers carry no single partition/offset
+        if t["kind"] == "CONSUMER" and not batch and t["span_id"] in by_id and t["true_parent_span_id"] in by_id:
             c, p = by_id[t["span_id"]], by_id[t["true_parent_span_id"]]
             assert (c["messaging_partition"], c["messaging_offset"], c["messaging_destination"]) == (
                 p["messaging_partition"], p["messaging_offset"], p["messaging_destination"])  # fmt: skip
@@ -160,3 +161,19 @@ def test_simulate_over_otlp_into_a_running_server(make_server, tmp_path):
 def test_simulate_needs_exactly_one_destination(tmp_path):
     r = CliRunner().invoke(main, ["simulate", "--scenario", "shop-small", "--truth", str(tmp_path / "t")])
     assert r.exit_code == 2 and "exactly one of" in r.output
+
+
+def test_batch_consumer_links_to_every_producer_of_its_batch(run):
+    rows, truth = run
+    by_id = {hexid(r): r for r in rows}
+    batches = [r for r in rows if r["service_name"] == "analytics"]
+    assert batches
+    for r in batches:
+        assert r["kind"] == "CONSUMER" and r["parent_span_id"] is None and r["link_count"] == 4
+        t = next(t for t in truth if t["span_id"] == hexid(r))
+        assert t["linked"] and t["hop"] == "checkout->analytics"
+        linked = [f"{x['link_span_id']:016x}" for x in r["links"]]
+        assert t["true_parent_span_id"] in linked  # the message that completed the batch
+        for sid in linked:
+            producer = by_id.get(sid)
+            assert producer is None or producer["messaging_destination"] == "clickstream"

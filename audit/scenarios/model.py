@@ -58,6 +58,7 @@ class Call(_Strict):
     db_system: str = "postgresql"  # for protocol db
     kafka_lag_ms: Latency = Latency(median=30, p99=400)
     kafka_link: bool = False  # the consumer starts a new trace with a link to the producer
+    kafka_batch: int = Field(default=1, ge=1)  # >1: one consumer span per N messages, linking to each
     drop: Drop | None = None
 
 

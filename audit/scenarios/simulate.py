@@ -120,6 +120,7 @@ class Simulator:
         self.rng = random.Random(seed)
         self.spans_per_request = spans_per_request
         self.offsets: dict[tuple[str, str], int] = {}  # Kafka (topic, partition) -> next offset
+        self.batches: dict[tuple[str, str], list] = {}  # Kafka (consumer, topic) -> messages waiting
         self.exported = 0
         self.generated = 0
 
@@ -192,6 +193,9 @@ class Simulator:
         if call.protocol == "kafka":
             client.end_ns = t + int(net / 4)
             consume_at = client.end_ns + int(self._ms(call.kafka_lag_ms) * _MS)
+            if call.kafka_batch > 1:
+                self._batch_consume(call, client, dropped, consume_at, hop, out)
+                return client.end_ns
             if call.kafka_link and not dropped:
                 server = self._handle(call.to, call.operation, CONSUMER, consume_at, None, out, remote=False)
                 server.links.append(client.ctx())
@@ -211,6 +215,27 @@ class Simulator:
             server.cause = call.drop.cause if dropped else None
             server.hop = hop
         return client.end_ns
+
+    def _batch_consume(self, call: Call, producer: _Span, dropped: bool, consume_at: int, hop: str,
+                       out: list[_Span]) -> None:  # fmt: skip
+        """Messages wait until `kafka_batch` of them are there; then one consumer span, a new trace,
+        links to every producer that injected. Its truth parent is the message that completed it."""
+        pending = self.batches.setdefault((call.to, call.operation), [])
+        pending.append((producer, dropped, consume_at))
+        if len(pending) < call.kafka_batch:
+            return
+        del self.batches[(call.to, call.operation)]
+        consumer = self._handle(call.to, call.operation, CONSUMER, max(c for _, _, c in pending), None, out,
+                                remote=False)  # fmt: skip
+        consumer.links.extend(p.ctx() for p, was_dropped, _ in pending if not was_dropped)
+        consumer.true_parent, consumer.hop, consumer.protocol = producer, hop, "kafka"
+        consumer.linked = bool(consumer.links)
+        consumer.cause = None if consumer.linked else (call.drop.cause if call.drop else None)
+        consumer.attrs.update({
+            "messaging.system": "kafka", "messaging.destination.name": call.operation,
+            "messaging.operation.type": "process", "messaging.batch.message_count": len(pending),
+        })  # fmt: skip
+        consumer.name = f"process {call.operation}"
 
     # -- attributes, per the semantic conventions --------------------------------------------------
 
