@@ -33,19 +33,36 @@ class ThresholdSampler(Sampler):
         state = parent.trace_state if parent.is_valid else TraceState()
         state = state.update("ot", f"th:{self.th}") if "ot" in state else state.add("ot", f"th:{self.th}")
         sampled = (trace_id & (_P56 - 1)) >= self.threshold
-        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP, attributes, state)
+        # unsampled spans are still recorded (never exported), so the truth sees every span
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.RECORD_ONLY, attributes, state)
 
     def get_description(self) -> str:
         return f"ThresholdSampler{{th:{self.th}}}"
 
 
+class _RecordOnly(Sampler):
+    """Where ParentBased would drop a span (its parent was not sampled): record it for the truth
+    recorder, still unsampled, so the exporter never sends it."""
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                      trace_state=None) -> SamplingResult:  # fmt: skip
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.RECORD_ONLY, attributes, parent.trace_state)
+
+    def get_description(self) -> str:
+        return "RecordOnly"
+
+
 def sampler_for(kind: str, probability: float) -> Sampler:
     root = ThresholdSampler(probability)
-    return root if kind == "independent" else ParentBased(root)
+    if kind == "independent":
+        return root
+    return ParentBased(root, remote_parent_not_sampled=_RecordOnly(), local_parent_not_sampled=_RecordOnly())
 
 
 class TruthRecorder(SpanProcessor):
-    """Writes a ground-truth record for every recorded span of this service when it ends.
+    """Writes a ground-truth record for every span of this service when it ends (the samplers
+    record unsampled spans too, so `exported: false` records exist as in the simulator).
     Code that knows a span's real parent out of band calls `note` while the span is open."""
 
     def __init__(self, path: str, service: str):
