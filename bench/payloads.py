@@ -10,20 +10,11 @@ from __future__ import annotations
 import random
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from audit.store.otlp_values import to_key_value
+
 SERVICES = ("frontend", "checkout", "orders", "inventory", "payments")
-
-
-def _kv(key: str, value) -> KeyValue:
-    if isinstance(value, bool):
-        return KeyValue(key=key, value=AnyValue(bool_value=value))
-    if isinstance(value, int):
-        return KeyValue(key=key, value=AnyValue(int_value=value))
-    if isinstance(value, float):
-        return KeyValue(key=key, value=AnyValue(double_value=value))
-    return KeyValue(key=key, value=AnyValue(string_value=value))
 
 
 def build_request(rng: random.Random, spans: int = 1000, per_trace: int = 10) -> ExportTraceServiceRequest:
@@ -32,8 +23,8 @@ def build_request(rng: random.Random, spans: int = 1000, per_trace: int = 10) ->
     for service in SERVICES:
         rs = request.resource_spans.add()
         rs.resource.attributes.extend(
-            [_kv("service.name", service), _kv("service.version", "1.4.2"), _kv("host.name", f"{service}-7f9c"),
-             _kv("telemetry.sdk.language", "python")]
+            [to_key_value("service.name", service), to_key_value("service.version", "1.4.2"), to_key_value("host.name", f"{service}-7f9c"),
+             to_key_value("telemetry.sdk.language", "python")]
         )
         ss = rs.scope_spans.add()
         ss.scope.name = "opentelemetry.instrumentation.requests"
@@ -59,17 +50,17 @@ def build_request(rng: random.Random, spans: int = 1000, per_trace: int = 10) ->
                 span.trace_state = "ot=th:c"
             span.attributes.extend(
                 [
-                    _kv("http.request.method", "GET"),
-                    _kv("http.route", f"/api/v1/{service}/{{id}}"),
-                    _kv("url.path", f"/api/v1/{service}/{rng.randrange(10**6)}"),
-                    _kv("server.address", f"{service}.svc.cluster.local"),
-                    _kv("server.port", 8080),
-                    _kv("http.response.status_code", 200),
-                    _kv("network.protocol.version", "1.1"),
-                    _kv("user_agent.original", "python-requests/2.32.3"),
-                    _kv("app.cache_hit", rng.random() < 0.5),
-                    _kv("app.items", rng.randrange(100)),
-                    _kv("app.ratio", rng.random()),
+                    to_key_value("http.request.method", "GET"),
+                    to_key_value("http.route", f"/api/v1/{service}/{{id}}"),
+                    to_key_value("url.path", f"/api/v1/{service}/{rng.randrange(10**6)}"),
+                    to_key_value("server.address", f"{service}.svc.cluster.local"),
+                    to_key_value("server.port", 8080),
+                    to_key_value("http.response.status_code", 200),
+                    to_key_value("network.protocol.version", "1.1"),
+                    to_key_value("user_agent.original", "python-requests/2.32.3"),
+                    to_key_value("app.cache_hit", rng.random() < 0.5),
+                    to_key_value("app.items", rng.randrange(100)),
+                    to_key_value("app.ratio", rng.random()),
                 ]
             )
             if rng.random() < 0.05:

@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from audit.store.otlp_values import to_key_value
 
-def kv(key: str, value) -> KeyValue:
-    return KeyValue(key=key, value=av(value))
-
-
-def av(value) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    if isinstance(value, list):
-        v = AnyValue()
-        v.array_value.values.extend(av(x) for x in value)
-        return v
-    if isinstance(value, dict):
-        v = AnyValue()
-        v.kvlist_value.values.extend(kv(k, x) for k, x in value.items())
-        return v
-    return AnyValue(string_value=value)
+kv = to_key_value
 
 
 def request(spans: list[Span], service: str = "svc") -> ExportTraceServiceRequest:

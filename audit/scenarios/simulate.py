@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from ..store.otlp_values import to_key_value
 from .model import Call, Latency, Scenario
 
 _MS = 1_000_000
@@ -99,16 +99,6 @@ class _Span:
 
     def ctx(self) -> _Ctx:
         return _Ctx(self.trace_id, self.span_id, self.sampled, self.th)
-
-
-def _kv(key: str, value) -> KeyValue:
-    if isinstance(value, bool):
-        return KeyValue(key=key, value=AnyValue(bool_value=value))
-    if isinstance(value, int):
-        return KeyValue(key=key, value=AnyValue(int_value=value))
-    if isinstance(value, float):
-        return KeyValue(key=key, value=AnyValue(double_value=value))
-    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
 
 
 _KINDS = {SERVER: "SERVER", CLIENT: "CLIENT", PRODUCER: "PRODUCER", CONSUMER: "CONSUMER", INTERNAL: "INTERNAL"}
@@ -370,8 +360,8 @@ class _Batch:
         if scope is None:
             rs = self.request.resource_spans.add()
             rs.resource.attributes.extend([
-                _kv("service.name", s.service), _kv("host.name", f"{s.service}-0"),
-                _kv("telemetry.sdk.name", "ctxaudit-simulator"),
+                to_key_value("service.name", s.service), to_key_value("host.name", f"{s.service}-0"),
+                to_key_value("telemetry.sdk.name", "ctxaudit-simulator"),
             ])  # fmt: skip
             scope = rs.scope_spans.add()
             scope.scope.name = "ctxaudit.simulator"
@@ -385,7 +375,7 @@ class _Batch:
         )  # fmt: skip
         if s.parent is not None:
             span.parent_span_id = s.parent.span_id
-        span.attributes.extend(_kv(k, v) for k, v in s.attrs.items())
+        span.attributes.extend(to_key_value(k, v) for k, v in s.attrs.items())
         if s.error:
             span.status.code = Status.STATUS_CODE_ERROR
         for link in s.links:

@@ -1,10 +1,13 @@
-"""OTLP attribute values as plain Python/JSON values, for ingest and for readers."""
+"""OTLP attribute values to plain Python/JSON values (for ingest and readers), and back (for
+the simulator, benchmarks and tests)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import math
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 _json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
@@ -46,3 +49,28 @@ def _finite(v):
     if isinstance(v, list):
         return [_finite(x) for x in v]
     return v
+
+
+def to_any_value(value) -> AnyValue:
+    """A Python value as an OTLP AnyValue: str, bool, int, float, bytes, list or dict."""
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    if isinstance(value, list):
+        v = AnyValue()
+        v.array_value.values.extend(to_any_value(x) for x in value)
+        return v
+    if isinstance(value, dict):
+        v = AnyValue()
+        v.kvlist_value.values.extend(to_key_value(k, x) for k, x in value.items())
+        return v
+    return AnyValue(string_value=str(value))
+
+
+def to_key_value(key: str, value) -> KeyValue:
+    return KeyValue(key=key, value=to_any_value(value))
