@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import pytest
 from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
@@ -24,6 +25,13 @@ def wait_for(predicate, timeout=20.0):
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def refused(target: str, body: bytes, timeout: float = 10) -> grpc.RpcError:
+    """Export `body` over gRPC and return the error it must get."""
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary(EXPORT)(body, timeout=timeout)
+    return err.value
 
 
 def sdk_spans(service: str, n: int):
@@ -63,14 +71,10 @@ def test_full_queue_answers_unavailable_and_503_with_retry_hints(make_server, rn
     server.writer.pause()
     holder = fill_queue(server, rng, 5)
 
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        try:
-            channel.unary_unary(EXPORT)(request(spans(2, rng)).SerializeToString(), timeout=10)
-            raise AssertionError("a full queue accepted a request")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE
-            retry = dict(e.trailing_metadata())["google.rpc.retryinfo-bin"]
-            assert RetryInfo.FromString(retry).retry_delay.seconds == 1
+    e = refused(server.grpc_target, request(spans(2, rng)).SerializeToString())
+    assert e.code() == grpc.StatusCode.UNAVAILABLE
+    retry = dict(e.trailing_metadata())["google.rpc.retryinfo-bin"]
+    assert RetryInfo.FromString(retry).retry_delay.seconds == 1
 
     req = urllib.request.Request(server.http_url, data=request(spans(2, rng)).SerializeToString(),
                                  headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
@@ -121,13 +125,8 @@ def test_inflight_byte_budget_refuses_before_decoding(make_server, rng):
     server = make_server(inflight_bytes=len(small) + 1)
     server.writer.pause()
     holder = fill_queue(server, rng, 1)  # holds its bytes in flight until committed
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        try:
-            channel.unary_unary(EXPORT)(small, timeout=10)
-            raise AssertionError("accepted beyond the in-flight budget")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE
-            assert "in flight" in e.details()
+    e = refused(server.grpc_target, small)
+    assert e.code() == grpc.StatusCode.UNAVAILABLE and "in flight" in e.details()
     server.writer.resume()
     holder.join()
 
@@ -164,12 +163,8 @@ def test_stop_lets_requests_in_flight_finish(make_server, rng):
     stopper = threading.Thread(target=server.receivers.stop)
     stopper.start()
     time.sleep(0.5)  # the receivers are now draining
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        try:
-            channel.unary_unary(EXPORT)(request(spans(1, rng)).SerializeToString(), timeout=5)
-            raise AssertionError("a stopping server accepted a new call")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused(server.grpc_target, request(spans(1, rng)).SerializeToString(), 5).code() == (
+        grpc.StatusCode.UNAVAILABLE)  # fmt: skip
     assert stopper.is_alive() and holder.is_alive()  # still waiting for the in-flight request
     server.writer.resume()
     holder.join(10)
