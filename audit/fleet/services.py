@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 from opentelemetry.trace import SpanKind
 
 from .telemetry import TRUTH_HEADER, context_id, setup
@@ -64,15 +65,13 @@ def _note_incoming(truth, span, header: str | None, propagated: bool, protocol: 
     truth.note(span, true_parent=info["parent"], cause=info["cause"], hop=info["hop"], protocol=protocol)
 
 
-def _wsgi_service(name: str, truth, body: bytes = b"ok"):
+def _wsgi_service(truth):
     def app(environ, start_response):
         _note_incoming(truth, trace.get_current_span(), environ.get("HTTP_X_CTXAUDIT_TRUTH"),
                        "HTTP_TRACEPARENT" in environ, "http")  # fmt: skip
         time.sleep(0.002)
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return [body]
-
-    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+        return [b"ok"]
 
     return OpenTelemetryMiddleware(app)
 
@@ -196,8 +195,6 @@ def _frontend_app(ports: dict[str, int], truth, provider, bootstrap: str):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"checked out"]
 
-    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
-
     return OpenTelemetryMiddleware(app)
 
 
@@ -242,7 +239,7 @@ def run_service(role: str, ports: dict[str, int], bootstrap: str, otlp_endpoint:
         RequestsInstrumentor().instrument(tracer_provider=provider, request_hook=add_truth)
         servers.append(_serve_wsgi(_frontend_app(ports, truth, provider, bootstrap), ports["frontend"]))
     elif role in ("cart", "recommendations", "pricing"):
-        servers.append(_serve_wsgi(_wsgi_service(role, truth), ports[role]))
+        servers.append(_serve_wsgi(_wsgi_service(truth), ports[role]))
     elif role == "inventory":
         from opentelemetry.instrumentation.grpc import GrpcInstrumentorServer
 
