@@ -1,39 +1,14 @@
 """`ctxaudit demo`: a real `ctxaudit serve` on a fresh DuckDB file, fed by the demo fleet
 (audit/fleet/): real services exporting through the OpenTelemetry SDK, losing context in
-the ways production does. Also the helpers tests and benchmarks use to run `serve`."""
+the ways production does."""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from .fleet.runner import FleetRun, run_fleet
-
-_READY = re.compile(r"OTLP/gRPC [^:]+:(\d+), OTLP/HTTP (http://\S+/v1/traces)")
-
-
-def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
-    """Start `ctxaudit serve` on free loopback ports; return (process, grpc port, http url)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "audit", "serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-         "--log-interval", "0", *extra],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    line = proc.stdout.readline()
-    m = _READY.search(line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"ctxaudit serve did not start (it printed {line!r}); see the errors above")
-    return proc, int(m.group(1)), m.group(2)
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout)
+from .serve_process import start_server, stop_server
 
 
 def run_demo(db: str, truth: str, seconds: float, rate: float) -> FleetRun:

@@ -10,7 +10,7 @@ import threading
 import grpc
 import pytest
 
-from audit.demo import start_server, stop_server
+from audit.serve_process import start_server, stop_server
 from audit.store.reader import LocalReader
 from tests.otlp_builders import request, spans
 

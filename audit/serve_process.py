@@ -1,0 +1,30 @@
+"""`ctxaudit serve` as a child process on free loopback ports: for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+_READY = re.compile(r"OTLP/gRPC [^:]+:(\d+), OTLP/HTTP (http://\S+/v1/traces)")
+
+
+def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
+    """Start `ctxaudit serve` on free loopback ports; return (process, grpc port, http url)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audit", "serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
+         "--log-interval", "0", *extra],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    m = _READY.search(line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"ctxaudit serve did not start (it printed {line!r}); see the errors above")
+    return proc, int(m.group(1)), m.group(2)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
