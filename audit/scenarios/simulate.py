@@ -143,12 +143,12 @@ class Simulator:
                      sampled=sampled, th=th)  # fmt: skip
 
     def _handle(self, service: str, operation: str, kind: int, start_ns: int, parent: _Ctx | None,
-                out: list[_Span], *, remote: bool = True) -> _Span:  # fmt: skip
+                out: list[_Span], *, remote: bool = True, path: str | None = None) -> _Span:  # fmt: skip
         """The callee side: a span for `operation` in `service` and all the calls it makes."""
         op = self.scenario.services[service].operations[operation]
         span = self._new_span(service, operation, kind, start_ns, parent, remote=remote)
         out.append(span)
-        self._server_attrs(span, service, operation)
+        self._server_attrs(span, service, operation, path)
         t = start_ns + int(self._ms(op.duration_ms) * _MS / 2)
         for call in op.calls:
             for _ in range(call.count):
@@ -194,8 +194,15 @@ class Simulator:
                 server = self._handle(call.to, call.operation, CONSUMER, consume_at, wire, out)
             self._consumer_attrs(server, client)
         else:
-            server = self._handle(call.to, call.operation, SERVER, t + int(net / 2), wire, out)
-            client.end_ns = server.end_ns + int(net / 2)
+            # request and response legs are drawn apart: real networks are not symmetric, and a
+            # matcher must not be able to lean on equal gaps on both sides of the server span
+            back = self._ms(call.latency_ms) * _MS
+            url = client.attrs.get("url.full")  # the server sees the path the client asked for
+            path = "/" + url.split("/", 3)[3] if url else None
+            server = self._handle(call.to, call.operation, SERVER, t + int(net / 2), wire, out, path=path)
+            if "rpc.system" in client.attrs:
+                server.attrs["rpc.system"] = client.attrs["rpc.system"]
+            client.end_ns = server.end_ns + int(back / 2)
             if server.error and call.protocol == "http":
                 client.attrs["http.response.status_code"] = server.attrs["http.response.status_code"] = 500
                 client.error = True
@@ -232,12 +239,12 @@ class Simulator:
     def _host(self, service: str) -> str:
         return f"{service}.svc.cluster.local"
 
-    def _server_attrs(self, span: _Span, service: str, operation: str) -> None:
+    def _server_attrs(self, span: _Span, service: str, operation: str, path: str | None = None) -> None:
         port = self.scenario.services[service].port
         method, _, route = operation.partition(" ")
         if route.startswith("/"):  # an HTTP operation: "GET /cart/{id}"
             span.attrs.update({
-                "http.request.method": method, "http.route": route, "url.path": self._path(route),
+                "http.request.method": method, "http.route": route, "url.path": path or self._path(route),
                 "url.scheme": "http", "server.address": self._host(service), "server.port": port,
                 "http.response.status_code": 200,
             })  # fmt: skip

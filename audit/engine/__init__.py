@@ -1,0 +1,12 @@
+"""The audit engine: from stored spans to findings, stitched parents and service edges.
+
+`run_audit(con, window, config)` reads one settled time window. Heavy work (filters, joins,
+candidate generation) runs as SQL in DuckDB; Python only learns small models from aggregates
+and solves the small assignment problems of stitching.
+"""
+
+from .config import AuditConfig, AuditWindow
+from .result import AuditResult, Edge
+from .run import run_audit
+
+__all__ = ["AuditConfig", "AuditResult", "AuditWindow", "Edge", "run_audit"]

@@ -1,0 +1,73 @@
+"""In-process breaks: a root CLIENT, PRODUCER or INTERNAL span that starts while its own service
+is handling a request in another trace. Its probable parent is one of those requests; the one
+with an event (its start, or the end of one of its spans) just before the root started is the
+likeliest, since a handler hands work to a pool right after its previous step."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+
+_BUCKET_NS = 1_000_000_000
+_P56 = float(1 << 56)
+GAP_SCALE_NS = 20_000.0  # an executor hands work over within tens of µs of the previous step
+
+_ENCLOSING = """
+CREATE OR REPLACE TEMP TABLE break_pairs AS
+WITH r AS (SELECT rid, trace_id, service, name, start_ns FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')),
+     s AS (SELECT rid, trace_id, span_id, service, start_ns, end_ns, th,
+                  unnest(range((start_ns // $b)::BIGINT, (end_ns // $b)::BIGINT + 1)) AS bucket
+           FROM w WHERE kind IN ('SERVER', 'CONSUMER') AND service IN (SELECT service FROM r)
+             AND end_ns >= start_ns AND end_ns - start_ns < 3600000000000)
+SELECT r.rid AS break_rid, s.rid AS parent_rid, s.trace_id AS parent_trace, s.span_id AS parent_span,
+       r.service, r.start_ns, s.end_ns::BIGINT - s.start_ns::BIGINT AS parent_duration,
+       coalesce(s.th, 0)::DOUBLE AS parent_th
+FROM r JOIN s ON r.service = s.service AND (r.start_ns // $b)::BIGINT = s.bucket
+WHERE r.start_ns BETWEEN s.start_ns AND s.end_ns AND r.trace_id <> s.trace_id
+"""
+# an operation whose roots mostly start outside any request is a job of its own, not a break
+_BREAK_OPS = """
+SELECT r.service, r.name, count(DISTINCT r.rid) AS roots, count(DISTINCT p.break_rid) AS during_requests
+FROM roots r LEFT JOIN break_pairs p ON p.break_rid = r.rid
+WHERE r.kind NOT IN ('SERVER', 'CONSUMER') GROUP BY ALL
+"""
+_GAPS = """
+WITH ev AS (
+  SELECT trace_id, service, end_ns::BIGINT AS t FROM w WHERE service IN (SELECT DISTINCT service FROM break_pairs)
+  UNION ALL
+  SELECT trace_id, service, start_ns::BIGINT FROM w WHERE kind IN ('SERVER', 'CONSUMER')
+    AND service IN (SELECT DISTINCT service FROM break_pairs))
+SELECT p.break_rid, p.parent_rid, p.start_ns::BIGINT - ev.t AS gap, p.parent_duration, p.parent_th
+FROM break_pairs p ASOF JOIN ev ON ev.trace_id = p.parent_trace AND ev.service = p.service
+  AND ev.t <= p.start_ns::BIGINT
+"""
+
+
+def find_break_candidates(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, int, int]]:
+    """Build break_pairs; return (service, span name, roots, roots during requests) per operation."""
+    con.execute(_ENCLOSING, {"b": _BUCKET_NS})
+    return con.execute(_BREAK_OPS).fetchall()
+
+
+def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
+    """Columns rid, parent_rid, confidence, candidates: each break's likeliest request.
+
+    A request's likelihood falls off exponentially with the time since its last event; "none
+    of these" (the real parent was not sampled) weighs the odds of that, spread evenly over
+    the requests' duration."""
+    cols = con.execute(_GAPS).fetchnumpy()
+    if len(cols["break_rid"]) == 0:
+        return {"rid": np.zeros(0, np.int64), "parent_rid": np.zeros(0, np.int64), "confidence": np.zeros(0),
+                "candidates": np.zeros(0, np.int64)}  # fmt: skip
+    brk, parent = cols["break_rid"].astype(np.int64), cols["parent_rid"].astype(np.int64)
+    gap = np.maximum(cols["gap"].astype(float), 0.0)
+    p_stored = np.clip((_P56 - cols["parent_th"]) / _P56, 1e-6, 1.0)
+    weight = np.exp(-gap / GAP_SCALE_NS) / GAP_SCALE_NS
+    null = (1.0 - p_stored) / p_stored / np.maximum(cols["parent_duration"].astype(float), GAP_SCALE_NS)
+    order = np.lexsort((-weight, brk))
+    brk, parent, weight, null = brk[order], parent[order], weight[order], null[order]
+    starts = np.r_[0, np.nonzero(np.diff(brk))[0] + 1]  # each break's candidates, best first
+    counts = np.diff(np.r_[starts, len(brk)])
+    total = np.add.reduceat(weight, starts) + np.add.reduceat(null, starts) / counts
+    confidence = weight[starts] / total
+    return {"rid": brk[starts], "parent_rid": parent[starts], "confidence": confidence, "candidates": counts}

@@ -1,0 +1,212 @@
+"""Turn the passes' tables into one `findings` table: decide which roots are entry points,
+name each finding's hop, protocol and likely cause, and attach its probable parent.
+
+Python decides per group (an operation, an edge); DuckDB applies the decisions to every row,
+so a window with millions of findings never becomes millions of Python objects."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from .breaks import find_break_candidates, stitch_breaks
+from .causes import CAUSES
+from .config import AuditConfig
+from .learn import Learned
+from .stitch import build_candidates, stitch
+
+_HEX_TRACE = "lpad(lower(hex({0})), 32, '0')"
+_HEX_SPAN = "lpad(lower(hex({0})), 16, '0')"
+
+_ORPHAN_OPS = """
+SELECT o.service, o.name, count(*), count(c.oid) FROM cand_orphans o
+LEFT JOIN (SELECT DISTINCT oid FROM cand_pairs) c USING (oid) GROUP BY ALL
+"""
+# every audited orphan with its probable parent (if named) and the exit it was matched to
+_ORPHAN_ROWS = """
+CREATE OR REPLACE TEMP TABLE orphan_rows AS
+WITH base AS (
+  SELECT o.oid, o.rid, o.trace_id, o.span_id, o.service, o.name, o.kind, o.start_ns, o.protocol AS own_protocol,
+         substr(o.k_dest, 6) AS destination, coalesce(n.candidates, 0) AS candidates,
+         e.service AS parent_service, e.trace_id AS parent_trace_id, e.span_id AS parent_span_id,
+         e.protocol AS parent_protocol, e.instrumented AS parent_instrumented, p.confidence
+  FROM cand_orphans o
+  JOIN audited_orphans a USING (oid)
+  LEFT JOIN (SELECT oid, count(*) AS candidates FROM cand_pairs GROUP BY oid) n USING (oid)
+  LEFT JOIN (SELECT * FROM stitched WHERE confidence >= $min_confidence) p USING (oid)
+  LEFT JOIN cand_exits e ON e.eid = p.eid),
+-- an orphan without a named parent takes its operation's usual caller and protocol
+usual AS (
+  SELECT service, name, mode(parent_service) AS caller, mode(parent_protocol) AS protocol,
+         avg(CASE WHEN parent_instrumented THEN 0.0 ELSE 1.0 END) AS via_unknown_address
+  FROM base WHERE parent_service IS NOT NULL GROUP BY ALL)
+SELECT b.*, coalesce(b.parent_service, u.caller) AS caller,
+       CASE WHEN b.own_protocol = 'none' THEN coalesce(b.parent_protocol, u.protocol, 'none')
+            ELSE b.own_protocol END AS protocol,
+       coalesce(u.via_unknown_address, 0.0) > 0.5 AS via_unknown_address
+FROM base b LEFT JOIN usual u USING (service, name)
+"""
+_ORPHAN_GROUPS = """
+SELECT DISTINCT service, name, protocol, caller, destination, via_unknown_address FROM orphan_rows
+"""
+_CONTINUING_CONSUMERS = """
+SELECT DISTINCT s.messaging_destination, h.callee FROM hops h JOIN spans s ON s.rowid = h.entry_rid
+WHERE h.protocol = 'messaging'
+"""
+_NOT_PARENT_BASED = """
+SELECT callee FROM hops WHERE NOT via_link GROUP BY callee
+HAVING avg(CASE WHEN entry_th IS DISTINCT FROM exit_th THEN 1.0 ELSE 0.0 END) > 0.5
+"""
+
+_FINDINGS = f"""
+CREATE OR REPLACE TEMP TABLE findings AS
+SELECT 'orphan_root' AS kind, {_HEX_TRACE.format("o.trace_id")} AS trace_id, {_HEX_SPAN.format("o.span_id")} AS span_id,
+       o.service, o.name AS span_name, o.kind AS span_kind, o.start_ns,
+       o.protocol, coalesce(s.messaging_system, s.rpc_system) AS system, o.caller, o.service AS callee, g.cause,
+       printf('root %s span with no span link; %d candidate exit span(s) in other traces; %s', o.kind, o.candidates,
+              CASE WHEN o.confidence IS NULL THEN 'no parent named (ambiguous, or the parent was not sampled)'
+                   ELSE printf('probable parent in %s', o.parent_service) END) AS evidence,
+       CASE WHEN o.confidence IS NOT NULL THEN {_HEX_TRACE.format("o.parent_trace_id")} END AS parent_trace_id,
+       CASE WHEN o.confidence IS NOT NULL THEN {_HEX_SPAN.format("o.parent_span_id")} END AS parent_span_id,
+       CASE WHEN o.confidence IS NOT NULL THEN o.parent_service END AS parent_service,
+       o.confidence
+FROM orphan_rows o
+JOIN orphan_causes g ON g.service = o.service AND g.name = o.name AND g.protocol = o.protocol
+  AND g.caller IS NOT DISTINCT FROM o.caller AND g.destination IS NOT DISTINCT FROM o.destination
+  AND g.via_unknown_address = o.via_unknown_address
+JOIN spans s ON s.rowid = o.rid
+UNION ALL
+SELECT 'in_process_break', {_HEX_TRACE.format("r.trace_id")}, {_HEX_SPAN.format("r.span_id")}, r.service, r.name,
+       r.kind, r.start_ns, r.protocol, coalesce(r.messaging_system, r.rpc_system, r.db_system), r.service,
+       coalesce(x.target, r.service), 'thread_pool_no_context',
+       printf('root %s span starting inside %d stored request(s) of %s; %s', r.kind, coalesce(b.candidates, 0),
+              r.service, CASE WHEN b.confidence >= $min_confidence THEN 'probable parent named'
+                              ELSE 'no parent named (ambiguous, or the request was not sampled)' END),
+       CASE WHEN b.confidence >= $min_confidence THEN {_HEX_TRACE.format("p.trace_id")} END,
+       CASE WHEN b.confidence >= $min_confidence THEN {_HEX_SPAN.format("p.span_id")} END,
+       CASE WHEN b.confidence >= $min_confidence THEN p.service END,
+       CASE WHEN b.confidence >= $min_confidence THEN b.confidence END
+FROM roots r
+JOIN break_ops USING (service, name)
+LEFT JOIN (SELECT DISTINCT ON (rid) rid, target FROM xt) x ON x.rid = r.rid
+LEFT JOIN break_parents b ON b.rid = r.rid
+LEFT JOIN w p ON p.rid = b.parent_rid
+WHERE r.kind NOT IN ('SERVER', 'CONSUMER')
+UNION ALL
+SELECT 'dangling_parent', {_HEX_TRACE.format("trace_id")}, {_HEX_SPAN.format("span_id")}, service, name, kind,
+       start_ns, protocol, NULL, NULL, service,
+       CASE WHEN service IN (SELECT callee FROM not_parent_based) THEN 'sampler_not_parent_based'
+            ELSE 'parent_span_missing' END,
+       printf('parent_span_id %s is set but that span never arrived', {_HEX_SPAN.format("parent_span_id")}),
+       NULL, NULL, NULL, NULL
+FROM dangling
+UNION ALL
+SELECT 'unpaired_exit', {_HEX_TRACE.format("trace_id")}, {_HEX_SPAN.format("span_id")}, service, name, kind,
+       start_ns, protocol, coalesce(rpc_system, messaging_system), service, target, 'context_not_propagated',
+       printf('%s span to %s (resolved by %s) with no continuation there', kind, target, how),
+       NULL, NULL, NULL, NULL
+FROM xt WHERE in_window AND instrumented AND NOT continued_to_target
+"""
+# the result columns, with explanation and fix from the cause catalogue
+FINDINGS_SELECT = """
+SELECT f.kind, f.trace_id, f.span_id, f.service, f.span_name, f.span_kind, f.start_ns,
+       CASE WHEN f.protocol IN ('http', 'grpc', 'rpc', 'messaging', 'db') THEN f.protocol ELSE 'unknown' END
+         AS protocol,
+       f.system, f.caller, f.callee, f.cause, c.explanation, c.fix, f.evidence,
+       f.parent_trace_id, f.parent_span_id, f.parent_service, f.confidence
+FROM findings f JOIN causes c ON c.code = f.cause
+"""
+
+
+def _table(con: duckdb.DuckDBPyConnection, name: str, data: dict) -> None:
+    """A small Python-made table, as a temp table the SQL can join."""
+    con.register(f"{name}_arrow", pa.table(data))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_arrow")
+    con.unregister(f"{name}_arrow")
+
+
+class FindingBuilder:
+    def __init__(self, con: duckdb.DuckDBPyConnection, learned: Learned, config: AuditConfig, progress):
+        self.con, self.learned, self.config, self.progress = con, learned, config, progress
+        self.entrypoints: list[str] = []
+
+    def build(self) -> None:
+        """Create the temp table `findings` (and `stitched`, `orphan_rows`, `break_parents`)."""
+        con, config = self.con, self.config
+        self.progress("finding stitching candidates")
+        build_candidates(con, self.learned, config.default_skew_ms * 1e6)
+        audited = self._audited_orphans()
+        self.progress(f"stitching {len(audited):,} orphan roots")
+        _table(con, "stitched", stitch(con, self.learned, audited).table())
+        con.execute(_ORPHAN_ROWS, {"min_confidence": config.min_confidence})
+        self._orphan_causes()
+        self.progress("looking for in-process breaks")
+        self._breaks()
+        con.execute(f"CREATE OR REPLACE TEMP TABLE not_parent_based AS {_NOT_PARENT_BASED}")
+        _table(con, "causes", {"code": [c.code for c in CAUSES.values()],
+                               "explanation": [c.explanation for c in CAUSES.values()],
+                               "fix": [c.fix for c in CAUSES.values()]})  # fmt: skip
+        con.execute(_FINDINGS, {"min_confidence": config.min_confidence})
+
+    def _audited_orphans(self) -> np.ndarray:
+        """Orphan candidates minus the roots of entry-point operations: configured, or learned
+        (nobody propagates into the operation and its roots rarely have a candidate parent)."""
+        con, learned, config = self.con, self.learned, self.config
+        entry_ops = []
+        for service, name, roots, with_candidates in con.execute(_ORPHAN_OPS).fetchall():
+            learned_entry = ((service, name) not in learned.propagated_callee_ops
+                             and with_candidates < config.entry_candidate_share * roots)  # fmt: skip
+            if config.is_configured_entry(service, name) or learned_entry:
+                entry_ops.append((service, name))
+                self.entrypoints.append(f"{service}:{name}")
+        _table(con, "entry_ops", {"service": pa.array([s for s, _ in entry_ops], pa.string()),
+                                  "name": pa.array([n for _, n in entry_ops], pa.string())})  # fmt: skip
+        con.execute("CREATE OR REPLACE TEMP TABLE audited_orphans AS SELECT oid FROM cand_orphans o WHERE NOT EXISTS "
+                    "(SELECT 1 FROM entry_ops e WHERE e.service = o.service AND e.name = o.name)")  # fmt: skip
+        return con.execute("SELECT oid FROM audited_orphans").fetchnumpy()["oid"].astype(np.int64)
+
+    def _orphan_causes(self) -> None:
+        """One cause per (operation, protocol, caller, destination): the evidence is per edge."""
+        con = self.con
+        continuing: dict[str, set[str]] = {}
+        for destination, callee in con.execute(_CONTINUING_CONSUMERS).fetchall():
+            continuing.setdefault(destination, set()).add(callee)
+        propagating = set(con.execute("SELECT DISTINCT caller, callee FROM hops WHERE NOT via_link").fetchall())
+        rows = con.execute(_ORPHAN_GROUPS).fetchall()
+        causes = []
+        for service, _, protocol, caller, destination, via_unknown_address in rows:
+            if protocol == "messaging":
+                others = continuing.get(destination or "", set()) - {service}
+                cause = "consumer_does_not_extract" if others else "producer_does_not_inject"
+            elif protocol == "grpc":
+                cause = "grpc_client_not_instrumented"
+            elif protocol == "rpc":
+                cause = "custom_rpc_no_context"
+            elif caller is None:
+                cause = "unknown"
+            elif via_unknown_address or (caller, service) in propagating:
+                # the exit went to an address that is not the callee's, or the same caller
+                # sometimes gets through: something in between drops the header
+                cause = "proxy_strips_traceparent"
+            else:
+                cause = "client_does_not_inject"
+            causes.append(cause)
+        names = ("service", "name", "protocol", "caller", "destination", "via_unknown_address")
+        data = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+        data["via_unknown_address"] = pa.array(data["via_unknown_address"], pa.bool_())
+        for n in names[:-1]:
+            data[n] = pa.array(data[n], pa.string())
+        _table(con, "orphan_causes", data | {"cause": pa.array(causes, pa.string())})
+
+    def _breaks(self) -> None:
+        con = self.con
+        break_ops = []
+        for service, name, roots, during in find_break_candidates(con):
+            if during > 0.5 * roots and not self.config.is_configured_entry(service, name):
+                break_ops.append((service, name))
+            else:
+                self.entrypoints.append(f"{service}:{name}")
+        _table(con, "break_ops", {"service": pa.array([s for s, _ in break_ops], pa.string()),
+                                  "name": pa.array([n for _, n in break_ops], pa.string())})  # fmt: skip
+        _table(con, "break_parents", stitch_breaks(con))

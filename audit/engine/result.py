@@ -1,0 +1,103 @@
+"""The audit's output: findings, service edges and the run, and its JSON document
+(`schema_version` 1, documented in docs/audit-json.md: a stable contract)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Calls from one service to another (or to an uninstrumented peer) over one protocol."""
+
+    caller: str
+    callee: str
+    protocol: str
+    system: str | None
+    callee_instrumented: bool
+    calls: int  # stored exit spans of the caller towards the callee
+    propagated: int  # of those, how many the callee's side continued (a child, or a link)
+    stitched: int  # orphans of the callee whose probable parent is one of these calls
+    cause: str | None = None  # the edge's likely cause when it drops context
+
+    @property
+    def dropped(self) -> int:
+        return self.calls - self.propagated
+
+    @property
+    def propagation_rate(self) -> float | None:
+        return self.propagated / self.calls if self.calls else None
+
+    @property
+    def broken(self) -> bool:
+        return self.dropped > 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(dropped=self.dropped, propagation_rate=_round(self.propagation_rate), broken=self.broken)
+        return d
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+FINDING_KINDS = ("orphan_root", "in_process_break", "dangling_parent", "unpaired_exit")
+
+
+def finding_dict(row: dict) -> dict:
+    """One row of the findings table as the JSON document's finding object."""
+    out = {k: row[k] for k in (
+        "kind", "trace_id", "span_id", "service", "span_name", "span_kind", "protocol", "system", "caller",
+        "callee", "cause", "explanation", "fix", "evidence")}  # fmt: skip
+    out["start_time_unix_nano"] = row["start_ns"]
+    out["probable_parent"] = None if row["parent_span_id"] is None else {
+        "trace_id": row["parent_trace_id"], "span_id": row["parent_span_id"], "service": row["parent_service"],
+        "confidence": round(row["confidence"], 4),
+    }  # fmt: skip
+    return out
+
+
+@dataclass
+class AuditResult:
+    window_start_ns: int
+    window_end_ns: int
+    spans: int
+    traces: int
+    findings: pa.Table  # one row per finding: the columns of FINDINGS_SELECT in audit/engine/findings.py
+    edges: list[Edge] = field(default_factory=list)
+    entrypoints: list[str] = field(default_factory=list)  # learned or configured, "svc:operation"
+    seconds: float = 0.0
+    run_id: int | None = None
+
+    def counts(self) -> dict[str, int]:
+        kinds = self.findings.column("kind").to_pylist()
+        return {k: kinds.count(k) for k in FINDING_KINDS}
+
+    def stitched(self) -> int:
+        return self.findings.num_rows - self.findings.column("parent_span_id").null_count
+
+    def iter_findings(self):
+        """Findings as JSON-document objects, a batch at a time (millions fit in no list)."""
+        for batch in self.findings.to_batches(max_chunksize=10_000):
+            for row in batch.to_pylist():
+                yield finding_dict(row)
+
+    def run_dict(self) -> dict:
+        return {
+            "id": self.run_id, "window_start": self.window_start_ns, "window_end": self.window_end_ns,
+            "spans": self.spans, "traces": self.traces, "seconds": round(self.seconds, 3),
+            "entrypoints": self.entrypoints, "counts": self.counts(), "stitched": self.stitched(),
+        }  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "run": self.run_dict(),
+            "findings": list(self.iter_findings()),
+            "edges": [e.to_dict() for e in self.edges],
+        }

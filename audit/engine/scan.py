@@ -1,0 +1,102 @@
+"""The first pass over a window, all in DuckDB: one row per span, the calls that carried
+their context (hops), the exits nobody continued, the roots, and the spans whose parent
+never arrived. Each becomes a temp table the later passes read; nothing large comes to Python.
+
+Spans arrive at least once, so the window is deduplicated on (trace_id, span_id) first.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from .config import AuditWindow
+
+# The window's spans, slim: attributes stay in `spans` and are joined by rowid when needed.
+_WINDOW = """
+CREATE OR REPLACE TEMP TABLE w AS
+SELECT DISTINCT ON (trace_id, span_id)
+       trace_id, span_id, parent_span_id, start_ns, end_ns, service_name AS service, kind, name,
+       protocol, link_count, sampling_threshold AS th, rowid AS rid
+FROM spans
+WHERE start_ns BETWEEN $lo AND $hi
+"""
+
+# Propagated calls: a SERVER/CONSUMER span whose parent is a CLIENT/PRODUCER span in the same
+# trace, and consumers that link to their producer (the messaging conventions' way).
+_HOPS = """
+CREATE OR REPLACE TEMP TABLE hops AS
+SELECT p.rid AS exit_rid, c.rid AS entry_rid, p.service AS caller, c.service AS callee, p.protocol,
+       c.start_ns::BIGINT - p.start_ns::BIGINT AS d_start, p.end_ns::BIGINT - c.end_ns::BIGINT AS d_end,
+       c.start_ns::BIGINT - p.end_ns::BIGINT AS lag, p.th AS exit_th, c.th AS entry_th, false AS via_link
+FROM w c JOIN w p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
+WHERE p.kind IN ('CLIENT', 'PRODUCER') AND c.kind IN ('SERVER', 'CONSUMER')
+UNION ALL
+SELECT p.rid, c.rid, p.service, c.service, p.protocol,
+       c.start_ns::BIGINT - p.start_ns::BIGINT, p.end_ns::BIGINT - c.end_ns::BIGINT,
+       c.start_ns::BIGINT - p.end_ns::BIGINT, p.th, c.th, true
+FROM w c
+JOIN span_links l ON l.trace_id = c.trace_id AND l.span_id = c.span_id
+JOIN w p ON p.trace_id = l.link_trace_id AND p.span_id = l.link_span_id
+WHERE p.kind = 'PRODUCER' AND c.kind = 'CONSUMER'
+"""
+
+# Every exit (CLIENT/PRODUCER span) read, with its target attributes and whether its own trace
+# continued it (a child) or a consumer linked to it. Those before the finding window are
+# stitching candidates for orphans at its start; only those inside it are counted.
+_EXITS = """
+CREATE OR REPLACE TEMP TABLE exits AS
+SELECT e.rid, e.trace_id, e.span_id, e.parent_span_id IS NULL AS is_root, e.service, e.kind, e.name,
+       e.protocol, e.start_ns, e.end_ns, e.th,
+       EXISTS (SELECT 1 FROM w c WHERE c.trace_id = e.trace_id AND c.parent_span_id = e.span_id)
+         OR e.rid IN (SELECT exit_rid FROM hops WHERE via_link) AS continued,
+       s.server_address, s.server_port, s.peer_service, s.rpc_system, s.rpc_service, s.rpc_method,
+       s.messaging_system, s.messaging_destination, s.messaging_message_id, s.messaging_partition,
+       s.messaging_offset, s.db_system,
+       nullif(regexp_extract(s.url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), '') AS url_path,
+       e.start_ns >= $wlo AND e.start_ns < $whi AS in_window
+FROM w e JOIN spans s ON s.rowid = e.rid
+WHERE e.kind IN ('CLIENT', 'PRODUCER') AND e.start_ns < $whi
+"""
+
+# Roots in the finding window. `linked`: the root, or a direct child of it, links to another
+# span (the official Kafka consumer instrumentation puts the link on `process`, under `recv`).
+_ROOTS = """
+CREATE OR REPLACE TEMP TABLE roots AS
+SELECT r.rid, r.trace_id, r.span_id, r.service, r.kind, r.name, r.protocol, r.start_ns, r.end_ns, r.th,
+       r.link_count > 0 OR EXISTS (
+         SELECT 1 FROM w c WHERE c.trace_id = r.trace_id AND c.parent_span_id = r.span_id AND c.link_count > 0
+       ) AS linked,
+       s.server_address, s.server_port, s.rpc_system, s.rpc_service, s.rpc_method, s.messaging_system,
+       s.messaging_destination, s.messaging_message_id, s.messaging_partition, s.messaging_offset,
+       coalesce(s.url_path, nullif(regexp_extract(s.url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), ''))
+         AS url_path,
+       s.http_route, s.db_system
+FROM w r JOIN spans s ON s.rowid = r.rid
+WHERE r.parent_span_id IS NULL AND r.start_ns >= $wlo AND r.start_ns < $whi
+"""
+
+# Spans whose parent is named but is not in the window (read with its context margin).
+_DANGLING = """
+CREATE OR REPLACE TEMP TABLE dangling AS
+SELECT c.rid, c.trace_id, c.span_id, c.parent_span_id, c.service, c.kind, c.name, c.protocol, c.start_ns, c.th
+FROM w c
+WHERE c.parent_span_id IS NOT NULL AND c.start_ns >= $wlo AND c.start_ns < $whi
+  AND NOT EXISTS (SELECT 1 FROM w p WHERE p.trace_id = c.trace_id AND p.span_id = c.parent_span_id)
+"""
+
+
+def scan(con: duckdb.DuckDBPyConnection, window: AuditWindow, progress=lambda step: None) -> tuple[int, int]:
+    """Build the temp tables w, hops, exits, roots, dangling; return (spans, traces) in the window."""
+    params = {"lo": window.read_from_ns, "hi": window.read_to_ns}
+    inner = {"wlo": window.start_ns, "whi": window.end_ns}
+    progress("reading the window")
+    con.execute(_WINDOW, params)
+    progress("joining parents and children")
+    con.execute(_HOPS)
+    con.execute(_EXITS, inner)
+    con.execute(_ROOTS, inner)
+    con.execute(_DANGLING, inner)
+    spans, traces = con.execute(
+        "SELECT count(*), count(DISTINCT trace_id) FROM w WHERE start_ns >= $wlo AND start_ns < $whi", inner
+    ).fetchone()
+    return spans, traces

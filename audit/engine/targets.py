@@ -1,0 +1,44 @@
+"""Resolve every exit to its callee with what `learn` found, in one small table that DuckDB
+joins back to the exits (`xt`: one row per exit and callee; a message has one per consumer group)."""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from .learn import Learned
+
+_KEYS = ("protocol", "server_address", "server_port", "peer_service", "rpc_service", "messaging_destination",
+         "db_system")  # fmt: skip
+
+_EXIT_TARGETS = f"""
+CREATE OR REPLACE TEMP TABLE xt AS
+SELECT e.*, t.target, t.instrumented, t.how,
+       CASE WHEN NOT t.instrumented THEN e.continued
+            WHEN e.protocol = 'messaging' THEN EXISTS (
+              SELECT 1 FROM hops h WHERE h.exit_rid = e.rid AND h.callee = t.target)
+            ELSE e.continued END AS continued_to_target
+FROM exits e JOIN exit_target_map t
+  ON {" AND ".join(f"e.{k} IS NOT DISTINCT FROM t.{k}" for k in _KEYS)}
+"""
+
+
+def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
+    keys = con.execute(f"SELECT DISTINCT {', '.join(_KEYS)} FROM exits").fetchall()
+    rows = []
+    for key in keys:
+        protocol, address, port, peer, rpc_service, destination, db_system = key
+        for t in learned.resolve(protocol, address, port, peer, rpc_service, destination, db_system):
+            rows.append((*key, t.name, t.instrumented, t.how))
+    columns = list(zip(*rows)) if rows else [[] for _ in range(len(_KEYS) + 3)]
+    table = pa.table({
+        **{k: pa.array(columns[i], type=pa.int32() if k == "server_port" else pa.string())
+           for i, k in enumerate(_KEYS)},
+        "target": pa.array(columns[len(_KEYS)], type=pa.string()),
+        "instrumented": pa.array(columns[len(_KEYS) + 1], type=pa.bool_()),
+        "how": pa.array(columns[len(_KEYS) + 2], type=pa.string()),
+    })  # fmt: skip
+    con.register("exit_target_map_arrow", table)
+    con.execute("CREATE OR REPLACE TEMP TABLE exit_target_map AS SELECT * FROM exit_target_map_arrow")
+    con.unregister("exit_target_map_arrow")
+    con.execute(_EXIT_TARGETS)
