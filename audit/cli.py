@@ -205,6 +205,122 @@ def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")
 
 
+class _Time(click.ParamType):
+    """An ISO 8601 time (UTC unless it says otherwise), as Unix nanoseconds."""
+
+    name = "TIME"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            t = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time such as 2025-11-26T00:00:00Z", param, ctx)
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=UTC)
+        return int(t.timestamp() * 1e9)
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file written by `ctxaudit serve`.")
+@click.option("--since", type=_Time(), help="Window start, ISO 8601 [default: where the last run ended, else the first span].")
+@click.option("--until", type=_Time(), help="Window end, ISO 8601 [default: now minus --settle, at most the newest span].")
+@click.option("--all", "from_first", is_flag=True, help="Start at the first span, not where the last run ended.")
+@click.option("--settle", type=click.FloatRange(min=0), help="Seconds to wait for late spans before auditing them [default: 60].")
+@click.option("--context", type=click.FloatRange(min=0),
+              help="Seconds read either side of the window for parents, children and candidates [default: 300].")  # fmt: skip
+@click.option("--entrypoints", multiple=True, metavar="SVC[:OPERATION],...",
+              help="Real entry points (their roots are not orphans), besides those learned; repeatable.")  # fmt: skip
+@click.option("--min-confidence", type=click.FloatRange(0, 1),
+              help="Name a probable parent only at this confidence or above [default: 0.6].")  # fmt: skip
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="YAML settings: entrypoints, min_confidence, settle_s, context_s, default_skew_ms, default_max_lag_s.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text.")
+@click.option("--no-save", is_flag=True, help="Do not store the run (opens the file read-only).")
+def audit(db, since, until, from_first, settle, context, entrypoints, min_confidence, config_file, as_json,
+          no_save) -> None:  # fmt: skip
+    """Find where trace context is lost in DB's spans, stitch orphans to their probable
+    parents, count every service edge, and save the run in DB.
+
+    Each run audits a settled window and by default starts where the last one ended.
+    """
+    from .audit_job import AuditSettings, AuditSettingsError, audit_store, summary_lines
+
+    listed = ",".join(entrypoints) if entrypoints else None
+    try:
+        settings = AuditSettings.load(config_file, entrypoints=listed, min_confidence=min_confidence,
+                                      settle_s=settle, context_s=context)  # fmt: skip
+    except AuditSettingsError as e:
+        raise click.BadParameter(str(e), param_hint="--config") from None
+    started = time.monotonic()
+
+    def progress(step: str) -> None:
+        click.echo(f"audit: {step} ({time.monotonic() - started:.1f} s)", err=True)
+
+    try:
+        result = audit_store(db, settings, since_ns=since, until_ns=until, resume=not from_first and since is None,
+                             save=not no_save, progress=progress)  # fmt: skip
+    except StoreError as e:
+        _fail(str(e))
+    if result is None:
+        click.echo("audit: nothing new to audit (no spans since the last run, or none settled yet); "
+                   "use --all or --since to audit again", err=True)  # fmt: skip
+        if as_json:
+            click.echo(json.dumps({"schema_version": 1, "run": None, "findings": [], "edges": []}))
+        return
+    if as_json:
+        _echo_document(result)
+    else:
+        for line in summary_lines(result):
+            click.echo(line)
+
+
+def _echo_document(result) -> None:
+    """The JSON document, findings streamed so that millions of them need no list in memory."""
+    from .engine.result import SCHEMA_VERSION
+
+    out = sys.stdout
+    run, edges = json.dumps(result.run_dict()), json.dumps([e.to_dict() for e in result.edges])
+    out.write(f'{{"schema_version": {SCHEMA_VERSION},\n "run": {run},\n "edges": {edges},\n "findings": [')
+    for i, finding in enumerate(result.iter_findings()):
+        out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(finding))
+    out.write("\n ]}\n")
+    out.flush()
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file with audit runs.")
+@click.option("--run", "run_id", type=int, help="Audit run id [default: the last run].")
+@click.option("--view", type=click.Choice(["repaired", "observed"]), default="repaired", show_default=True,
+              help="repaired: every real call, with drops and stitches; observed: what a trace backend shows.")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["json", "dot", "graphml"]), default="json", show_default=True,
+              help="node-link JSON, Graphviz DOT, or GraphML.")  # fmt: skip
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of stdout.")
+def graph(db, run_id, view, fmt, output) -> None:
+    """Export the service graph of an audit run."""
+    from graph.service_graph import build_graphs, to_dot, to_graphml, to_node_link_json
+
+    from .store.reader import LocalReader
+
+    try:
+        reader = LocalReader(db)
+        run = reader.audit_run(run_id)
+        reader.close()
+    except StoreError as e:
+        _fail(str(e))
+    if run is None:
+        _fail(f"no audit run {run_id} in {db}" if run_id else f"no audit run in {db} yet: run `ctxaudit audit --db {db}`")
+    observed, repaired = build_graphs(run["edges"], run["roots"])
+    g = repaired if view == "repaired" else observed
+    text = {"json": to_node_link_json, "dot": to_dot, "graphml": to_graphml}[fmt](g)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        click.echo(text)
+
+
 @main.command()
 @click.option(
     "--scenario", required=True, metavar="NAME|FILE",

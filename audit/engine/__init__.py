@@ -8,5 +8,6 @@ and solves the small assignment problems of stitching.
 from .config import AuditConfig, AuditWindow
 from .result import AuditResult, Edge
 from .run import run_audit
+from .window import choose_window
 
-__all__ = ["AuditConfig", "AuditResult", "AuditWindow", "Edge", "run_audit"]
+__all__ = ["AuditConfig", "AuditResult", "AuditWindow", "Edge", "choose_window", "run_audit"]

@@ -71,6 +71,7 @@ class AuditResult:
     findings: pa.Table  # one row per finding: the columns of FINDINGS_SELECT in audit/engine/findings.py
     edges: list[Edge] = field(default_factory=list)
     entrypoints: list[str] = field(default_factory=list)  # learned or configured, "svc:operation"
+    roots: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> entry/orphan/orphan_unattributed
     seconds: float = 0.0
     run_id: int | None = None
 
@@ -92,6 +93,7 @@ class AuditResult:
             "id": self.run_id, "window_start": self.window_start_ns, "window_end": self.window_end_ns,
             "spans": self.spans, "traces": self.traces, "seconds": round(self.seconds, 3),
             "entrypoints": self.entrypoints, "counts": self.counts(), "stitched": self.stitched(),
+            "roots": self.roots,
         }  # fmt: skip
 
     def to_dict(self) -> dict:

@@ -31,6 +31,24 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     builder.build()
     progress("counting edges")
     edges = build_edges(con)
-    findings = con.execute(FINDINGS_SELECT + " ORDER BY f.start_ns, f.kind, f.span_id").to_arrow_table()
+    findings = con.sql(FINDINGS_SELECT + " ORDER BY f.start_ns, f.kind, f.span_id").to_arrow_table()
+    roots = {service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
+             for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()}  # fmt: skip
     return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,
-                       sorted(set(builder.entrypoints)), time.monotonic() - started)  # fmt: skip
+                       sorted(set(builder.entrypoints)), roots, time.monotonic() - started)  # fmt: skip
+
+
+# roots per service: at entry points (operations, and jobs that start outside any request),
+# and orphans (with no caller found, they stay attached to "(entry)" in the repaired graph)
+_ROOTS_PER_SERVICE = """
+WITH entry AS (
+  SELECT service, count(*) AS n FROM cand_orphans JOIN entry_ops USING (service, name) GROUP BY 1
+  UNION ALL
+  SELECT service, count(*) FROM roots r WHERE kind NOT IN ('SERVER', 'CONSUMER')
+    AND NOT EXISTS (SELECT 1 FROM break_ops b WHERE b.service = r.service AND b.name = r.name) GROUP BY 1),
+orphan AS (SELECT service, count(*) AS n, count(*) FILTER (WHERE caller IS NULL) AS unattributed
+           FROM orphan_rows GROUP BY 1)
+SELECT service, coalesce(sum(e.n), 0)::BIGINT, coalesce(any_value(o.n), 0)::BIGINT,
+       coalesce(any_value(o.unattributed), 0)::BIGINT
+FROM entry e FULL JOIN orphan o USING (service) GROUP BY service ORDER BY service
+"""

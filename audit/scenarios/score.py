@@ -80,7 +80,7 @@ def score(truth: Iterable[dict], result: dict, exit_peers: dict[tuple[str, str],
         findings[f["kind"]][(f["trace_id"], f["span_id"])] = f
 
     true_kind: dict[tuple[str, str], str] = {}
-    for key, (service, kind, exported, parent, tp_trace, tp_span, cause, hop, protocol, linked) in spans.items():
+    for key, (_, kind, exported, parent, _, tp_span, _, _, _, linked) in spans.items():
         if not exported or parent is not None or tp_span is None or linked:
             continue
         true_kind[key] = "orphan_root" if kind in _ENTRY_KINDS else "in_process_break"
@@ -128,7 +128,7 @@ def _strip_port(name: str) -> str:
 def _edges(spans: dict, result: dict, exit_peers: dict) -> list[EdgeScore]:
     calls: Counter = Counter()
     propagated: Counter = Counter()
-    for service, kind, _, _, tp_trace, tp_span, cause, hop, _, linked in spans.values():
+    for service, kind, _, _, tp_trace, tp_span, cause, _, _, _ in spans.values():
         if kind not in _ENTRY_KINDS or tp_span is None:
             continue
         parent = spans.get((tp_trace, tp_span))

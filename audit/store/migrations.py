@@ -90,6 +90,60 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0002_audit_runs",
+        """
+        -- one row per `ctxaudit audit` run (or periodic audit in serve)
+        CREATE SEQUENCE audit_run_ids START 1;
+        CREATE TABLE audit_runs (
+            run_id BIGINT PRIMARY KEY,
+            finished_at TIMESTAMPTZ NOT NULL,
+            window_start_ns UBIGINT NOT NULL,    -- findings are spans starting in [start, end)
+            window_end_ns UBIGINT NOT NULL,
+            spans BIGINT NOT NULL,
+            traces BIGINT NOT NULL,
+            seconds DOUBLE NOT NULL,
+            entrypoints VARCHAR[] NOT NULL,      -- "service:operation", learned or configured
+            roots JSON NOT NULL,                 -- per service: entry, orphan, orphan_unattributed
+            settings JSON NOT NULL
+        );
+        -- the columns of a finding in the JSON document (docs/audit-json.md)
+        CREATE TABLE audit_findings (
+            run_id BIGINT NOT NULL,
+            kind VARCHAR NOT NULL,
+            trace_id VARCHAR NOT NULL,           -- 32 hex digits
+            span_id VARCHAR NOT NULL,            -- 16 hex digits
+            service VARCHAR NOT NULL,
+            span_name VARCHAR NOT NULL,
+            span_kind VARCHAR NOT NULL,
+            start_ns UBIGINT NOT NULL,
+            protocol VARCHAR NOT NULL,
+            system VARCHAR,
+            caller VARCHAR,
+            callee VARCHAR,
+            cause VARCHAR NOT NULL,
+            explanation VARCHAR NOT NULL,
+            fix VARCHAR NOT NULL,
+            evidence VARCHAR NOT NULL,
+            parent_trace_id VARCHAR,             -- the probable parent, when one is named
+            parent_span_id VARCHAR,
+            parent_service VARCHAR,
+            confidence DOUBLE
+        );
+        CREATE TABLE audit_edges (
+            run_id BIGINT NOT NULL,
+            caller VARCHAR NOT NULL,
+            callee VARCHAR NOT NULL,
+            protocol VARCHAR NOT NULL,
+            system VARCHAR,
+            callee_instrumented BOOLEAN NOT NULL,
+            calls BIGINT NOT NULL,
+            propagated BIGINT NOT NULL,
+            stitched BIGINT NOT NULL,
+            cause VARCHAR
+        );
+        """,
+    ),
 )
 
 

@@ -134,5 +134,21 @@ class LocalReader:
             [],
         )
 
+    def audit_run(self, run_id: int | None = None) -> dict | None:
+        """An audit run (the last one by default) with its edges; None if there is none."""
+        if not self._query("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'audit_runs'")[0][0]:
+            return None
+        where, params = ("run_id = ?", [run_id]) if run_id is not None else (
+            "run_id = (SELECT max(run_id) FROM audit_runs)", [])  # fmt: skip
+        runs = self._dicts(f"SELECT * FROM audit_runs WHERE {where}", params)
+        if not runs:
+            return None
+        run = runs[0]
+        run["roots"] = json.loads(run["roots"])
+        run["settings"] = json.loads(run["settings"])
+        run["edges"] = self._dicts("SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL",
+                                   [run["run_id"]])  # fmt: skip
+        return run
+
     def close(self) -> None:
         self._con.close()

@@ -87,6 +87,12 @@ class SpanStore:
         except duckdb.Error as e:
             raise translate(e, self.path, writing=True) from None
 
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """The write connection, for an audit run in this process (it reads with temp tables
+        and saves its results here; nothing else may write meanwhile)."""
+        return self._con
+
     def close(self) -> None:
         self._con.close()
 

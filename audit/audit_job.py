@@ -1,0 +1,156 @@
+"""An audit run against a store file: choose the window, run the engine, save the run.
+The composition the `audit` command (and, later, serve's periodic audit) calls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import yaml
+
+from .engine import AuditConfig, AuditResult, choose_window, run_audit
+from .store.audit_runs import last_window_end, save_run
+from .store.errors import StoreError, translate
+from .store.writer import SpanStore
+
+
+class AuditSettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    config: AuditConfig
+    settle_s: float = 60.0
+    context_s: float = 300.0
+
+    @classmethod
+    def load(cls, path: str | None, **overrides) -> AuditSettings:
+        """From an optional YAML file (keys: entrypoints, min_confidence, settle_s, context_s,
+        default_skew_ms, default_max_lag_s), then non-None overrides."""
+        doc: dict = {}
+        if path is not None:
+            try:
+                doc = yaml.safe_load(Path(path).read_text()) or {}
+            except OSError as e:
+                raise AuditSettingsError(f"cannot read {path}: {e.strerror}") from None
+            except yaml.YAMLError as e:
+                raise AuditSettingsError(f"{path}: not valid YAML: {e}") from None
+            if not isinstance(doc, dict):
+                raise AuditSettingsError(f"{path}: expected a mapping of settings")
+        doc |= {k: v for k, v in overrides.items() if v is not None}
+        known = {"entrypoints", "min_confidence", "settle_s", "context_s", "default_skew_ms", "default_max_lag_s"}
+        unknown = set(doc) - known
+        if unknown:
+            raise AuditSettingsError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        entrypoints = doc.pop("entrypoints", [])
+        if isinstance(entrypoints, str):
+            entrypoints = [e.strip() for e in entrypoints.split(",") if e.strip()]
+        settle, context = float(doc.pop("settle_s", 60.0)), float(doc.pop("context_s", 300.0))
+        confidence = float(doc.get("min_confidence", 0.6))
+        if not 0.0 <= confidence <= 1.0:
+            raise AuditSettingsError("min_confidence must be between 0 and 1")
+        if settle < 0 or context < 0:
+            raise AuditSettingsError("settle_s and context_s must not be negative")
+        return cls(AuditConfig(entrypoints=frozenset(entrypoints), **{k: float(v) for k, v in doc.items()}),
+                   settle, context)  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self.config) | {"entrypoints": sorted(self.config.entrypoints), "settle_s": self.settle_s,
+                                      "context_s": self.context_s}  # fmt: skip
+
+
+def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None, until_ns: int | None = None,
+                resume: bool = True, save: bool = True,
+                progress: Callable[[str], None] = lambda step: None) -> AuditResult | None:  # fmt: skip
+    """Audit the next window of `db` (None: nothing new); save the run unless `save` is False."""
+    if not Path(db).exists():
+        raise StoreError(f"{db} does not exist: run `ctxaudit serve --db {db}` (or `ctxaudit simulate --db`) first")
+    if save:
+        store = SpanStore(db)
+        con, close = store.connection, store.close
+    else:
+        con = _read_only(db)
+        close = con.close
+    try:
+        try:
+            first, last = con.execute("SELECT min(start_ns), max(start_ns) FROM spans").fetchone()
+            last_end = last_window_end(con) if resume else None
+            window = choose_window(
+                first_start_ns=first, last_start_ns=last, last_run_end_ns=last_end, now_ns=time.time_ns(),
+                since_ns=since_ns, until_ns=until_ns, settle_s=settings.settle_s, context_s=settings.context_s,
+            )  # fmt: skip
+            if window is None:
+                return None
+            result = run_audit(con, window, settings.config, progress)
+        except duckdb.Error as e:
+            raise translate(e, db, writing=False) from None
+        if save:
+            progress("saving the run")
+            edges = pa.Table.from_pylist([e.to_dict() for e in result.edges]) if result.edges else _no_edges()
+            result.run_id = save_run(
+                con, db, window_start_ns=window.start_ns, window_end_ns=window.end_ns, spans=result.spans,
+                traces=result.traces, seconds=result.seconds, entrypoints=result.entrypoints, roots=result.roots,
+                settings=settings.to_dict(), findings=result.findings, edges=edges,
+            )  # fmt: skip
+        return result
+    finally:
+        close()
+
+
+def _read_only(db: str) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(db, read_only=True)
+    except duckdb.Error as e:
+        raise translate(e, db, writing=False) from None
+
+
+def _no_edges() -> pa.Table:
+    return pa.table({
+        "caller": pa.array([], pa.string()), "callee": pa.array([], pa.string()),
+        "protocol": pa.array([], pa.string()), "system": pa.array([], pa.string()),
+        "callee_instrumented": pa.array([], pa.bool_()), "calls": pa.array([], pa.int64()),
+        "propagated": pa.array([], pa.int64()), "stitched": pa.array([], pa.int64()),
+        "cause": pa.array([], pa.string()),
+    })  # fmt: skip
+
+
+def _when(ns: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
+    """A readable summary: the window, counts, broken edges, and the commonest findings."""
+    c = result.counts()
+    saved = f"run {result.run_id}" if result.run_id is not None else "not saved"
+    lines = [
+        f"audit {saved}: {_when(result.window_start_ns)} .. {_when(result.window_end_ns)}, "
+        f"{result.spans:,} spans in {result.traces:,} traces, {result.seconds:.1f} s",
+        f"findings: {c['orphan_root']:,} orphan roots ({result.stitched():,} findings with a probable parent), "
+        f"{c['in_process_break']:,} in-process breaks, {c['dangling_parent']:,} dangling parents, "
+        f"{c['unpaired_exit']:,} unpaired exits",
+        f"entry points: {', '.join(result.entrypoints) or 'none found'}",
+    ]
+    broken = [e for e in result.edges if e.broken]
+    lines.append(f"broken edges: {len(broken)} of {len(result.edges)}")
+    for e in sorted(broken, key=lambda e: e.propagation_rate or 0.0):
+        system = f"/{e.system}" if e.system else ""
+        lines.append(
+            f"  {e.caller} -> {e.callee} ({e.protocol}{system}): {e.propagated:,}/{e.calls:,} propagated "
+            f"({e.propagation_rate:.1%}), {e.stitched:,} stitched" + (f"; likely cause: {e.cause}" if e.cause else "")
+        )
+    groups: dict[tuple, int] = {}
+    for kind, caller, callee, cause in zip(*(result.findings.column(k).to_pylist()
+                                            for k in ("kind", "caller", "callee", "cause"))):  # fmt: skip
+        groups[(kind, caller, callee, cause)] = groups.get((kind, caller, callee, cause), 0) + 1
+    if groups:
+        lines.append("commonest findings (kind, hop, cause):")
+        for (kind, caller, callee, cause), n in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {n:>9,}  {kind:<17} {caller or '?'} -> {callee or '?'}  {cause}")
+    return lines

@@ -1,0 +1,55 @@
+"""Audit runs in the store: save one run's findings and edges in one transaction, and find
+where the last run ended (the next run starts there, so re-auditing reads only what is new)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import duckdb
+import pyarrow as pa
+
+from .errors import translate
+
+_FINDING_COLUMNS = (
+    "kind", "trace_id", "span_id", "service", "span_name", "span_kind", "start_ns", "protocol", "system", "caller",
+    "callee", "cause", "explanation", "fix", "evidence", "parent_trace_id", "parent_span_id", "parent_service",
+    "confidence",
+)  # fmt: skip
+_EDGE_COLUMNS = ("caller", "callee", "protocol", "system", "callee_instrumented", "calls", "propagated", "stitched",
+                 "cause")  # fmt: skip
+
+
+def save_run(con: duckdb.DuckDBPyConnection, path: str, *, window_start_ns: int, window_end_ns: int, spans: int,
+             traces: int, seconds: float, entrypoints: list[str], roots: dict, settings: dict, findings: pa.Table,
+             edges: pa.Table) -> int:  # fmt: skip
+    """Store one run; return its id. `findings` and `edges` have the columns above."""
+    cols = ", ".join(_FINDING_COLUMNS)
+    edge_cols = ", ".join(_EDGE_COLUMNS)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        (run_id,) = con.execute("SELECT nextval('audit_run_ids')").fetchone()
+        con.execute(
+            "INSERT INTO audit_runs VALUES (?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, window_start_ns, window_end_ns, spans, traces, seconds, entrypoints, json.dumps(roots),
+             json.dumps(settings)],
+        )
+        con.register("run_findings", findings)
+        con.execute(f"INSERT INTO audit_findings SELECT $run, {cols} FROM run_findings", {"run": run_id})
+        con.register("run_edges", edges)
+        con.execute(f"INSERT INTO audit_edges SELECT $run, {edge_cols} FROM run_edges", {"run": run_id})
+        con.execute("COMMIT")
+    except duckdb.Error as e:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise translate(e, path, writing=True) from None
+    finally:
+        for name in ("run_findings", "run_edges"):
+            with contextlib.suppress(duckdb.Error):
+                con.unregister(name)
+    return run_id
+
+
+def last_window_end(con: duckdb.DuckDBPyConnection) -> int | None:
+    (end,) = con.execute("SELECT max(window_end_ns) FROM audit_runs").fetchone()
+    return None if end is None else int(end)
