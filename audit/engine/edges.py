@@ -18,8 +18,9 @@ calls AS (
   SELECT x.service AS caller, coalesce(r.service, x.target) AS callee, x.protocol,
          any_value(coalesce(x.rpc_system, x.messaging_system, x.db_system)) AS system,
          bool_or(x.instrumented OR r.service IS NOT NULL) AS instrumented, count(*) AS calls,
-         count(*) FILTER (WHERE CASE WHEN x.instrumented THEN x.continued_to_target ELSE NOT x.is_root END)
-           AS propagated
+         count(*) FILTER (WHERE CASE WHEN x.instrumented THEN x.continued_to_target
+                                     WHEN r.service IS NOT NULL THEN x.continued  -- a proxy in front of a service
+                                     ELSE NOT x.is_root END) AS propagated
   FROM xt x LEFT JOIN remapped r ON r.caller = x.service AND r.target = x.target
   WHERE x.in_window GROUP BY ALL),
 stitched AS (

@@ -9,8 +9,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import duckdb
+import numpy as np
 
 from .config import AuditConfig, AuditWindow
+from .timing import LagModel, LogNormal, StudentT, SyncModel
 
 SYNC_PROTOCOLS = ("http", "grpc", "rpc", "none")
 _NS_PER_MS = 1_000_000
@@ -18,52 +20,10 @@ _MIN_PAIRS = 20  # fewer propagated calls than this on an edge: use a wider pool
 _DOMINANT = 0.9  # an address belongs to a service when this share of its propagated calls land there
 
 
-@dataclass(frozen=True)
-class GapModel:
-    """Log-normal gaps between a client span and the server span it contains (request leg,
-    response leg), after removing the edge's clock skew; or a consumer's lag after the produce."""
-
-    skew_ns: float  # callee clock minus caller clock
-    mu: float  # of log(gap in ns)
-    sigma: float
-    spread_ns: float  # how far a gap plausibly reaches (its 99.9th percentile)
-    pairs: int
-    source: str  # "edge", "callee", "protocol" or "default": how specific the model is
-
-    def nll(self, gap_ns):
-        """Negative log-likelihood of gaps (numpy array or float), in nats, floored at 1 µs."""
-        import numpy as np
-
-        g = np.maximum(gap_ns, 1_000.0)
-        z = (np.log(g) - self.mu) / self.sigma
-        penalty = np.where(gap_ns < 0, (gap_ns / (self.spread_ns + 1.0)) ** 2 * 50.0, 0.0)
-        return np.log(g) + math.log(self.sigma * math.sqrt(2 * math.pi)) + 0.5 * z * z + penalty
-
-
-def _model(rows: list[tuple], source: str, skew_ns: float | None = None) -> GapModel | None:
-    """From (gap_ns,) samples: fit a log-normal robustly (median and MAD of the log)."""
-    gaps = [g for (g,) in rows if g is not None]
-    if len(gaps) < _MIN_PAIRS:
-        return None
-    logs = sorted(math.log(max(g, 1_000.0)) for g in gaps)
-    mu = logs[len(logs) // 2]
-    mad = sorted(abs(x - mu) for x in logs)[len(logs) // 2]
-    sigma = max(1.4826 * mad, 0.25)
-    spread = math.exp(mu + 3.1 * sigma)
-    return GapModel(skew_ns or 0.0, mu, sigma, spread, len(gaps), source)
-
-
-_SKEW = """
-SELECT caller, callee, protocol, median((d_start - d_end) / 2.0), count(*)
-FROM hops WHERE NOT via_link AND protocol IN ('http', 'grpc', 'rpc', 'none') GROUP BY ALL
-"""
-_GAPS = """
-SELECT h.caller, h.callee, h.protocol, g
-FROM (SELECT *, row_number() OVER (PARTITION BY caller, callee, protocol ORDER BY exit_rid) AS i
-      FROM hops WHERE NOT via_link AND protocol IN ('http', 'grpc', 'rpc', 'none')) h
-JOIN skews s USING (caller, callee, protocol),
-     unnest([h.d_start - s.skew, h.d_end + s.skew]) AS t(g)
-WHERE h.i <= 5000
+_SYNC_GAPS = """
+SELECT caller, callee, protocol, d_start, d_end FROM (
+  SELECT *, row_number() OVER (PARTITION BY caller, callee, protocol ORDER BY exit_rid) AS i
+  FROM hops WHERE NOT via_link AND protocol IN ('http', 'grpc', 'rpc', 'none')) WHERE i <= 5000
 """
 _LAGS = """
 SELECT caller, callee, lag FROM (
@@ -71,13 +31,15 @@ SELECT caller, callee, lag FROM (
   FROM hops WHERE protocol = 'messaging') WHERE i <= 5000
 """
 _PROPAGATED_ADDRESSES = """
-SELECT s.server_address, s.server_port, h.callee, count(*)
+SELECT peer_host(s.server_address, s.url_full) AS host, peer_port(s.server_port, s.server_address, s.url_full), h.callee,
+       count(*)
 FROM hops h JOIN spans s ON s.rowid = h.exit_rid
-WHERE NOT h.via_link AND s.server_address IS NOT NULL GROUP BY ALL
+WHERE NOT h.via_link AND host IS NOT NULL GROUP BY ALL
 """
 _SELF_ADDRESSES = """
-SELECT server_address, server_port, service_name, count(*) FROM spans
-WHERE start_ns BETWEEN $lo AND $hi AND kind = 'SERVER' AND server_address IS NOT NULL GROUP BY ALL
+SELECT peer_host(server_address, url_full) AS host, peer_port(server_port, server_address, url_full), service_name,
+       count(*)
+FROM spans WHERE start_ns BETWEEN $lo AND $hi AND kind = 'SERVER' AND host IS NOT NULL GROUP BY ALL
 """
 _RPC_SERVICES = """
 SELECT rpc_service, service_name, count(*) FROM spans
@@ -111,12 +73,12 @@ class Learned:
     self_addresses: dict[tuple[str, int | None], str] = field(default_factory=dict)  # servers' own
     rpc_services: dict[str, str] = field(default_factory=dict)
     consumers: dict[str, list[str]] = field(default_factory=dict)  # destination -> consumer services
-    sync_models: dict[tuple[str, str, str], GapModel] = field(default_factory=dict)
-    callee_models: dict[tuple[str, str], GapModel] = field(default_factory=dict)
-    protocol_models: dict[str, GapModel] = field(default_factory=dict)
-    lag_models: dict[tuple[str, str], GapModel] = field(default_factory=dict)
-    default_sync: GapModel = None  # type: ignore[assignment]
-    default_lag: GapModel = None  # type: ignore[assignment]
+    sync_models: dict[tuple[str, str, str], SyncModel] = field(default_factory=dict)
+    callee_models: dict[tuple[str, str], SyncModel] = field(default_factory=dict)  # pooled, widened
+    protocol_models: dict[str, SyncModel] = field(default_factory=dict)  # pooled, widened
+    lag_models: dict[tuple[str, str], LagModel] = field(default_factory=dict)
+    default_sync: SyncModel = None  # type: ignore[assignment]
+    default_lag: LagModel = None  # type: ignore[assignment]
 
     def resolve(self, protocol: str, address: str | None, port: int | None, peer_service: str | None,
                 rpc_service: str | None, destination: str | None, db_system: str | None) -> list[Target]:  # fmt: skip
@@ -139,11 +101,11 @@ class Learned:
         peer = address if port is None or address is None else f"{address}:{port}"
         return [Target(peer or peer_service or "unknown peer", False, "peer")]
 
-    def sync_model(self, caller: str, callee: str, protocol: str) -> GapModel:
+    def sync_model(self, caller: str, callee: str, protocol: str) -> SyncModel:
         return (self.sync_models.get((caller, callee, protocol)) or self.callee_models.get((callee, protocol))
                 or self.protocol_models.get(protocol) or self.default_sync)  # fmt: skip
 
-    def lag_model(self, caller: str, callee: str) -> GapModel:
+    def lag_model(self, caller: str, callee: str) -> LagModel:
         return self.lag_models.get((caller, callee)) or self.default_lag
 
 
@@ -183,36 +145,42 @@ def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConf
 
 
 def _learn_timing(con: duckdb.DuckDBPyConnection, learned: Learned, config: AuditConfig) -> None:
-    con.execute("CREATE OR REPLACE TEMP TABLE skews AS SELECT caller, callee, protocol, skew, n FROM ("
-                + _SKEW + ") t(caller, callee, protocol, skew, n)")  # fmt: skip
-    skews = {(a, b, p): s for a, b, p, s, _ in con.execute("SELECT * FROM skews").fetchall()}
-    gaps: dict[tuple, list] = defaultdict(list)
-    for caller, callee, protocol, g in con.execute(_GAPS).fetchall():
-        gaps[(caller, callee, protocol)].append((g,))
-    by_callee: dict[tuple, list] = defaultdict(list)
-    by_protocol: dict[str, list] = defaultdict(list)
-    for (caller, callee, protocol), rows in gaps.items():
-        model = _model(rows, "edge", skews[(caller, callee, protocol)])
-        if model:
-            learned.sync_models[(caller, callee, protocol)] = model
-        by_callee[(callee, protocol)].extend(rows)
-        by_protocol[protocol].extend(rows)
-    # a callee's skew is only known per edge; pooled models keep skew 0 and widen by the default
-    for key, rows in by_callee.items():
-        if (m := _model(rows, "callee")) is not None:
-            learned.callee_models[key] = m
-    for protocol, rows in by_protocol.items():
-        if (m := _model(rows, "protocol")) is not None:
-            learned.protocol_models[protocol] = m
-    all_sync = [r for rows in by_protocol.values() for r in rows]
-    learned.default_sync = _model(all_sync, "default") or GapModel(
-        0.0, math.log(2 * _NS_PER_MS), 1.5, config.default_skew_ms * _NS_PER_MS, 0, "default")  # fmt: skip
-    lags: dict[tuple, list] = defaultdict(list)
+    skew_ns = config.default_skew_ms * _NS_PER_MS
+    rows = con.execute(_SYNC_GAPS).fetchnumpy()
+    by_edge: dict[tuple, list[int]] = defaultdict(list)
+    for i, key in enumerate(zip(rows["caller"], rows["callee"], rows["protocol"])):
+        by_edge[key].append(i)
+    d1_all, d2_all = rows["d_start"].astype(float), rows["d_end"].astype(float)
+
+    def fit(idx: list[int], source: str) -> SyncModel | None:
+        return SyncModel.fit(d1_all[idx], d2_all[idx], source) if len(idx) >= _MIN_PAIRS else None
+
+    by_callee: dict[tuple, list[int]] = defaultdict(list)
+    by_protocol: dict[str, list[int]] = defaultdict(list)
+    for (caller, callee, protocol), idx in by_edge.items():
+        if (m := fit(idx, "edge")) is not None:
+            learned.sync_models[(caller, callee, protocol)] = m
+        by_callee[(callee, protocol)] += idx
+        by_protocol[protocol] += idx
+    for key, idx in by_callee.items():
+        if (m := fit(idx, "callee")) is not None:
+            learned.callee_models[key] = m.pooled(skew_ns, "callee")
+    for protocol, idx in by_protocol.items():
+        if (m := fit(idx, "protocol")) is not None:
+            learned.protocol_models[protocol] = m.pooled(skew_ns, "protocol")
+    everything = fit(list(range(len(d1_all))), "default")
+    learned.default_sync = everything.pooled(skew_ns, "default") if everything else SyncModel(
+        LogNormal(math.log(2 * _NS_PER_MS), 1.5), StudentT(0.0, skew_ns), 0, "default")  # fmt: skip
+
+    lags: dict[tuple, list[float]] = defaultdict(list)
     for caller, callee, lag in con.execute(_LAGS).fetchall():
-        lags[(caller, callee)].append((lag,))
-    for key, rows in lags.items():
-        if (m := _model(rows, "edge")) is not None:
-            learned.lag_models[key] = m
-    all_lags = [r for rows in lags.values() for r in rows]
-    learned.default_lag = _model(all_lags, "protocol") or GapModel(
-        0.0, math.log(100 * _NS_PER_MS), 2.0, config.default_max_lag_s * 1e9, 0, "default")  # fmt: skip
+        lags[(caller, callee)].append(lag)
+    for key, values in lags.items():
+        if len(values) >= _MIN_PAIRS:
+            learned.lag_models[key] = LagModel(LogNormal.fit(np.asarray(values, dtype=float)), len(values), "edge")
+    pooled = [v for values in lags.values() for v in values]
+    learned.default_lag = (
+        LagModel(LogNormal.fit(np.asarray(pooled, dtype=float)), len(pooled), "protocol").pooled("protocol")
+        if len(pooled) >= _MIN_PAIRS
+        else LagModel(LogNormal(math.log(100 * _NS_PER_MS), 2.0), 0, "default")
+    )

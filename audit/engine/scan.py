@@ -11,6 +11,20 @@ import duckdb
 
 from .config import AuditWindow
 
+# Where a span says it connects to. Older instrumentation names only the URL (`http.url`), and
+# `http.host` carries a port: both reduce to a host and a port so the two sides compare.
+_ADDRESS_MACROS = r"""
+CREATE OR REPLACE TEMP MACRO url_host(url) AS
+  nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)', 1), '');
+CREATE OR REPLACE TEMP MACRO peer_host(address, url) AS
+  regexp_replace(coalesce(address, url_host(url)), ':[0-9]+$', '');
+CREATE OR REPLACE TEMP MACRO peer_port(port, address, url) AS coalesce(
+  port,
+  try_cast(nullif(regexp_extract(address, '[^:]:([0-9]+)$', 1), '') AS INTEGER),
+  try_cast(nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*:([0-9]+)', 1), '') AS INTEGER),
+  CASE WHEN address IS NULL AND url ILIKE 'https://%' THEN 443 WHEN address IS NULL AND url ILIKE 'http://%' THEN 80 END);
+"""
+
 # The window's spans, slim: attributes stay in `spans` and are joined by rowid when needed.
 _WINDOW = """
 CREATE OR REPLACE TEMP TABLE w AS
@@ -49,7 +63,9 @@ SELECT e.rid, e.trace_id, e.span_id, e.parent_span_id IS NULL AS is_root, e.serv
        e.protocol, e.start_ns, e.end_ns, e.th,
        EXISTS (SELECT 1 FROM w c WHERE c.trace_id = e.trace_id AND c.parent_span_id = e.span_id)
          OR e.rid IN (SELECT exit_rid FROM hops WHERE via_link) AS continued,
-       s.server_address, s.server_port, s.peer_service, s.rpc_system, s.rpc_service, s.rpc_method,
+       peer_host(s.server_address, s.url_full) AS server_address,
+       peer_port(s.server_port, s.server_address, s.url_full) AS server_port,
+       s.peer_service, s.rpc_system, s.rpc_service, s.rpc_method,
        s.messaging_system, s.messaging_destination, s.messaging_message_id, s.messaging_partition,
        s.messaging_offset, s.db_system,
        nullif(regexp_extract(s.url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), '') AS url_path,
@@ -90,6 +106,7 @@ def scan(con: duckdb.DuckDBPyConnection, window: AuditWindow, progress=lambda st
     params = {"lo": window.read_from_ns, "hi": window.read_to_ns}
     inner = {"wlo": window.start_ns, "whi": window.end_ns}
     progress("reading the window")
+    con.execute(_ADDRESS_MACROS)
     con.execute(_WINDOW, params)
     progress("joining parents and children")
     con.execute(_HOPS)

@@ -11,7 +11,6 @@ never stored); the confidence is that choice's share of the orphan's probability
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import duckdb
@@ -66,39 +65,58 @@ def _keys(table: str, ident: str, extra: str) -> str:
 
 # An orphan with an exact message key (partition + offset, or message id) on a destination whose
 # producers record it too is decided by that key alone: no match means its producer was not stored.
-_PAIRS = f"""
-CREATE OR REPLACE TEMP TABLE cand_pairs AS
+_MATCHED = f"""
+CREATE OR REPLACE TEMP TABLE cand_matched AS
 WITH exact_dest AS (SELECT DISTINCT k_dest FROM cand_exits WHERE k_exact IS NOT NULL),
      ok AS (SELECT * FROM ({_keys("cand_orphans", "oid", "start_ns // $b AS bucket, k_exact, k_dest AS dest")})
             WHERE k_exact IS NULL OR dest NOT IN (SELECT k_dest FROM exact_dest WHERE k_dest IS NOT NULL)),
      ek AS (SELECT eid, key, rank, unnest(range(win_lo // $b, win_hi // $b + 1)) AS bucket
             FROM ({_keys("cand_exits", "eid", "win_lo, win_hi")})
-            WHERE key IN (SELECT key FROM ok)),
-     matched AS (
-       SELECT ok.oid, ek.eid, max(ek.rank) AS rank FROM ok JOIN ek ON ok.key = ek.key AND ok.bucket = ek.bucket
-       GROUP BY ALL
-       UNION ALL
-       SELECT o.oid, e.eid, {RANK_EXACT} FROM cand_orphans o JOIN cand_exits e ON o.k_exact = e.k_exact),
-     fit AS (
-       SELECT m.oid, m.eid, max(m.rank) AS rank FROM matched m
-       JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
-       WHERE (NOT e.instrumented OR e.target = o.service)
-         -- a key both sides record must agree (a path may lose a prefix at a gateway)
-         AND (o.k_path IS NULL OR e.k_path IS NULL OR o.k_path = e.k_path
-              OR ends_with(o.k_path, substr(e.k_path, 6)) OR ends_with(e.k_path, substr(o.k_path, 6)))
-         AND (o.k_rpc IS NULL OR e.k_rpc IS NULL OR o.k_rpc = e.k_rpc)
-         AND (o.k_dest IS NULL OR e.k_dest IS NULL OR o.k_dest = e.k_dest)
-         AND (e.protocol = o.protocol OR e.protocol = 'none' OR o.protocol = 'none')
-         AND ((o.kind = 'CONSUMER') = (e.protocol = 'messaging'))
-         AND (m.rank = {RANK_EXACT} OR o.start_ns::BIGINT BETWEEN e.win_lo AND e.win_hi)
-       GROUP BY ALL)
+            WHERE key IN (SELECT key FROM ok))
+SELECT ok.oid, ek.eid, max(ek.rank) AS rank FROM ok JOIN ek ON ok.key = ek.key AND ok.bucket = ek.bucket
+GROUP BY ALL
+UNION ALL
+SELECT o.oid, e.eid, {RANK_EXACT} FROM cand_orphans o JOIN cand_exits e ON o.k_exact = e.k_exact
+"""
+# Three steps on purpose: in one statement with the filter below, DuckDB's planner turns the
+# OR conditions into a join condition and runs 500x slower.
+_JOINED = """
+CREATE OR REPLACE TEMP TABLE cand_joined AS
+  SELECT m.oid, m.eid, m.rank, o.k_path AS o_path, e.k_path AS e_path, o.k_rpc AS o_rpc, e.k_rpc AS e_rpc,
+         o.k_dest AS o_dest, e.k_dest AS e_dest, e.instrumented, e.target, o.service,
+         e.protocol AS e_protocol, o.protocol AS o_protocol, o.kind, o.start_ns::BIGINT AS start_ns,
+         e.win_lo, e.win_hi
+  FROM cand_matched m JOIN cand_orphans o ON o.oid = m.oid JOIN cand_exits e ON e.eid = m.eid
+"""
+_PAIRS = f"""
+CREATE OR REPLACE TEMP TABLE cand_pairs AS
+WITH fit AS (
+  SELECT oid, eid, max(rank) AS rank FROM cand_joined
+  WHERE (NOT instrumented OR target = service)
+    -- a key both sides record must agree (a path may lose a prefix at a gateway)
+    AND (o_path IS NULL OR e_path IS NULL OR o_path = e_path
+         OR ends_with(o_path, substr(e_path, 6)) OR ends_with(e_path, substr(o_path, 6)))
+    AND (o_rpc IS NULL OR e_rpc IS NULL OR o_rpc = e_rpc)
+    AND (o_dest IS NULL OR e_dest IS NULL OR o_dest = e_dest)
+    AND (e_protocol = o_protocol OR e_protocol = 'none' OR o_protocol = 'none')
+    AND ((kind = 'CONSUMER') = (e_protocol = 'messaging'))
+    AND (rank = {RANK_EXACT} OR start_ns BETWEEN win_lo AND win_hi)
+  GROUP BY ALL)
 SELECT * FROM fit QUALIFY rank = max(rank) OVER (PARTITION BY oid)
 """
+# `path_odds`: how much a shared URL path says. Among the caller's exits with paths, the share
+# with this path is the chance that an unrelated exit matches it; a path with an id in it is
+# near proof, a fixed path ("/health") is none.
 _PAIR_ROWS = """
+WITH path_share AS (
+  SELECT k_path, service, count(*) AS n, sum(count(*)) OVER (PARTITION BY service) AS total
+  FROM cand_exits WHERE k_path IS NOT NULL GROUP BY k_path, service)
 SELECT p.oid, p.eid, p.rank, o.start_ns::BIGINT AS o_start, o.end_ns::BIGINT AS o_end,
        e.start_ns::BIGINT AS e_start, e.end_ns::BIGINT AS e_end, e.service AS caller, o.service AS callee,
-       e.protocol, coalesce(e.th, 0)::DOUBLE AS e_th
+       e.protocol, coalesce(e.th, 0)::DOUBLE AS e_th,
+       CASE WHEN p.rank = 3 THEN ln(ps.total / ps.n) ELSE 0.0 END AS path_odds
 FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
+LEFT JOIN path_share ps ON p.rank = 3 AND ps.k_path = e.k_path AND ps.service = e.service
 """
 
 
@@ -115,11 +133,13 @@ class Stitched:
 
 
 def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float) -> None:
-    tol = max([default_skew_ns] + [abs(m.skew_ns) + m.spread_ns for m in learned.sync_models.values()])
-    max_lag = max([learned.default_lag.spread_ns] + [m.spread_ns for m in learned.lag_models.values()])
+    tol = max([default_skew_ns] + [m.reach_ns() for m in learned.sync_models.values()])
+    max_lag = max([learned.default_lag.reach_ns()] + [m.reach_ns() for m in learned.lag_models.values()])
     con.execute(_CANDIDATE_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
     con.execute(_CANDIDATE_ORPHANS)
-    con.execute(_PAIRS, {"b": _BUCKET_NS})
+    con.execute(_MATCHED, {"b": _BUCKET_NS})
+    con.execute(_JOINED)
+    con.execute(_PAIRS)
 
 
 def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndarray) -> Stitched:
@@ -132,7 +152,7 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
         return Stitched(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     oid, eid, rank = cols["oid"].astype(np.int64), cols["eid"].astype(np.int64), cols["rank"]
     cost, null = _costs(cols, learned)
-    cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost)
+    cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols["path_odds"])
     # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
     p_stored = np.clip((_P56 - cols["e_th"]) / _P56, 1e-6, 1.0)
     return _assign(oid, eid, cost, null, p_stored)
@@ -150,14 +170,11 @@ def _costs(cols: dict, learned: Learned) -> tuple[np.ndarray, np.ndarray]:
         i = np.asarray(idx)
         if protocol == "messaging":
             m = learned.lag_model(caller, callee)
-            cost[i] = m.nll((cols["o_start"][i] - cols["e_end"][i]).astype(float))
-            null[i] = float(m.nll(math.exp(m.mu + 2.5 * m.sigma)))
+            cost[i] = m.nll(cols["o_start"][i] - cols["e_end"][i])
         else:
             m = learned.sync_model(caller, callee, protocol)
-            d1 = (cols["o_start"][i] - cols["e_start"][i]) - m.skew_ns
-            d2 = (cols["e_end"][i] - cols["o_end"][i]) + m.skew_ns
-            cost[i] = m.nll(d1.astype(float)) + m.nll(d2.astype(float))
-            null[i] = 2.0 * float(m.nll(math.exp(m.mu + 2.5 * m.sigma)))
+            cost[i] = m.nll(cols["o_start"][i] - cols["e_start"][i], cols["e_end"][i] - cols["o_end"][i])
+        null[i] = m.null()
     return cost, null
 
 
@@ -181,18 +198,34 @@ def _assign(oid, eid, cost, null, p_stored) -> Stitched:
     match = np.empty(n_o, dtype=np.int64)
     match[matched_rows] = matched_cols
 
-    # confidence: the chosen exit's share of the orphan's probability mass, leaving out exits
-    # that another orphan fits better and was given
     chosen = match[row] == col  # the pairs the assignment picked
+    confidence = _confidence(row, col, cost, null_cost, match, chosen, n_e)
+    return Stitched(orphans[row[chosen]], exits[col[chosen]], confidence[chosen])
+
+
+def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
+    """Per pair, for the chosen ones: how much likelier the assignment is than its nearest
+    alternatives, each one move away: the orphan takes no parent, takes a free candidate, or
+    swaps candidates with the orphan that holds one. A FIFO queue whose lag jitter exceeds the
+    gap between messages makes shifted assignments almost as likely: confidence stays low."""
     owner = np.full(n_e, -1)
     owner[col[chosen]] = row[chosen]
-    owner_cost = np.full(n_e, np.inf)
-    owner_cost[col[chosen]] = cost[chosen]
-    taken = (owner[col] >= 0) & (owner[col] != row) & (owner_cost[col] < cost)
-    base = np.full(n_o, np.inf)
-    np.minimum.at(base, row, cost)
-    base = np.minimum(base, null_cost)
-    mass = np.exp(-(null_cost - base))
-    np.add.at(mass, row[~taken], np.exp(-(cost[~taken] - base[row[~taken]])))
-    confidence = np.exp(-(cost[chosen] - base[row[chosen]])) / mass[row[chosen]]
-    return Stitched(orphans[row[chosen]], exits[col[chosen]], np.minimum(confidence, 1.0))
+    chosen_cost = np.full(len(null_cost), np.inf)
+    chosen_cost[row[chosen]] = cost[chosen]
+    mine = chosen_cost[row]  # the cost of this pair's orphan's own choice
+    # the pair (m, j): the holder m of this candidate taking the orphan's current exit j instead
+    pair_key = row.astype(np.int64) * n_e + col
+    order = np.argsort(pair_key)
+    holder = owner[col]
+    j = np.where(match[row] < n_e, match[row], 0)
+    swap_key = np.where(holder >= 0, holder, 0).astype(np.int64) * n_e + j
+    at = np.clip(np.searchsorted(pair_key[order], swap_key), 0, len(order) - 1)
+    found = pair_key[order][at] == swap_key
+    holder_takes_j = np.where(found & (match[row] < n_e), cost[order][at], np.inf)
+    holder_now = np.where(holder >= 0, chosen_cost[np.maximum(holder, 0)], 0.0)
+    holder_alt = np.minimum(holder_takes_j, null_cost[np.maximum(holder, 0)])
+    delta = np.where(holder >= 0, cost - mine + holder_alt - holder_now, cost - mine)
+    alternatives = np.where(chosen, 0.0, np.exp(-np.clip(delta, -50.0, 50.0)))
+    mass = np.ones(len(null_cost)) + np.exp(-np.clip(null_cost - chosen_cost, -50.0, 50.0))
+    np.add.at(mass, row, alternatives)
+    return 1.0 / mass[row]
