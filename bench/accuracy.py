@@ -24,17 +24,11 @@ import duckdb
 from audit.engine import AuditWindow, run_audit
 from audit.scenarios.model import load_scenario
 from audit.scenarios.output import read_truth
-from audit.scenarios.score import score
+from audit.scenarios.score import exit_peers, score
 from audit.scenarios.simulate import Simulator
 from audit.store.writer import SpanStore, SpanWriter
 from collector_ext.ingest import decode_batch
 
-# exits to a peer without spans (a database, an external host): their truth is in-process only
-_PEERS = """
-SELECT trace_id, span_id, server_address FROM spans
-WHERE kind IN ('CLIENT', 'PRODUCER') AND protocol <> 'messaging' AND server_address IS NOT NULL
-  AND server_address NOT LIKE '%.svc.cluster.local' AND server_address NOT IN ('127.0.0.1', 'localhost')
-"""
 # calls in flight on each edge with orphans: for each stored exit, the stored exits of the same
 # caller and target overlapping its start, scaled up by the caller's sampling probability
 _IN_FLIGHT = """
@@ -47,10 +41,6 @@ SELECT s.caller, s.target, avg(n / s.p) FROM (
                                     AND e.start_ns <= s.start_ns AND e.end_ns >= s.start_ns) AS n
   FROM s) s GROUP BY ALL ORDER BY 3 DESC
 """
-
-
-def _hex_rows(con, sql) -> dict[tuple[str, str], str]:
-    return {(f"{int(t):032x}", f"{int(s):016x}"): a for t, s, a in con.execute(sql).fetchall()}
 
 
 def simulate_into(path: str, scenario, seed: int) -> list[dict]:
@@ -68,7 +58,7 @@ def audit_and_score(path: str, truth: list[dict]) -> tuple[dict, dict, list]:
     con = duckdb.connect(path)
     lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
     result = run_audit(con, AuditWindow(lo, hi)).to_dict()
-    peers = _hex_rows(con, _PEERS)
+    peers = exit_peers(con)
     in_flight = con.execute(_IN_FLIGHT).fetchall()
     con.close()
     return result, score(truth, result, peers).summary(), in_flight

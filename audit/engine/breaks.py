@@ -25,11 +25,20 @@ SELECT r.rid AS break_rid, s.rid AS parent_rid, s.trace_id AS parent_trace, s.sp
 FROM r JOIN s ON r.service = s.service AND (r.start_ns // $b)::BIGINT = s.bucket
 WHERE r.start_ns BETWEEN s.start_ns AND s.end_ns AND r.trace_id <> s.trace_id
 """
-# an operation whose roots mostly start outside any request is a job of its own, not a break
 _BREAK_OPS = """
-SELECT r.service, r.name, count(DISTINCT r.rid) AS roots, count(DISTINCT p.break_rid) AS during_requests
+SELECT r.service, r.name, mode(r.kind), count(DISTINCT r.rid) AS roots, count(DISTINCT p.break_rid) AS during
 FROM roots r LEFT JOIN break_pairs p ON p.break_rid = r.rid
-WHERE r.kind NOT IN ('SERVER', 'CONSUMER') GROUP BY ALL
+WHERE r.kind NOT IN ('SERVER', 'CONSUMER') GROUP BY r.service, r.name
+"""
+# the share of the window during which a service has a stored request in flight, from 1000
+# evenly spaced instants: what "starts during a request" would be by chance alone
+_DUTY = """
+WITH pts AS (SELECT $wlo + i * (($whi - $wlo) // 1000) AS t FROM range(1000) r(i)),
+     s AS (SELECT service, start_ns, end_ns, unnest(range((start_ns // $b)::BIGINT, (end_ns // $b)::BIGINT + 1)) AS bucket
+           FROM w WHERE kind IN ('SERVER', 'CONSUMER') AND end_ns >= start_ns AND end_ns - start_ns < 3600000000000
+             AND service IN (SELECT service FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')))
+SELECT service, count(DISTINCT pts.t) / 1000.0 FROM pts JOIN s ON (pts.t // $b)::BIGINT = s.bucket
+WHERE pts.t BETWEEN s.start_ns AND s.end_ns GROUP BY service
 """
 _GAPS = """
 WITH ev AS (
@@ -43,10 +52,23 @@ FROM break_pairs p ASOF JOIN ev ON ev.trace_id = p.parent_trace AND ev.service =
 """
 
 
-def find_break_candidates(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, int, int]]:
-    """Build break_pairs; return (service, span name, roots, roots during requests) per operation."""
+def break_operations(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> tuple[list, list]:
+    """Build break_pairs; split the root operations that are not calls into (breaks, jobs).
+
+    An operation is a break when its roots start during a stored request of their service more
+    often than chance (the service's duty cycle) explains: the request handed it work. Where
+    requests are always in flight, timing cannot tell, and a root exit (CLIENT, PRODUCER) is
+    taken for a break while a root INTERNAL span is taken for a job (cron, poller)."""
     con.execute(_ENCLOSING, {"b": _BUCKET_NS})
-    return con.execute(_BREAK_OPS).fetchall()
+    duty = dict(con.execute(_DUTY, {"b": _BUCKET_NS, "wlo": start_ns, "whi": end_ns}).fetchall())
+    breaks, jobs = [], []
+    for service, name, kind, roots, during in con.execute(_BREAK_OPS).fetchall():
+        d = duty.get(service, 0.0)
+        excess = during / roots - d
+        correlated = during >= 2 and excess >= max(0.1, 3 * (d * (1 - d) / roots) ** 0.5)
+        busy_exit = d >= 0.9 and kind in ("CLIENT", "PRODUCER") and during / roots >= 0.9
+        (breaks if correlated or busy_exit else jobs).append((service, name))
+    return breaks, jobs
 
 
 def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:

@@ -10,9 +10,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .breaks import find_break_candidates, stitch_breaks
+from .breaks import break_operations, stitch_breaks
 from .causes import CAUSES
-from .config import AuditConfig
+from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
 
@@ -127,8 +127,9 @@ def _table(con: duckdb.DuckDBPyConnection, name: str, data: dict) -> None:
 
 
 class FindingBuilder:
-    def __init__(self, con: duckdb.DuckDBPyConnection, learned: Learned, config: AuditConfig, progress):
-        self.con, self.learned, self.config, self.progress = con, learned, config, progress
+    def __init__(self, con: duckdb.DuckDBPyConnection, window: AuditWindow, learned: Learned, config: AuditConfig,
+                 progress):  # fmt: skip
+        self.con, self.window, self.learned, self.config, self.progress = con, window, learned, config, progress
         self.entrypoints: list[str] = []
 
     def build(self) -> None:
@@ -201,12 +202,9 @@ class FindingBuilder:
 
     def _breaks(self) -> None:
         con = self.con
-        break_ops = []
-        for service, name, roots, during in find_break_candidates(con):
-            if during > 0.5 * roots and not self.config.is_configured_entry(service, name):
-                break_ops.append((service, name))
-            else:
-                self.entrypoints.append(f"{service}:{name}")
+        found, jobs = break_operations(con, self.window.start_ns, self.window.end_ns)
+        break_ops = [(s, n) for s, n in found if not self.config.is_configured_entry(s, n)]
+        self.entrypoints += [f"{s}:{n}" for s, n in jobs + [op for op in found if op not in break_ops]]
         _table(con, "break_ops", {"service": pa.array([s for s, _ in break_ops], pa.string()),
                                   "name": pa.array([n for _, n in break_ops], pa.string())})  # fmt: skip
         _table(con, "break_parents", stitch_breaks(con))

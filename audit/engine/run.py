@@ -27,7 +27,7 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     progress("learning addresses and timing from propagated calls")
     learned = learn(con, window, config)
     resolve_exits(con, learned)
-    builder = FindingBuilder(con, learned, config, progress)
+    builder = FindingBuilder(con, window, learned, config, progress)
     builder.build()
     progress("counting edges")
     edges = build_edges(con)

@@ -120,6 +120,20 @@ def score(truth: Iterable[dict], result: dict, exit_peers: dict[tuple[str, str],
     return Score(detection, dict(stitching), _edges(spans, result, exit_peers or {}), causes)
 
 
+# Exits to peers without spans (databases, external hosts) in a store written by the simulator or
+# the fleet: there, instrumented services live at *.svc.cluster.local or on loopback.
+_PEERS = """
+SELECT lpad(lower(hex(trace_id)), 32, '0'), lpad(lower(hex(span_id)), 16, '0'), server_address FROM spans
+WHERE kind IN ('CLIENT', 'PRODUCER') AND protocol <> 'messaging' AND server_address IS NOT NULL
+  AND server_address NOT LIKE '%.svc.cluster.local' AND server_address NOT IN ('127.0.0.1', 'localhost')
+"""
+
+
+def exit_peers(con) -> dict[tuple[str, str], str]:
+    """(trace_id, span_id) -> peer address, for `score(exit_peers=...)`; `con` is a DuckDB connection."""
+    return {(t, s): a for t, s, a in con.execute(_PEERS).fetchall()}
+
+
 def _strip_port(name: str) -> str:
     host, _, port = name.rpartition(":")
     return host if port.isdigit() and host else name

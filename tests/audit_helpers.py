@@ -1,0 +1,42 @@
+"""Build real store files for audit tests: simulated scenarios (through the CLI) and hand-made spans."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from audit.cli import main
+from audit.engine import AuditWindow, run_audit
+from audit.scenarios.output import read_truth
+from audit.store.writer import SpanStore, SpanWriter
+from collector_ext.ingest import decode_batch
+
+
+def simulated_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> tuple[str, list[dict]]:
+    db, truth = str(tmp_path / f"{scenario}.duckdb"), str(tmp_path / f"{scenario}-truth.jsonl")
+    result = CliRunner().invoke(main, ["simulate", "--scenario", scenario, "--db", db, "--truth", truth,
+                                       "--seed", str(seed)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return db, list(read_truth(truth))
+
+
+def store_requests(path: str, requests) -> str:
+    """Append export requests to a store file the way the receivers would."""
+    writer = SpanWriter(SpanStore(path))
+    for r in requests:
+        body = r.SerializeToString()
+        writer.submit(decode_batch(body, "application/x-protobuf", False, len(body))).result()
+    writer.close()
+    return path
+
+
+def audit_all(path: str, **config):
+    """Audit a whole store file in one window."""
+    import duckdb
+
+    from audit.engine import AuditConfig
+
+    con = duckdb.connect(path, read_only=True)
+    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
+    result = run_audit(con, AuditWindow(lo, hi), AuditConfig(**config))
+    con.close()
+    return result
