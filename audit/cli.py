@@ -264,8 +264,9 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
     except StoreError as e:
         _fail(str(e))
     if result is None:
-        click.echo("audit: nothing new to audit (no spans since the last run, or none settled yet); "
-                   "use --all or --since to audit again", err=True)  # fmt: skip
+        click.echo("audit: nothing new to audit: no spans since the last run, or none older than the settle "
+                   "delay (--settle). Use --all or --since to audit again, or --settle 0 if no more spans "
+                   "will arrive.", err=True)  # fmt: skip
         if as_json:
             click.echo(json.dumps({"schema_version": 1, "run": None, "findings": [], "edges": []}))
         return
