@@ -36,16 +36,20 @@ WITH base AS (
   LEFT JOIN (SELECT oid, count(*) AS candidates FROM cand_pairs GROUP BY oid) n USING (oid)
   LEFT JOIN (SELECT * FROM stitched WHERE confidence >= $min_confidence) p USING (oid)
   LEFT JOIN cand_exits e ON e.eid = p.eid),
--- an orphan without a named parent takes its operation's usual caller and protocol
+-- an orphan without a named parent takes its operation's usual caller and protocol: from the
+-- parents named for it, else from the candidates considered (e.g. a topic's producers)
 usual AS (
   SELECT service, name, mode(parent_service) AS caller, mode(parent_protocol) AS protocol,
          avg(CASE WHEN parent_instrumented THEN 0.0 ELSE 1.0 END) AS via_unknown_address
-  FROM base WHERE parent_service IS NOT NULL GROUP BY ALL)
-SELECT b.*, coalesce(b.parent_service, u.caller) AS caller,
-       CASE WHEN b.own_protocol = 'none' THEN coalesce(b.parent_protocol, u.protocol, 'none')
+  FROM base WHERE parent_service IS NOT NULL GROUP BY ALL),
+considered AS (
+  SELECT o.service, o.name, mode(e.service) AS caller, mode(e.protocol) AS protocol
+  FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid) GROUP BY ALL)
+SELECT b.*, coalesce(b.parent_service, u.caller, c.caller) AS caller,
+       CASE WHEN b.own_protocol = 'none' THEN coalesce(b.parent_protocol, u.protocol, c.protocol, 'none')
             ELSE b.own_protocol END AS protocol,
        coalesce(u.via_unknown_address, 0.0) > 0.5 AS via_unknown_address
-FROM base b LEFT JOIN usual u USING (service, name)
+FROM base b LEFT JOIN usual u USING (service, name) LEFT JOIN considered c USING (service, name)
 """
 _ORPHAN_GROUPS = """
 SELECT DISTINCT service, name, protocol, caller, destination, via_unknown_address FROM orphan_rows
