@@ -398,23 +398,24 @@ class _DbSink:
 @click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True, help="How long to drive load.")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=10, show_default=True, help="Requests/s to the frontend.")
 def demo(db: str, truth: str, seconds: float, rate: float) -> None:
-    """Run `ctxaudit serve` and the demo fleet against it, then summarise what was stored."""
+    """Run `ctxaudit serve` and the demo fleet against it, then audit what was stored."""
+    from .audit_job import AuditSettings, audit_store, summary_lines
     from .demo import run_demo
-    from .store.reader import LocalReader
 
     try:
         run_demo(db, truth, seconds, rate)
-        reader = LocalReader(db)
-        summary = reader.protocol_summary()
-        reader.close()
+        # serve has stopped and drained: every span is in, nothing needs to settle
+        result = audit_store(db, AuditSettings.load(None, settle_s=0),
+                             progress=lambda step: click.echo(f"audit: {step}", err=True))  # fmt: skip
     except (StoreError, RuntimeError) as e:
         _fail(str(e))
+    click.echo("")
     ctx = click.get_current_context()
     ctx.invoke(stats, db=db, as_json=False)
-    click.echo("\nper service and protocol (roots: spans without a parent in their trace)")
-    for row in summary:
-        click.echo(f"  {row['service']:<16} {row['protocol']:<10} {row['kind']:<9} "
-                   f"{row['spans']:>7} spans {row['roots']:>6} roots")  # fmt: skip
+    click.echo("")
+    for line in summary_lines(result) if result else ["audit: no spans were stored"]:
+        click.echo(line)
+    click.echo(f"\nnext: ctxaudit audit --db {db} --all --json | less;  ctxaudit graph --db {db} --format dot")
 
 
 if __name__ == "__main__":
