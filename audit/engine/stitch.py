@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
 from .learn import Learned
 
@@ -189,18 +190,60 @@ def _assign(oid, eid, cost, null, p_stored) -> Stitched:
     p_row = np.zeros(n_o)
     np.maximum.at(p_row, row, p_stored)
     null_cost = null_row - np.log((1.0 - p_row) / p_row + 1e-9).clip(min=0.0)
-    shift = min(cost.min(), null_cost.min()) - 1.0  # the matcher wants positive weights
-    rows = np.concatenate([row, np.arange(n_o)])
-    cols = np.concatenate([col, n_e + np.arange(n_o)])
-    weights = np.concatenate([cost, null_cost]) - shift
-    graph = csr_matrix((weights, (rows, cols)), shape=(n_o, n_e + n_o))
-    matched_rows, matched_cols = min_weight_full_bipartite_matching(graph)
-    match = np.empty(n_o, dtype=np.int64)
-    match[matched_rows] = matched_cols
+    match = _solve(row, col, cost, null_cost, n_o, n_e)
 
     chosen = match[row] == col  # the pairs the assignment picked
     confidence = _confidence(row, col, cost, null_cost, match, chosen, n_e)
     return Stitched(orphans[row[chosen]], exits[col[chosen]], confidence[chosen])
+
+
+_DENSE_LIMIT = 1500  # orphans in one ambiguous group solved densely; beyond, the sparse solver
+
+
+def _solve(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
+    """The minimum-cost assignment: per orphan, the exit it takes, or n_e + itself for none.
+
+    Solved per connected group of orphans and exits that share candidates: most orphans have
+    their candidates to themselves, and one global sparse problem is 50x slower than many
+    small dense ones."""
+    graph = csr_matrix((np.ones(len(row)), (row, n_o + col)), shape=(n_o + n_e, n_o + n_e))
+    _, label = connected_components(graph, directed=False)
+    group = label[row]  # per pair
+    match = n_e + np.arange(n_o)  # "no parent" unless a cheaper exit is taken
+    # orphans alone in their group: the cheapest of their own options
+    orphans_in_group = np.bincount(label[:n_o], minlength=label.max() + 1)
+    alone = orphans_in_group[group] == 1
+    best = np.full(n_o, np.inf)
+    np.minimum.at(best, row[alone], cost[alone])
+    pick = alone & (cost == best[row]) & (cost < null_cost[row])
+    match[row[pick]] = col[pick]
+    # the shared groups: one small dense assignment each
+    shared = np.nonzero(~alone)[0]
+    if len(shared):
+        order = shared[np.argsort(group[shared], kind="stable")]
+        bounds = np.r_[0, np.nonzero(np.diff(group[order]))[0] + 1, len(order)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            idx = order[a:b]
+            _solve_group(row[idx], col[idx], cost[idx], null_cost, n_e, match)
+    return match
+
+
+def _solve_group(row, col, cost, null_cost, n_e: int, match: np.ndarray) -> None:
+    rows, r = np.unique(row, return_inverse=True)
+    cols, c = np.unique(col, return_inverse=True)
+    k, m = len(rows), len(cols)
+    if k > _DENSE_LIMIT:
+        shift = min(cost.min(), null_cost[rows].min()) - 1.0  # the sparse solver wants positive weights
+        weights = np.concatenate([cost, null_cost[rows]]) - shift
+        g = csr_matrix((weights, (np.r_[r, np.arange(k)], np.r_[c, m + np.arange(k)])), shape=(k, m + k))
+        got_rows, got_cols = min_weight_full_bipartite_matching(g)
+    else:
+        dense = np.full((k, m + k), 1e12)
+        dense[r, c] = cost
+        dense[np.arange(k), m + np.arange(k)] = null_cost[rows]
+        got_rows, got_cols = linear_sum_assignment(dense)
+    took = got_cols < m
+    match[rows[got_rows[took]]] = cols[got_cols[took]]
 
 
 def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
