@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import duckdb
 import numpy as np
-from scipy.sparse import csr_matrix
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
 from .learn import Learned
