@@ -10,7 +10,9 @@ import numpy as np
 
 _BUCKET_NS = 1_000_000_000
 _P56 = float(1 << 56)
-GAP_SCALE_NS = 20_000.0  # an executor hands work over within tens of µs of the previous step
+# how soon after a handler's previous step its pool starts the work: learned per run as the
+# lower quartile of every break's nearest gap (true hand-offs are the short ones), within these
+HANDOFF_NS = (5_000.0, 2_000_000.0)
 
 _ENCLOSING = """
 CREATE OR REPLACE TEMP TABLE break_pairs AS
@@ -46,9 +48,12 @@ WITH ev AS (
   UNION ALL
   SELECT trace_id, service, start_ns::BIGINT FROM w WHERE kind IN ('SERVER', 'CONSUMER')
     AND service IN (SELECT DISTINCT service FROM break_pairs))
-SELECT p.break_rid, p.parent_rid, p.start_ns::BIGINT - ev.t AS gap, p.parent_duration, p.parent_th
+SELECT p.break_rid, p.parent_rid, p.start_ns::BIGINT - ev.t AS gap, p.parent_duration, p.parent_th,
+       n.events
 FROM break_pairs p ASOF JOIN ev ON ev.trace_id = p.parent_trace AND ev.service = p.service
   AND ev.t <= p.start_ns::BIGINT
+JOIN (SELECT trace_id, service, count(*) AS events FROM ev GROUP BY ALL) n
+  ON n.trace_id = p.parent_trace AND n.service = p.service
 """
 
 
@@ -83,13 +88,19 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
                 "candidates": np.zeros(0, np.int64)}  # fmt: skip
     brk, parent = cols["break_rid"].astype(np.int64), cols["parent_rid"].astype(np.int64)
     gap = np.maximum(cols["gap"].astype(float), 0.0)
+    nearest = np.full(int(brk.max()) + 1, np.inf)
+    np.minimum.at(nearest, brk, gap)
+    scale = float(np.clip(np.percentile(nearest[np.isfinite(nearest)], 25), *HANDOFF_NS))
     p_stored = np.clip((_P56 - cols["parent_th"]) / _P56, 1e-6, 1.0)
-    weight = np.exp(-gap / GAP_SCALE_NS) / GAP_SCALE_NS
-    null = (1.0 - p_stored) / p_stored / np.maximum(cols["parent_duration"].astype(float), GAP_SCALE_NS)
+    weight = np.exp(-gap / scale) / scale
+    # "none of these": the real request was not sampled, and some candidate's event fell near the
+    # root's start by chance; each candidate contributes its rate of events
+    rate = cols["events"].astype(float) / np.maximum(cols["parent_duration"].astype(float), scale)
+    null = (1.0 - p_stored) / p_stored * rate
     order = np.lexsort((-weight, brk))
     brk, parent, weight, null = brk[order], parent[order], weight[order], null[order]
     starts = np.r_[0, np.nonzero(np.diff(brk))[0] + 1]  # each break's candidates, best first
     counts = np.diff(np.r_[starts, len(brk)])
-    total = np.add.reduceat(weight, starts) + np.add.reduceat(null, starts) / counts
+    total = np.add.reduceat(weight, starts) + np.add.reduceat(null, starts)
     confidence = weight[starts] / total
     return {"rid": brk[starts], "parent_rid": parent[starts], "confidence": confidence, "candidates": counts}

@@ -25,6 +25,7 @@ from ..store.otlp_values import to_key_value
 from .model import Call, Latency, Scenario
 
 _MS = 1_000_000
+_HANDOFF = Latency(median=0.05, p99=0.5)  # a thread pool's hand-off, in ms
 _P56 = 1 << 56
 SERVER, CLIENT, PRODUCER, CONSUMER, INTERNAL = (
     Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT, Span.SPAN_KIND_PRODUCER, Span.SPAN_KIND_CONSUMER,
@@ -165,7 +166,9 @@ class Simulator:
         hop = f"{caller.service}->{call.to}"
         exit_kind = PRODUCER if call.protocol == "kafka" else CLIENT
         if dropped and call.drop.where == "thread_pool":
-            # the work ran on a pool thread without the caller's context: the exit is a root
+            # the work ran on a pool thread without the caller's context: the exit is a root,
+            # started after the pool's hand-off delay
+            t += int(self._ms(_HANDOFF) * _MS)
             client = self._new_span(caller.service, "", exit_kind, t, None, remote=False)
             client.true_parent, client.cause, client.hop, client.protocol = caller, call.drop.cause, hop, call.protocol
             dropped = False  # the wire itself propagates the (new) context
