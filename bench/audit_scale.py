@@ -66,6 +66,7 @@ def build(db: str, spans: int) -> None:
 
     SpanStore(db).close()  # the schema
     con = duckdb.connect(db)
+    con.execute("SET enable_progress_bar = false")
     for i, p in enumerate(paths):
         con.execute(f"ATTACH '{p}' AS part{i} (READ_ONLY)")
         con.execute(f"INSERT INTO spans SELECT * FROM part{i}.spans ORDER BY start_ns")

@@ -115,6 +115,7 @@ WITH path_share AS (
 SELECT p.oid, p.eid, p.rank, o.start_ns::BIGINT AS o_start, o.end_ns::BIGINT AS o_end,
        e.start_ns::BIGINT AS e_start, e.end_ns::BIGINT AS e_end, e.service AS caller, o.service AS callee,
        e.protocol, coalesce(e.th, 0)::DOUBLE AS e_th,
+       dense_rank() OVER (ORDER BY e.service, o.service, e.protocol) AS edge,
        CASE WHEN p.rank = 3 THEN ln(ps.total / ps.n) ELSE 0.0 END AS path_odds
 FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
 LEFT JOIN path_share ps ON p.rank = 3 AND ps.k_path = e.k_path AND ps.service = e.service
@@ -159,16 +160,19 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
     return _assign(oid, eid, cost, null, p_stored)
 
 
+_BORROWED = 0.5  # likelihoods from a model borrowed from other edges count for half: they only hint
+
+
 def _costs(cols: dict, learned: Learned) -> tuple[np.ndarray, np.ndarray]:
     """Per pair: the negative log-likelihood of its timing under its edge's model, and what a
     candidate at the edge of plausibility would cost on that edge (the "no parent" price)."""
-    n = len(cols["oid"])
-    cost, null = np.empty(n), np.empty(n)
-    groups: dict[tuple, list[int]] = {}
-    for i, key in enumerate(zip(cols["caller"], cols["callee"], cols["protocol"])):
-        groups.setdefault(key, []).append(i)
-    for (caller, callee, protocol), idx in groups.items():
-        i = np.asarray(idx)
+    cost, null = np.empty(len(cols["oid"])), np.empty(len(cols["oid"]))
+    groups, first = np.unique(cols["edge"], return_index=True)
+    order = np.argsort(cols["edge"], kind="stable")
+    bounds = np.searchsorted(cols["edge"][order], groups)
+    for g, f, a, b in zip(groups, first, bounds, np.r_[bounds[1:], len(order)]):
+        i = order[a:b]
+        caller, callee, protocol = cols["caller"][f], cols["callee"][f], cols["protocol"][f]
         if protocol == "messaging":
             m = learned.lag_model(caller, callee)
             cost[i] = m.nll(cols["o_start"][i] - cols["e_end"][i])
@@ -176,6 +180,9 @@ def _costs(cols: dict, learned: Learned) -> tuple[np.ndarray, np.ndarray]:
             m = learned.sync_model(caller, callee, protocol)
             cost[i] = m.nll(cols["o_start"][i] - cols["e_start"][i], cols["e_end"][i] - cols["o_end"][i])
         null[i] = m.null()
+        if m.source != "edge":
+            cost[i] *= _BORROWED
+            null[i] *= _BORROWED
     return cost, null
 
 
@@ -248,8 +255,8 @@ def _solve_group(row, col, cost, null_cost, n_e: int, match: np.ndarray) -> None
 
 def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
     """Per pair, for the chosen ones: how much likelier the assignment is than its nearest
-    alternatives, each one move away: the orphan takes no parent, takes a free candidate, or
-    swaps candidates with the orphan that holds one. A FIFO queue whose lag jitter exceeds the
+    alternatives, each one or two moves away: the orphan takes no parent (and another orphan
+    takes its exit), takes a free candidate, or swaps candidates with the orphan that holds one. A FIFO queue whose lag jitter exceeds the
     gap between messages makes shifted assignments almost as likely: confidence stays low."""
     owner = np.full(n_e, -1)
     owner[col[chosen]] = row[chosen]
@@ -269,6 +276,16 @@ def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
     holder_alt = np.minimum(holder_takes_j, null_cost[np.maximum(holder, 0)])
     delta = np.where(holder >= 0, cost - mine + holder_alt - holder_now, cost - mine)
     alternatives = np.where(chosen, 0.0, np.exp(-np.clip(delta, -50.0, 50.0)))
-    mass = np.ones(len(null_cost)) + np.exp(-np.clip(null_cost - chosen_cost, -50.0, 50.0))
+    # the orphan gives its exit up (no parent) and the orphan that gains most by taking that
+    # exit does: what an orphan whose parent was never sampled competes with
+    current = np.where(np.isfinite(chosen_cost), chosen_cost, null_cost)
+    gain = np.where(chosen, np.inf, cost - current[row])  # (m, j): m moves to j
+    best_gain = np.full(n_e, np.inf)
+    np.minimum.at(best_gain, col, gain)
+    taken = match < n_e
+    release = np.full(len(null_cost), np.inf)
+    release[taken] = null_cost[taken] - chosen_cost[taken] + best_gain[match[taken]]
+    mass = (np.ones(len(null_cost)) + np.exp(-np.clip(null_cost - chosen_cost, -50.0, 50.0))
+            + np.exp(-np.clip(release, -50.0, 50.0)))  # fmt: skip
     np.add.at(mass, row, alternatives)
     return 1.0 / mass[row]
