@@ -55,7 +55,7 @@ _ORPHAN_GROUPS = """
 SELECT DISTINCT service, name, protocol, caller, destination, via_unknown_address FROM orphan_rows
 """
 _CONTINUING_CONSUMERS = """
-SELECT DISTINCT s.messaging_destination, h.callee FROM hops h JOIN spans s ON s.rowid = h.entry_rid
+SELECT DISTINCT c.destination, h.callee FROM hops h JOIN w c ON c.rid = h.entry_rid
 WHERE h.protocol = 'messaging'
 """
 _NOT_PARENT_BASED = """
@@ -79,7 +79,7 @@ FROM orphan_rows o
 JOIN orphan_causes g ON g.service = o.service AND g.name = o.name AND g.protocol = o.protocol
   AND g.caller IS NOT DISTINCT FROM o.caller AND g.destination IS NOT DISTINCT FROM o.destination
   AND g.via_unknown_address = o.via_unknown_address
-JOIN spans s ON s.rowid = o.rid
+JOIN roots s ON s.rid = o.rid
 UNION ALL
 SELECT 'in_process_break', {_HEX_TRACE.format("r.trace_id")}, {_HEX_SPAN.format("r.span_id")}, r.service, r.name,
        r.kind, r.start_ns, r.protocol, coalesce(r.messaging_system, r.rpc_system, r.db_system), r.service,

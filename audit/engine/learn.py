@@ -31,10 +31,9 @@ SELECT caller, callee, lag FROM (
   FROM hops WHERE protocol = 'messaging') WHERE i <= 5000
 """
 _PROPAGATED_ADDRESSES = """
-SELECT peer_host(s.server_address, s.url_full) AS host, peer_port(s.server_port, s.server_address, s.url_full), h.callee,
-       count(*)
-FROM hops h JOIN spans s ON s.rowid = h.exit_rid
-WHERE NOT h.via_link AND host IS NOT NULL GROUP BY ALL
+SELECT e.server_address, e.server_port, h.callee, count(*)
+FROM hops h JOIN exits e ON e.rid = h.exit_rid
+WHERE NOT h.via_link AND e.server_address IS NOT NULL GROUP BY ALL
 """
 _SELF_ADDRESSES = """
 SELECT peer_host(server_address, url_full) AS host, peer_port(server_port, server_address, url_full), service_name,

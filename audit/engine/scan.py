@@ -30,7 +30,8 @@ _WINDOW = """
 CREATE OR REPLACE TEMP TABLE w AS
 SELECT DISTINCT ON (trace_id, span_id)
        trace_id, span_id, parent_span_id, start_ns, end_ns, service_name AS service, kind, name,
-       protocol, link_count, sampling_threshold AS th, rowid AS rid
+       protocol, link_count, sampling_threshold AS th, rowid AS rid,
+       CASE WHEN kind = 'CONSUMER' THEN messaging_destination END AS destination
 FROM spans
 WHERE start_ns BETWEEN $lo AND $hi
 """
@@ -59,36 +60,39 @@ WHERE p.kind = 'PRODUCER' AND c.kind = 'CONSUMER'
 # stitching candidates for orphans at its start; only those inside it are counted.
 _EXITS = """
 CREATE OR REPLACE TEMP TABLE exits AS
-SELECT e.rid, e.trace_id, e.span_id, e.parent_span_id IS NULL AS is_root, e.service, e.kind, e.name,
-       e.protocol, e.start_ns, e.end_ns, e.th,
+SELECT e.*,
        EXISTS (SELECT 1 FROM w c WHERE c.trace_id = e.trace_id AND c.parent_span_id = e.span_id)
-         OR e.rid IN (SELECT exit_rid FROM hops WHERE via_link) AS continued,
-       peer_host(s.server_address, s.url_full) AS server_address,
-       peer_port(s.server_port, s.server_address, s.url_full) AS server_port,
-       s.peer_service, s.rpc_system, s.rpc_service, s.rpc_method,
-       s.messaging_system, s.messaging_destination, s.messaging_message_id, s.messaging_partition,
-       s.messaging_offset, s.db_system,
-       nullif(regexp_extract(s.url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), '') AS url_path,
-       e.start_ns >= $wlo AND e.start_ns < $whi AS in_window
-FROM w e JOIN spans s ON s.rowid = e.rid
-WHERE e.kind IN ('CLIENT', 'PRODUCER') AND e.start_ns < $whi
+         OR e.rid IN (SELECT exit_rid FROM hops WHERE via_link) AS continued
+FROM (
+  SELECT DISTINCT ON (trace_id, span_id)
+         rowid AS rid, trace_id, span_id, parent_span_id IS NULL AS is_root, service_name AS service, kind, name,
+         protocol, start_ns, end_ns, sampling_threshold AS th,
+         peer_host(server_address, url_full) AS server_address,
+         peer_port(server_port, server_address, url_full) AS server_port,
+         peer_service, rpc_system, rpc_service, rpc_method, messaging_system, messaging_destination,
+         messaging_message_id, messaging_partition, messaging_offset, db_system,
+         nullif(regexp_extract(url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), '') AS url_path,
+         start_ns >= $wlo AS in_window
+  FROM spans WHERE start_ns >= $lo AND start_ns < $whi AND kind IN ('CLIENT', 'PRODUCER')) e
 """
 
 # Roots in the finding window. `linked`: the root, or a direct child of it, links to another
 # span (the official Kafka consumer instrumentation puts the link on `process`, under `recv`).
 _ROOTS = """
 CREATE OR REPLACE TEMP TABLE roots AS
-SELECT r.rid, r.trace_id, r.span_id, r.service, r.kind, r.name, r.protocol, r.start_ns, r.end_ns, r.th,
+SELECT r.*,
        r.link_count > 0 OR EXISTS (
          SELECT 1 FROM w c WHERE c.trace_id = r.trace_id AND c.parent_span_id = r.span_id AND c.link_count > 0
-       ) AS linked,
-       s.server_address, s.server_port, s.rpc_system, s.rpc_service, s.rpc_method, s.messaging_system,
-       s.messaging_destination, s.messaging_message_id, s.messaging_partition, s.messaging_offset,
-       coalesce(s.url_path, nullif(regexp_extract(s.url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), ''))
-         AS url_path,
-       s.http_route, s.db_system
-FROM w r JOIN spans s ON s.rowid = r.rid
-WHERE r.parent_span_id IS NULL AND r.start_ns >= $wlo AND r.start_ns < $whi
+       ) AS linked
+FROM (
+  SELECT DISTINCT ON (trace_id, span_id)
+         rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
+         sampling_threshold AS th, link_count, server_address, server_port, rpc_system, rpc_service, rpc_method,
+         messaging_system, messaging_destination, messaging_message_id, messaging_partition, messaging_offset,
+         coalesce(url_path, nullif(regexp_extract(url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), ''))
+           AS url_path,
+         http_route, db_system
+  FROM spans WHERE parent_span_id IS NULL AND start_ns >= $wlo AND start_ns < $whi) r
 """
 
 # Spans whose parent is named but is not in the window (read with its context margin).
@@ -110,7 +114,7 @@ def scan(con: duckdb.DuckDBPyConnection, window: AuditWindow, progress=lambda st
     con.execute(_WINDOW, params)
     progress("joining parents and children")
     con.execute(_HOPS)
-    con.execute(_EXITS, inner)
+    con.execute(_EXITS, {"lo": window.read_from_ns, **inner})
     con.execute(_ROOTS, inner)
     con.execute(_DANGLING, inner)
     spans, traces = con.execute(

@@ -56,55 +56,66 @@ FROM roots WHERE kind IN ('SERVER', 'CONSUMER') AND NOT linked
 """
 
 
-def _keys(table: str, ident: str, extra: str) -> str:
-    parts = [("k_svc", RANK_SERVICE), ("k_rpc", RANK_KEY), ("k_dest", RANK_KEY), ("k_path", RANK_PATH)]
-    return " UNION ALL ".join(
-        f"SELECT {ident}, {col} AS key, {rank} AS rank, {extra} FROM {table} WHERE {col} IS NOT NULL"
-        for col, rank in parts
-    )
-
-
+# Candidates are matched one key strength at a time, strongest first; an orphan that found a
+# fitting candidate at one strength is not matched at weaker ones. Each stage joins on (key,
+# time bucket) with the time fit inline, then drops pairs whose other keys disagree. The
+# steps are separate statements on purpose: with the OR conditions of the filter in the same
+# statement as the joins, DuckDB's planner makes them a join condition and runs 500x slower.
+_STAGES = (  # (rank, orphan key columns, exit key columns)
+    (RANK_EXACT, ("k_exact",), ("k_exact",)),
+    (RANK_PATH, ("k_path",), ("k_path",)),
+    (RANK_KEY, ("k_rpc", "k_dest"), ("k_rpc", "k_dest")),
+    (RANK_SERVICE, ("k_svc",), ("k_svc",)),
+)
 # An orphan with an exact message key (partition + offset, or message id) on a destination whose
 # producers record it too is decided by that key alone: no match means its producer was not stored.
-_MATCHED = f"""
-CREATE OR REPLACE TEMP TABLE cand_matched AS
-WITH exact_dest AS (SELECT DISTINCT k_dest FROM cand_exits WHERE k_exact IS NOT NULL),
-     ok AS (SELECT * FROM ({_keys("cand_orphans", "oid", "start_ns // $b AS bucket, k_exact, k_dest AS dest")})
-            WHERE k_exact IS NULL OR dest NOT IN (SELECT k_dest FROM exact_dest WHERE k_dest IS NOT NULL)),
-     ek AS (SELECT eid, key, rank, unnest(range(win_lo // $b, win_hi // $b + 1)) AS bucket
-            FROM ({_keys("cand_exits", "eid", "win_lo, win_hi")})
-            WHERE key IN (SELECT key FROM ok))
-SELECT ok.oid, ek.eid, max(ek.rank) AS rank FROM ok JOIN ek ON ok.key = ek.key AND ok.bucket = ek.bucket
-GROUP BY ALL
-UNION ALL
-SELECT o.oid, e.eid, {RANK_EXACT} FROM cand_orphans o JOIN cand_exits e ON o.k_exact = e.k_exact
+_EXACT_ONLY = """
+CREATE OR REPLACE TEMP TABLE exact_only AS
+SELECT oid FROM cand_orphans WHERE k_exact IS NOT NULL
+  AND k_dest IN (SELECT DISTINCT k_dest FROM cand_exits WHERE k_exact IS NOT NULL)
 """
-# Three steps on purpose: in one statement with the filter below, DuckDB's planner turns the
-# OR conditions into a join condition and runs 500x slower.
-_JOINED = """
-CREATE OR REPLACE TEMP TABLE cand_joined AS
-  SELECT m.oid, m.eid, m.rank, o.k_path AS o_path, e.k_path AS e_path, o.k_rpc AS o_rpc, e.k_rpc AS e_rpc,
-         o.k_dest AS o_dest, e.k_dest AS e_dest, e.instrumented, e.target, o.service,
-         e.protocol AS e_protocol, o.protocol AS o_protocol, o.kind, o.start_ns::BIGINT AS start_ns,
-         e.win_lo, e.win_hi
-  FROM cand_matched m JOIN cand_orphans o ON o.oid = m.oid JOIN cand_exits e ON e.eid = m.eid
-"""
-_PAIRS = f"""
-CREATE OR REPLACE TEMP TABLE cand_pairs AS
-WITH fit AS (
-  SELECT oid, eid, max(rank) AS rank FROM cand_joined
-  WHERE (NOT instrumented OR target = service)
-    -- a key both sides record must agree (a path may lose a prefix at a gateway)
-    AND (o_path IS NULL OR e_path IS NULL OR o_path = e_path
-         OR ends_with(o_path, substr(e_path, 6)) OR ends_with(e_path, substr(o_path, 6)))
-    AND (o_rpc IS NULL OR e_rpc IS NULL OR o_rpc = e_rpc)
-    AND (o_dest IS NULL OR e_dest IS NULL OR o_dest = e_dest)
-    AND (e_protocol = o_protocol OR e_protocol = 'none' OR o_protocol = 'none')
-    AND ((kind = 'CONSUMER') = (e_protocol = 'messaging'))
-    AND (rank = {RANK_EXACT} OR start_ns BETWEEN win_lo AND win_hi)
-  GROUP BY ALL)
-SELECT * FROM fit QUALIFY rank = max(rank) OVER (PARTITION BY oid)
-"""
+
+
+def _stage_sql(rank: int, columns: tuple[str, ...]) -> tuple[str, str, str]:
+    okeys = " UNION ALL ".join(
+        f"SELECT oid, {c} AS key, start_ns::BIGINT AS start_ns FROM cand_orphans WHERE {c} IS NOT NULL" for c in columns
+    )
+    ekeys = " UNION ALL ".join(
+        f"SELECT eid, {c} AS key, win_lo, win_hi FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
+    )
+    if rank == RANK_EXACT:  # no time bucket: the key decides
+        matched = f"""
+        CREATE OR REPLACE TEMP TABLE cand_matched AS
+        SELECT DISTINCT o.oid, e.eid FROM ({okeys}) o JOIN ({ekeys}) e ON o.key = e.key"""
+    else:
+        matched = f"""
+        CREATE OR REPLACE TEMP TABLE cand_matched AS
+        WITH ok AS (SELECT *, start_ns // $b AS bucket FROM ({okeys})
+                    WHERE oid NOT IN (SELECT oid FROM cand_pairs) AND oid NOT IN (SELECT oid FROM exact_only)),
+             ek AS (SELECT eid, key, win_lo, win_hi, unnest(range(win_lo // $b, win_hi // $b + 1)) AS bucket
+                    FROM ({ekeys}) WHERE key IN (SELECT key FROM ok))
+        SELECT DISTINCT ok.oid, ek.eid FROM ok JOIN ek ON ok.key = ek.key AND ok.bucket = ek.bucket
+        WHERE ok.start_ns BETWEEN ek.win_lo AND ek.win_hi"""
+    joined = """
+    CREATE OR REPLACE TEMP TABLE cand_joined AS
+    SELECT m.oid, m.eid, o.k_path AS o_path, e.k_path AS e_path, o.k_rpc AS o_rpc, e.k_rpc AS e_rpc,
+           o.k_dest AS o_dest, e.k_dest AS e_dest, e.instrumented, e.target, o.service,
+           e.protocol AS e_protocol, o.protocol AS o_protocol, o.kind
+    FROM cand_matched m JOIN cand_orphans o ON o.oid = m.oid JOIN cand_exits e ON e.eid = m.eid"""
+    fit = f"""
+    INSERT INTO cand_pairs
+    SELECT oid, eid, {rank} FROM cand_joined
+    WHERE (NOT instrumented OR target = service)
+      -- a key both sides record must agree (a path may lose a prefix at a gateway)
+      AND (o_path IS NULL OR e_path IS NULL OR o_path = e_path
+           OR ends_with(o_path, substr(e_path, 6)) OR ends_with(e_path, substr(o_path, 6)))
+      AND (o_rpc IS NULL OR e_rpc IS NULL OR o_rpc = e_rpc)
+      AND (o_dest IS NULL OR e_dest IS NULL OR o_dest = e_dest)
+      AND (e_protocol = o_protocol OR e_protocol = 'none' OR o_protocol = 'none')
+      AND ((kind = 'CONSUMER') = (e_protocol = 'messaging'))"""
+    return matched, joined, fit
+
+
 # `path_odds`: how much a shared URL path says. Among the caller's exits with paths, the share
 # with this path is the chance that an unrelated exit matches it; a path with an id in it is
 # near proof, a fixed path ("/health") is none.
@@ -139,9 +150,13 @@ def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_s
     max_lag = max([learned.default_lag.reach_ns()] + [m.reach_ns() for m in learned.lag_models.values()])
     con.execute(_CANDIDATE_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
     con.execute(_CANDIDATE_ORPHANS)
-    con.execute(_MATCHED, {"b": _BUCKET_NS})
-    con.execute(_JOINED)
-    con.execute(_PAIRS)
+    con.execute(_EXACT_ONLY)
+    con.execute("CREATE OR REPLACE TEMP TABLE cand_pairs (oid BIGINT, eid BIGINT, rank INTEGER)")
+    for rank, columns, _ in _STAGES:
+        matched, joined, fit = _stage_sql(rank, columns)
+        con.execute(matched, {"b": _BUCKET_NS} if rank != RANK_EXACT else None)
+        con.execute(joined)
+        con.execute(fit)
 
 
 def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndarray) -> Stitched:
