@@ -63,8 +63,9 @@ def test_broken_edges_are_the_truths(shop):
     assert {(e.caller, e.callee) for e in edges if e.broken} >= {("gateway", "recommendations"), ("checkout", "payments"),
                                                                 ("checkout", "notifications")}  # fmt: skip
     for e in edges:
-        if e.found_rate is not None and e.true_calls >= 50:
-            assert abs(e.found_rate - e.true_rate) <= 0.1, e  # ~100 calls per edge: sampling noise
+        if e.found_rate is not None:  # the stored calls are a sample: allow three standard errors
+            noise = 3 * (e.true_rate * (1 - e.true_rate) / e.found_calls) ** 0.5
+            assert abs(e.found_rate - e.true_rate) <= noise + 0.02, e
 
 
 def test_the_document_keeps_its_contract(shop):

@@ -22,7 +22,7 @@ calls AS (
                                      WHEN r.service IS NOT NULL THEN x.continued  -- a proxy in front of a service
                                      ELSE NOT x.is_root END) AS propagated
   FROM xt x LEFT JOIN remapped r ON r.caller = x.service AND r.target = x.target
-  WHERE x.in_window GROUP BY ALL),
+  WHERE x.in_window AND NOT x.pending GROUP BY ALL),
 stitched AS (
   SELECT caller, service AS callee, protocol, count(*) AS stitched FROM orphan_rows
   WHERE confidence IS NOT NULL GROUP BY ALL),

@@ -11,13 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from .breaks import break_operations, stitch_breaks
-from .causes import CAUSES
 from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
 
-_HEX_TRACE = "lpad(lower(hex({0})), 32, '0')"
-_HEX_SPAN = "lpad(lower(hex({0})), 16, '0')"
 
 _ORPHAN_OPS = """
 SELECT o.service, o.name, count(*), count(c.oid) FROM cand_orphans o
@@ -63,16 +60,15 @@ SELECT callee FROM hops WHERE NOT via_link GROUP BY callee
 HAVING avg(CASE WHEN entry_th IS DISTINCT FROM exit_th THEN 1.0 ELSE 0.0 END) > 0.5
 """
 
-_FINDINGS = f"""
+# One row per finding. Ids stay numeric (formatting hex for millions of rows costs seconds);
+# `candidates` and `detail` are the evidence, rendered as text only when a finding is shown.
+_FINDINGS = """
 CREATE OR REPLACE TEMP TABLE findings AS
-SELECT 'orphan_root' AS kind, {_HEX_TRACE.format("o.trace_id")} AS trace_id, {_HEX_SPAN.format("o.span_id")} AS span_id,
-       o.service, o.name AS span_name, o.kind AS span_kind, o.start_ns,
-       o.protocol, coalesce(s.messaging_system, s.rpc_system) AS system, o.caller, o.service AS callee, g.cause,
-       printf('root %s span with no span link; %d candidate exit span(s) in other traces; %s', o.kind, o.candidates,
-              CASE WHEN o.confidence IS NULL THEN 'no parent named (ambiguous, or the parent was not sampled)'
-                   ELSE printf('probable parent in %s', o.parent_service) END) AS evidence,
-       CASE WHEN o.confidence IS NOT NULL THEN {_HEX_TRACE.format("o.parent_trace_id")} END AS parent_trace_id,
-       CASE WHEN o.confidence IS NOT NULL THEN {_HEX_SPAN.format("o.parent_span_id")} END AS parent_span_id,
+SELECT 'orphan_root' AS kind, o.trace_id, o.span_id, o.service, o.name AS span_name, o.kind AS span_kind,
+       o.start_ns, o.protocol, coalesce(s.messaging_system, s.rpc_system) AS system, o.caller,
+       o.service AS callee, g.cause, o.candidates, NULL::VARCHAR AS detail,
+       CASE WHEN o.confidence IS NOT NULL THEN o.parent_trace_id END AS parent_trace_id,
+       CASE WHEN o.confidence IS NOT NULL THEN o.parent_span_id END AS parent_span_id,
        CASE WHEN o.confidence IS NOT NULL THEN o.parent_service END AS parent_service,
        o.confidence
 FROM orphan_rows o
@@ -81,14 +77,11 @@ JOIN orphan_causes g ON g.service = o.service AND g.name = o.name AND g.protocol
   AND g.via_unknown_address = o.via_unknown_address
 JOIN roots s ON s.rid = o.rid
 UNION ALL
-SELECT 'in_process_break', {_HEX_TRACE.format("r.trace_id")}, {_HEX_SPAN.format("r.span_id")}, r.service, r.name,
-       r.kind, r.start_ns, r.protocol, coalesce(r.messaging_system, r.rpc_system, r.db_system), r.service,
-       coalesce(x.target, r.service), 'thread_pool_no_context',
-       printf('root %s span starting inside %d stored request(s) of %s; %s', r.kind, coalesce(b.candidates, 0),
-              r.service, CASE WHEN b.confidence >= $min_confidence THEN 'probable parent named'
-                              ELSE 'no parent named (ambiguous, or the request was not sampled)' END),
-       CASE WHEN b.confidence >= $min_confidence THEN {_HEX_TRACE.format("p.trace_id")} END,
-       CASE WHEN b.confidence >= $min_confidence THEN {_HEX_SPAN.format("p.span_id")} END,
+SELECT 'in_process_break', r.trace_id, r.span_id, r.service, r.name, r.kind, r.start_ns, r.protocol,
+       coalesce(r.messaging_system, r.rpc_system, r.db_system), r.service, coalesce(x.target, r.service),
+       'thread_pool_no_context', coalesce(b.candidates, 0), NULL,
+       CASE WHEN b.confidence >= $min_confidence THEN p.trace_id END,
+       CASE WHEN b.confidence >= $min_confidence THEN p.span_id END,
        CASE WHEN b.confidence >= $min_confidence THEN p.service END,
        CASE WHEN b.confidence >= $min_confidence THEN b.confidence END
 FROM roots r
@@ -98,28 +91,28 @@ LEFT JOIN break_parents b ON b.rid = r.rid
 LEFT JOIN w p ON p.rid = b.parent_rid
 WHERE r.kind NOT IN ('SERVER', 'CONSUMER')
 UNION ALL
-SELECT 'dangling_parent', {_HEX_TRACE.format("trace_id")}, {_HEX_SPAN.format("span_id")}, service, name, kind,
-       start_ns, protocol, NULL, NULL, service,
+SELECT 'dangling_parent', trace_id, span_id, service, name, kind, start_ns, protocol, NULL, NULL, service,
        CASE WHEN service IN (SELECT callee FROM not_parent_based) THEN 'sampler_not_parent_based'
             ELSE 'parent_span_missing' END,
-       printf('parent_span_id %s is set but that span never arrived', {_HEX_SPAN.format("parent_span_id")}),
-       NULL, NULL, NULL, NULL
+       0, lpad(lower(hex(parent_span_id)), 16, '0'), NULL, NULL, NULL, NULL
 FROM dangling
 UNION ALL
-SELECT 'unpaired_exit', {_HEX_TRACE.format("trace_id")}, {_HEX_SPAN.format("span_id")}, service, name, kind,
-       start_ns, protocol, coalesce(rpc_system, messaging_system), service, target, 'context_not_propagated',
-       printf('%s span to %s (resolved by %s) with no continuation there', kind, target, how),
+SELECT 'unpaired_exit', trace_id, span_id, service, name, kind, start_ns, protocol,
+       coalesce(rpc_system, messaging_system), service, target, 'context_not_propagated', 0, how,
        NULL, NULL, NULL, NULL
-FROM xt WHERE in_window AND instrumented AND NOT continued_to_target
+FROM xt WHERE in_window AND instrumented AND NOT continued_to_target AND NOT pending
 """
-# the result columns, with explanation and fix from the cause catalogue
+# The result's columns: 128-bit ids as two 64-bit halves (Arrow has no unsigned 128-bit type).
 FINDINGS_SELECT = """
-SELECT f.kind, f.trace_id, f.span_id, f.service, f.span_name, f.span_kind, f.start_ns,
-       CASE WHEN f.protocol IN ('http', 'grpc', 'rpc', 'messaging', 'db') THEN f.protocol ELSE 'unknown' END
+SELECT kind, (trace_id >> 64)::UBIGINT AS trace_hi, (trace_id & 18446744073709551615)::UBIGINT AS trace_lo,
+       span_id, service, span_name, span_kind, start_ns,
+       CASE WHEN protocol IN ('http', 'grpc', 'rpc', 'messaging', 'db') THEN protocol ELSE 'unknown' END
          AS protocol,
-       f.system, f.caller, f.callee, f.cause, c.explanation, c.fix, f.evidence,
-       f.parent_trace_id, f.parent_span_id, f.parent_service, f.confidence
-FROM findings f JOIN causes c ON c.code = f.cause
+       system, caller, callee, cause, candidates, detail,
+       (parent_trace_id >> 64)::UBIGINT AS parent_trace_hi,
+       (parent_trace_id & 18446744073709551615)::UBIGINT AS parent_trace_lo,
+       parent_span_id, parent_service, confidence
+FROM findings
 """
 
 
@@ -149,9 +142,6 @@ class FindingBuilder:
         self.progress("looking for in-process breaks")
         self._breaks()
         con.execute(f"CREATE OR REPLACE TEMP TABLE not_parent_based AS {_NOT_PARENT_BASED}")
-        _table(con, "causes", {"code": [c.code for c in CAUSES.values()],
-                               "explanation": [c.explanation for c in CAUSES.values()],
-                               "fix": [c.fix for c in CAUSES.values()]})  # fmt: skip
         con.execute(_FINDINGS, {"min_confidence": config.min_confidence})
 
     def _audited_orphans(self) -> np.ndarray:

@@ -104,6 +104,14 @@ class Learned:
         return (self.sync_models.get((caller, callee, protocol)) or self.callee_models.get((callee, protocol))
                 or self.protocol_models.get(protocol) or self.default_sync)  # fmt: skip
 
+    def sync_reach_ns(self, default_skew_ns: float) -> float:
+        """How far outside its client span any server span may plausibly start or end."""
+        return max([default_skew_ns] + [m.reach_ns() for m in self.sync_models.values()])
+
+    def lag_reach_ns(self) -> float:
+        """The longest plausible producer-to-consumer lag on any topic."""
+        return max([self.default_lag.reach_ns()] + [m.reach_ns() for m in self.lag_models.values()])
+
     def lag_model(self, caller: str, callee: str) -> LagModel:
         return self.lag_models.get((caller, callee)) or self.default_lag
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
+from .causes import CAUSES
+
 SCHEMA_VERSION = 1
 
 
@@ -49,17 +51,43 @@ def _round(x: float | None) -> float | None:
 FINDING_KINDS = ("orphan_root", "in_process_break", "dangling_parent", "unpaired_exit")
 
 
+def _trace_hex(hi: int, lo: int) -> str:
+    return f"{hi:016x}{lo:016x}"
+
+
+def evidence(row: dict) -> str:
+    """What in the data led to a finding, in words (free text: not part of the contract)."""
+    kind = row["kind"]
+    if kind == "orphan_root":
+        named = (f"probable parent in {row['parent_service']}" if row["parent_span_id"] is not None
+                 else "no parent named (ambiguous, or the parent was not sampled)")  # fmt: skip
+        return (f"root {row['span_kind']} span with no span link; {row['candidates']} candidate exit span(s) "
+                f"in other traces; {named}")  # fmt: skip
+    if kind == "in_process_break":
+        named = ("probable parent named" if row["parent_span_id"] is not None
+                 else "no parent named (ambiguous, or the request was not sampled)")  # fmt: skip
+        return (f"root {row['span_kind']} span starting inside {row['candidates']} stored request(s) of "
+                f"{row['service']}; {named}")  # fmt: skip
+    if kind == "dangling_parent":
+        return f"parent_span_id {row['detail']} is set but that span never arrived"
+    return f"{row['span_kind']} span to {row['callee']} (resolved by {row['detail']}) with no continuation there"
+
+
 def finding_dict(row: dict) -> dict:
     """One row of the findings table as the JSON document's finding object."""
-    out = {k: row[k] for k in (
-        "kind", "trace_id", "span_id", "service", "span_name", "span_kind", "protocol", "system", "caller",
-        "callee", "cause", "explanation", "fix", "evidence")}  # fmt: skip
-    out["start_time_unix_nano"] = row["start_ns"]
-    out["probable_parent"] = None if row["parent_span_id"] is None else {
-        "trace_id": row["parent_trace_id"], "span_id": row["parent_span_id"], "service": row["parent_service"],
-        "confidence": round(row["confidence"], 4),
+    cause = CAUSES[row["cause"]]
+    return {
+        "kind": row["kind"], "trace_id": _trace_hex(row["trace_hi"], row["trace_lo"]),
+        "span_id": f"{row['span_id']:016x}", "service": row["service"], "span_name": row["span_name"],
+        "span_kind": row["span_kind"], "start_time_unix_nano": row["start_ns"], "protocol": row["protocol"],
+        "system": row["system"], "caller": row["caller"], "callee": row["callee"], "cause": cause.code,
+        "explanation": cause.explanation, "fix": cause.fix, "evidence": evidence(row),
+        "probable_parent": None if row["parent_span_id"] is None else {
+            "trace_id": _trace_hex(row["parent_trace_hi"], row["parent_trace_lo"]),
+            "span_id": f"{row['parent_span_id']:016x}", "service": row["parent_service"],
+            "confidence": round(row["confidence"], 4),
+        },
     }  # fmt: skip
-    return out
 
 
 @dataclass

@@ -31,7 +31,7 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     builder.build()
     progress("counting edges")
     edges = build_edges(con)
-    findings = con.sql(FINDINGS_SELECT + " ORDER BY f.start_ns, f.kind, f.span_id").to_arrow_table()
+    findings = con.sql(FINDINGS_SELECT + " ORDER BY start_ns, kind, span_id").to_arrow_table()
     roots = {service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
              for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()}  # fmt: skip
     return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,

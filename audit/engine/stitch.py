@@ -146,8 +146,7 @@ class Stitched:
 
 
 def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float) -> None:
-    tol = max([default_skew_ns] + [m.reach_ns() for m in learned.sync_models.values()])
-    max_lag = max([learned.default_lag.reach_ns()] + [m.reach_ns() for m in learned.lag_models.values()])
+    tol, max_lag = learned.sync_reach_ns(default_skew_ns), learned.lag_reach_ns()
     con.execute(_CANDIDATE_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
     con.execute(_CANDIDATE_ORPHANS)
     con.execute(_EXACT_ONLY)

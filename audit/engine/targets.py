@@ -11,15 +11,23 @@ from .learn import Learned
 _KEYS = ("protocol", "server_address", "server_port", "peer_service", "rpc_service", "messaging_destination",
          "db_system")  # fmt: skip
 
+# `pending`: a message not consumed yet: sent less than a typical lag before its consumer
+# group's newest span. Neither dropped nor counted. (A synchronous call needs no such care: its
+# server span ended before the client span did, so both were exported by the time either is
+# read, give or take the exporters' batching, which the settle delay covers.)
 _EXIT_TARGETS = f"""
 CREATE OR REPLACE TEMP TABLE xt AS
-SELECT e.*, t.target, t.instrumented, t.how,
-       CASE WHEN NOT t.instrumented THEN e.continued
-            WHEN e.protocol = 'messaging' THEN EXISTS (
-              SELECT 1 FROM hops h WHERE h.exit_rid = e.rid AND h.callee = t.target)
-            ELSE e.continued END AS continued_to_target
-FROM exits e JOIN exit_target_map t
-  ON {" AND ".join(f"e.{k} IS NOT DISTINCT FROM t.{k}" for k in _KEYS)}
+SELECT x.*, x.protocol = 'messaging' AND x.instrumented AND NOT x.continued_to_target
+            AND x.end_ns::BIGINT + $typical_lag > coalesce(n.newest, 0) AS pending
+FROM (
+  SELECT e.*, t.target, t.instrumented, t.how,
+         CASE WHEN NOT t.instrumented THEN e.continued
+              WHEN e.protocol = 'messaging' THEN EXISTS (
+                SELECT 1 FROM hops h WHERE h.exit_rid = e.rid AND h.callee = t.target)
+              ELSE e.continued END AS continued_to_target
+  FROM exits e JOIN exit_target_map t
+    ON {" AND ".join(f"e.{k} IS NOT DISTINCT FROM t.{k}" for k in _KEYS)}) x
+LEFT JOIN (SELECT service, max(start_ns)::BIGINT AS newest FROM w GROUP BY service) n ON n.service = x.target
 """
 
 
@@ -41,4 +49,4 @@ def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
     con.register("exit_target_map_arrow", table)
     con.execute("CREATE OR REPLACE TEMP TABLE exit_target_map AS SELECT * FROM exit_target_map_arrow")
     con.unregister("exit_target_map_arrow")
-    con.execute(_EXIT_TARGETS)
+    con.execute(_EXIT_TARGETS, {"typical_lag": int(learned.default_lag.lag.quantile(0.0))})

@@ -11,10 +11,11 @@ import pyarrow as pa
 
 from .errors import translate
 
+# the findings table's columns, 128-bit ids rebuilt from their two 64-bit halves
 _FINDING_COLUMNS = (
-    "kind", "trace_id", "span_id", "service", "span_name", "span_kind", "start_ns", "protocol", "system", "caller",
-    "callee", "cause", "explanation", "fix", "evidence", "parent_trace_id", "parent_span_id", "parent_service",
-    "confidence",
+    "kind", "(trace_hi::UHUGEINT << 64) | trace_lo", "span_id", "service", "span_name", "span_kind", "start_ns",
+    "protocol", "system", "caller", "callee", "cause", "candidates", "detail",
+    "(parent_trace_hi::UHUGEINT << 64) | parent_trace_lo", "parent_span_id", "parent_service", "confidence",
 )  # fmt: skip
 _EDGE_COLUMNS = ("caller", "callee", "protocol", "system", "callee_instrumented", "calls", "propagated", "stitched",
                  "cause")  # fmt: skip

@@ -107,12 +107,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             roots JSON NOT NULL,                 -- per service: entry, orphan, orphan_unattributed
             settings JSON NOT NULL
         );
-        -- the columns of a finding in the JSON document (docs/audit-json.md)
+        -- one row per finding (docs/audit-json.md); ids as in `spans`, so findings join to spans.
+        -- The explanation and fix of a cause come from its code; `candidates` and `detail` are
+        -- the evidence (candidate parents considered; a dangling parent's id, an exit's resolution)
         CREATE TABLE audit_findings (
             run_id BIGINT NOT NULL,
             kind VARCHAR NOT NULL,
-            trace_id VARCHAR NOT NULL,           -- 32 hex digits
-            span_id VARCHAR NOT NULL,            -- 16 hex digits
+            trace_id UHUGEINT NOT NULL,
+            span_id UBIGINT NOT NULL,
             service VARCHAR NOT NULL,
             span_name VARCHAR NOT NULL,
             span_kind VARCHAR NOT NULL,
@@ -122,11 +124,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             caller VARCHAR,
             callee VARCHAR,
             cause VARCHAR NOT NULL,
-            explanation VARCHAR NOT NULL,
-            fix VARCHAR NOT NULL,
-            evidence VARCHAR NOT NULL,
-            parent_trace_id VARCHAR,             -- the probable parent, when one is named
-            parent_span_id VARCHAR,
+            candidates INTEGER NOT NULL,
+            detail VARCHAR,
+            parent_trace_id UHUGEINT,            -- the probable parent, when one is named
+            parent_span_id UBIGINT,
             parent_service VARCHAR,
             confidence DOUBLE
         );
