@@ -15,7 +15,6 @@ from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
 
-
 _ORPHAN_OPS = """
 SELECT o.service, o.name, count(*), count(c.oid) FROM cand_orphans o
 LEFT JOIN (SELECT DISTINCT oid FROM cand_pairs) c USING (oid) GROUP BY ALL

@@ -184,7 +184,7 @@ def _costs(cols: dict, learned: Learned) -> tuple[np.ndarray, np.ndarray]:
     groups, first = np.unique(cols["edge"], return_index=True)
     order = np.argsort(cols["edge"], kind="stable")
     bounds = np.searchsorted(cols["edge"][order], groups)
-    for g, f, a, b in zip(groups, first, bounds, np.r_[bounds[1:], len(order)]):
+    for _g, f, a, b in zip(groups, first, bounds, np.r_[bounds[1:], len(order)]):
         i = order[a:b]
         caller, callee, protocol = cols["caller"][f], cols["callee"][f], cols["protocol"][f]
         if protocol == "messaging":
