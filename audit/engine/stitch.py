@@ -238,33 +238,52 @@ def _solve(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
     np.minimum.at(best, row[alone], cost[alone])
     pick = alone & (cost == best[row]) & (cost < null_cost[row])
     match[row[pick]] = col[pick]
-    # the shared groups: one small dense assignment each
+    # the shared groups: one small dense assignment each, with local indices computed for all
+    # groups at once (per-group numpy calls would cost more than the solving)
     shared = np.nonzero(~alone)[0]
     if len(shared):
-        order = shared[np.argsort(group[shared], kind="stable")]
-        bounds = np.r_[0, np.nonzero(np.diff(group[order]))[0] + 1, len(order)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            idx = order[a:b]
-            _solve_group(row[idx], col[idx], cost[idx], null_cost, n_e, match)
+        _solve_groups(group[shared], row[shared], col[shared], cost[shared], null_cost, n_o, n_e, match)
     return match
 
 
-def _solve_group(row, col, cost, null_cost, n_e: int, match: np.ndarray) -> None:
-    rows, r = np.unique(row, return_inverse=True)
-    cols, c = np.unique(col, return_inverse=True)
-    k, m = len(rows), len(cols)
-    if k > _DENSE_LIMIT:
-        shift = min(cost.min(), null_cost[rows].min()) - 1.0  # the sparse solver wants positive weights
-        weights = np.concatenate([cost, null_cost[rows]]) - shift
-        g = csr_matrix((weights, (np.r_[r, np.arange(k)], np.r_[c, m + np.arange(k)])), shape=(k, m + k))
-        got_rows, got_cols = min_weight_full_bipartite_matching(g)
-    else:
-        dense = np.full((k, m + k), 1e12)
-        dense[r, c] = cost
-        dense[np.arange(k), m + np.arange(k)] = null_cost[rows]
-        got_rows, got_cols = linear_sum_assignment(dense)
-    took = got_cols < m
-    match[rows[got_rows[took]]] = cols[got_cols[took]]
+def _local_index(group: np.ndarray, ident: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For pairs sorted by group: each pair's index of `ident` within its group (0, 1, ...), and
+    the distinct ids of each group in that order (flattened, group by group)."""
+    order = np.lexsort((ident, group))
+    key = group[order].astype(np.int64) * n + ident[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    rank = np.cumsum(first) - 1  # global index of the distinct (group, id)
+    group_start = np.r_[True, group[order][1:] != group[order][:-1]]
+    base = np.maximum.accumulate(np.where(group_start, rank, 0))
+    local = np.empty(len(ident), dtype=np.int64)
+    local[order] = rank - base
+    return local, ident[order][first]
+
+
+def _solve_groups(group, row, col, cost, null_cost, n_o: int, n_e: int, match: np.ndarray) -> None:
+    r_local, rows_flat = _local_index(group, row, n_o)
+    c_local, cols_flat = _local_index(group, col, n_e)
+    order = np.argsort(group, kind="stable")
+    bounds = np.r_[0, np.nonzero(np.diff(group[order]))[0] + 1, len(order)]
+    row_at = col_at = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        idx = order[a:b]
+        r, c = r_local[idx], c_local[idx]
+        k, m = int(r.max()) + 1, int(c.max()) + 1
+        rows, cols = rows_flat[row_at : row_at + k], cols_flat[col_at : col_at + m]
+        row_at, col_at = row_at + k, col_at + m
+        if k > _DENSE_LIMIT:
+            shift = min(cost[idx].min(), null_cost[rows].min()) - 1.0  # the sparse solver wants positive weights
+            weights = np.concatenate([cost[idx], null_cost[rows]]) - shift
+            g = csr_matrix((weights, (np.r_[r, np.arange(k)], np.r_[c, m + np.arange(k)])), shape=(k, m + k))
+            got_rows, got_cols = min_weight_full_bipartite_matching(g)
+        else:
+            dense = np.full((k, m + k), 1e12)
+            dense[r, c] = cost[idx]
+            dense[np.arange(k), m + np.arange(k)] = null_cost[rows]
+            got_rows, got_cols = linear_sum_assignment(dense)
+        took = got_cols < m
+        match[rows[got_rows[took]]] = cols[got_cols[took]]
 
 
 def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
