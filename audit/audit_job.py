@@ -26,7 +26,7 @@ class AuditSettingsError(ValueError):
 class AuditSettings:
     config: AuditConfig
     settle_s: float = 60.0
-    context_s: float = 300.0
+    context_s: float = 120.0
 
     @classmethod
     def load(cls, path: str | None, **overrides) -> AuditSettings:
@@ -50,7 +50,7 @@ class AuditSettings:
         entrypoints = doc.pop("entrypoints", [])
         if isinstance(entrypoints, str):
             entrypoints = [e.strip() for e in entrypoints.split(",") if e.strip()]
-        settle, context = float(doc.pop("settle_s", 60.0)), float(doc.pop("context_s", 300.0))
+        settle, context = float(doc.pop("settle_s", 60.0)), float(doc.pop("context_s", 120.0))
         confidence = float(doc.get("min_confidence", 0.6))
         if not 0.0 <= confidence <= 1.0:
             raise AuditSettingsError("min_confidence must be between 0 and 1")
@@ -65,16 +65,17 @@ class AuditSettings:
 
 
 def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None, until_ns: int | None = None,
-                resume: bool = True, save: bool = True,
+                resume: bool = True, save: bool = True, memory_limit: str = "2GB",
                 progress: Callable[[str], None] = lambda step: None) -> AuditResult | None:  # fmt: skip
-    """Audit the next window of `db` (None: nothing new); save the run unless `save` is False."""
+    """Audit the next window of `db` (None: nothing new); save the run unless `save` is False.
+    `memory_limit` bounds DuckDB's memory; beyond it, its temp tables spill to disk."""
     if not Path(db).exists():
         raise StoreError(f"{db} does not exist: run `ctxaudit serve --db {db}` (or `ctxaudit simulate --db`) first")
     if save:
-        store = SpanStore(db)
+        store = SpanStore(db, memory_limit=memory_limit)
         con, close = store.connection, store.close
     else:
-        con = _read_only(db)
+        con = _read_only(db, memory_limit)
         close = con.close
     try:
         try:
@@ -102,9 +103,9 @@ def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None
         close()
 
 
-def _read_only(db: str) -> duckdb.DuckDBPyConnection:
+def _read_only(db: str, memory_limit: str) -> duckdb.DuckDBPyConnection:
     try:
-        return duckdb.connect(db, read_only=True)
+        return duckdb.connect(db, read_only=True, config={"memory_limit": memory_limit})
     except duckdb.Error as e:
         raise translate(e, db, writing=False) from None
 

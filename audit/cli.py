@@ -229,7 +229,7 @@ class _Time(click.ParamType):
 @click.option("--all", "from_first", is_flag=True, help="Start at the first span, not where the last run ended.")
 @click.option("--settle", type=click.FloatRange(min=0), help="Seconds to wait for late spans before auditing them [default: 60].")
 @click.option("--context", type=click.FloatRange(min=0),
-              help="Seconds read either side of the window for parents, children and candidates [default: 300].")  # fmt: skip
+              help="Seconds read either side of the window for parents, children and candidates [default: 120].")  # fmt: skip
 @click.option("--entrypoints", multiple=True, metavar="SVC[:OPERATION],...",
               help="Real entry points (their roots are not orphans), besides those learned; repeatable.")  # fmt: skip
 @click.option("--min-confidence", type=click.FloatRange(0, 1),
@@ -238,8 +238,10 @@ class _Time(click.ParamType):
               help="YAML settings: entrypoints, min_confidence, settle_s, context_s, default_skew_ms, default_max_lag_s.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text.")
 @click.option("--no-save", is_flag=True, help="Do not store the run (opens the file read-only).")
+@click.option("--memory-limit", default="2GB", show_default=True,
+              help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower).")  # fmt: skip
 def audit(db, since, until, from_first, settle, context, entrypoints, min_confidence, config_file, as_json,
-          no_save) -> None:  # fmt: skip
+          no_save, memory_limit) -> None:  # fmt: skip
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
     parents, count every service edge, and save the run in DB.
 
@@ -260,7 +262,7 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
 
     try:
         result = audit_store(db, settings, since_ns=since, until_ns=until, resume=not from_first and since is None,
-                             save=not no_save, progress=progress)  # fmt: skip
+                             save=not no_save, memory_limit=memory_limit, progress=progress)  # fmt: skip
     except StoreError as e:
         _fail(str(e))
     if result is None:

@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--db", default="bench-data/scale.duckdb")
     ap.add_argument("--spans", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--memory-limit", default="3GB", help="DuckDB memory_limit for the audit")
+    ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit for the audit (the CLI's default)")
     ap.add_argument("--fractions", default="0.1,0.2,0.5,1.0", help="window lengths, as shares of the store")
     args = ap.parse_args()
     if not os.path.exists(args.db):
@@ -97,7 +97,7 @@ def main() -> None:
     con = duckdb.connect(args.db, read_only=True)
     first, last, total = con.execute("SELECT min(start_ns), max(start_ns), count(*) FROM spans").fetchone()
     con.close()
-    context = 300 * 10**9
+    context = 120 * 10**9  # the CLI's default --context
     print(f"store: {total:,} spans over {(last - first) / 1e9:.0f} s of span time")
     print(f"{'window':>8} {'spans':>12} {'median s':>9} {'runs (s)':>24} {'peak RSS MiB':>13} {'µs/span':>8}")
     for fraction in (float(f) for f in args.fractions.split(",")):

@@ -14,7 +14,7 @@ class AuditWindow:
 
     start_ns: int
     end_ns: int
-    context_ns: int = 300 * _S
+    context_ns: int = 120 * _S
 
     @property
     def read_from_ns(self) -> int:

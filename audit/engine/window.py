@@ -11,7 +11,7 @@ _S = 1_000_000_000
 
 def choose_window(*, first_start_ns: int | None, last_start_ns: int | None, last_run_end_ns: int | None,
                   now_ns: int, since_ns: int | None = None, until_ns: int | None = None,
-                  settle_s: float = 60.0, context_s: float = 300.0) -> AuditWindow | None:  # fmt: skip
+                  settle_s: float = 60.0, context_s: float = 120.0) -> AuditWindow | None:  # fmt: skip
     """None when there is nothing (new) to audit."""
     if first_start_ns is None or last_start_ns is None:
         return None
