@@ -15,8 +15,9 @@ class Cause:
 
 _CAUSES = (
     Cause("proxy_strips_traceparent",
-          "The caller sends the request through a proxy or gateway (its address is not the callee's) and the "
-          "callee starts a new trace: the hop in between does not forward traceparent.",
+          "The callee starts a new trace although the caller's client propagates: its calls go to an address "
+          "that is not the callee's, or some of them get through. Something in between (a proxy, gateway or "
+          "sidecar) does not forward traceparent.",
           "Forward the W3C headers at the proxy or gateway: add traceparent and tracestate to its header "
           "allowlist (nginx: proxy_pass_request_headers on / proxy_set_header; Envoy: keep the tracing headers)."),
     Cause("client_does_not_inject",
@@ -24,11 +25,6 @@ _CAUSES = (
           "does not inject traceparent (a hand-made or uninstrumented HTTP client).",
           "Instrument the HTTP client (e.g. opentelemetry-instrumentation-requests/httpx) or call "
           "propagate.inject(headers) before sending."),
-    Cause("server_does_not_extract",
-          "Other callers propagate into this service but this hop does not, or the service never continues any "
-          "caller: it does not extract the incoming context.",
-          "Instrument the server framework (or call propagate.extract on the incoming headers and start the "
-          "server span with that context)."),
     Cause("grpc_client_not_instrumented",
           "A gRPC call arrives without context: the client channel has no OpenTelemetry interceptor.",
           "Add the client interceptor (opentelemetry-instrumentation-grpc GrpcInstrumentorClient, or "

@@ -14,7 +14,6 @@ import numpy as np
 from .config import AuditConfig, AuditWindow
 from .timing import LagModel, LogNormal, StudentT, SyncModel
 
-SYNC_PROTOCOLS = ("http", "grpc", "rpc", "none")
 _NS_PER_MS = 1_000_000
 _MIN_PAIRS = 20  # fewer propagated calls than this on an edge: use a wider pool's model
 _DOMINANT = 0.9  # an address belongs to a service when this share of its propagated calls land there

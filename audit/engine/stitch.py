@@ -1,12 +1,12 @@
 """Stitching: each orphan root's probable parent, an unpaired exit in another trace.
 
-Candidates come from DuckDB: exits and orphans share a key (the callee service the exit's
-address resolves to, the URL path, the RPC method, the destination, or an exact message key)
-and a time bucket, then the orphan must start where the exit allows (inside the call, or
-after the produce within the lag). Only the strongest kind of shared key is kept per orphan.
-Python scores the survivors with the edge's learned gap model and solves a one-to-one
-minimum-cost assignment in which every orphan may also stay unassigned (its parent was
-never stored); the confidence is that choice's share of the orphan's probability mass.
+Candidates come from DuckDB: exits and orphans share a key (an exact message key, the URL
+path, the RPC method or destination, or the callee the exit's address resolves to) and a time
+bucket, and the orphan starts where the exit allows (inside the call, or after the produce
+within the lag). Keys are tried strongest first; an orphan keeps only its strongest kind.
+Python scores the survivors with the edge's timing model and solves a one-to-one
+minimum-cost assignment in which every orphan may also stay without a parent (it was never
+stored); the confidence weighs the chosen parent against the nearest other assignments.
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ FROM roots WHERE kind IN ('SERVER', 'CONSUMER') AND NOT linked
 # time bucket) with the time fit inline, then drops pairs whose other keys disagree. The
 # steps are separate statements on purpose: with the OR conditions of the filter in the same
 # statement as the joins, DuckDB's planner makes them a join condition and runs 500x slower.
-_STAGES = (  # (rank, orphan key columns, exit key columns)
-    (RANK_EXACT, ("k_exact",), ("k_exact",)),
-    (RANK_PATH, ("k_path",), ("k_path",)),
-    (RANK_KEY, ("k_rpc", "k_dest"), ("k_rpc", "k_dest")),
-    (RANK_SERVICE, ("k_svc",), ("k_svc",)),
+_STAGES = (  # (rank, the key columns both sides have)
+    (RANK_EXACT, ("k_exact",)),
+    (RANK_PATH, ("k_path",)),
+    (RANK_KEY, ("k_rpc", "k_dest")),
+    (RANK_SERVICE, ("k_svc",)),
 )
 # An orphan with an exact message key (partition + offset, or message id) on a destination whose
 # producers record it too is decided by that key alone: no match means its producer was not stored.
@@ -151,7 +151,7 @@ def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_s
     con.execute(_CANDIDATE_ORPHANS)
     con.execute(_EXACT_ONLY)
     con.execute("CREATE OR REPLACE TEMP TABLE cand_pairs (oid BIGINT, eid BIGINT, rank INTEGER)")
-    for rank, columns, _ in _STAGES:
+    for rank, columns in _STAGES:
         matched, joined, fit = _stage_sql(rank, columns)
         con.execute(matched, {"b": _BUCKET_NS} if rank != RANK_EXACT else None)
         con.execute(joined)
