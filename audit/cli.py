@@ -348,7 +348,7 @@ def simulate(scenario, otlp, db, truth, seed, max_spans) -> None:
         sim = Simulator(load_scenario(scenario), seed=seed)
     except ScenarioError as e:
         _fail(str(e))
-    sink = OtlpGrpcSender(otlp.removeprefix("grpc://")) if otlp else _DbSink(db)
+    sink = OtlpGrpcSender(otlp.removeprefix("grpc://")) if otlp else DbSink(db)
     truth_out = TruthWriter(truth)
     last = time.monotonic()
     try:
@@ -369,8 +369,9 @@ def simulate(scenario, otlp, db, truth, seed, max_spans) -> None:
     )
 
 
-class _DbSink:
-    """Simulated requests straight into a DuckDB file, through the receivers' own conversion."""
+class DbSink:
+    """Export requests straight into a DuckDB file, through the receivers' own conversion
+    (for `simulate --db`, and the benchmarks and tests that build stores)."""
 
     def __init__(self, path: str):
         from collector_ext.ingest import decode_batch

@@ -21,13 +21,12 @@ import time
 
 import duckdb
 
+from audit.cli import DbSink
 from audit.engine import AuditWindow, run_audit
 from audit.scenarios.model import load_scenario
 from audit.scenarios.output import read_truth
 from audit.scenarios.score import exit_peers, score
 from audit.scenarios.simulate import Simulator
-from audit.store.writer import SpanStore, SpanWriter
-from collector_ext.ingest import decode_batch
 
 # calls in flight on each edge with orphans: for each stored exit, the stored exits of the same
 # caller and target overlapping its start, scaled up by the caller's sampling probability
@@ -44,13 +43,12 @@ SELECT s.caller, s.target, avg(n / s.p) FROM (
 
 
 def simulate_into(path: str, scenario, seed: int) -> list[dict]:
-    writer = SpanWriter(SpanStore(path))
+    sink = DbSink(path)
     truth = []
     for request, records in Simulator(scenario, seed=seed).run():
-        body = request.SerializeToString()
-        writer.submit(decode_batch(body, "application/x-protobuf", False, len(body))).result()
+        sink.send(request.SerializeToString())
         truth.extend(r.to_dict() for r in records)
-    writer.close()
+    sink.close()
     return truth
 
 

@@ -37,20 +37,18 @@ print(json.dumps({"seconds": seconds, "spans": result.spans, "findings": result.
 
 def _generate(args: tuple) -> str:
     part, parts, spans, path = args
+    from audit.cli import DbSink
     from audit.scenarios.model import load_scenario
     from audit.scenarios.simulate import Simulator
-    from audit.store.writer import SpanStore, SpanWriter
-    from collector_ext.ingest import decode_batch
 
     base = load_scenario("shop-large")
     per_second = 6_000  # exported spans per second of shop-large, roughly
     seconds = spans / parts / per_second * 1.3
     scenario = base.model_copy(update={"start_unix_s": base.start_unix_s + part * seconds, "duration_s": seconds})
-    writer = SpanWriter(SpanStore(path))
+    sink = DbSink(path)
     for request, _ in Simulator(scenario, seed=100 + part).run(spans // parts):
-        body = request.SerializeToString()
-        writer.submit(decode_batch(body, "application/x-protobuf", False, len(body))).result()
-    writer.close()
+        sink.send(request.SerializeToString())
+    sink.close()
     return path
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from audit.cli import main
+from audit.cli import DbSink, main
 from audit.engine import AuditWindow, run_audit
 from audit.scenarios.output import read_truth
-from audit.store.writer import SpanStore, SpanWriter
-from collector_ext.ingest import decode_batch
 
 
 def simulated_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> tuple[str, list[dict]]:
@@ -21,11 +19,10 @@ def simulated_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> tu
 
 def store_requests(path: str, requests) -> str:
     """Append export requests to a store file the way the receivers would."""
-    writer = SpanWriter(SpanStore(path))
+    sink = DbSink(path)
     for r in requests:
-        body = r.SerializeToString()
-        writer.submit(decode_batch(body, "application/x-protobuf", False, len(body))).result()
-    writer.close()
+        sink.send(r.SerializeToString())
+    sink.close()
     return path
 
 

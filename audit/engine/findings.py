@@ -14,6 +14,7 @@ from .breaks import break_operations, stitch_breaks
 from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
+from .tables import temp_table
 
 _ORPHAN_OPS = """
 SELECT o.service, o.name, count(*), count(c.oid) FROM cand_orphans o
@@ -115,13 +116,6 @@ FROM findings
 """
 
 
-def _table(con: duckdb.DuckDBPyConnection, name: str, data: dict) -> None:
-    """A small Python-made table, as a temp table the SQL can join."""
-    con.register(f"{name}_arrow", pa.table(data))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_arrow")
-    con.unregister(f"{name}_arrow")
-
-
 class FindingBuilder:
     def __init__(self, con: duckdb.DuckDBPyConnection, window: AuditWindow, learned: Learned, config: AuditConfig,
                  progress):  # fmt: skip
@@ -135,7 +129,7 @@ class FindingBuilder:
         build_candidates(con, self.learned, config.default_skew_ms * 1e6)
         audited = self._audited_orphans()
         self.progress(f"stitching {len(audited):,} orphan roots")
-        _table(con, "stitched", stitch(con, self.learned, audited).table())
+        temp_table(con, "stitched", stitch(con, self.learned, audited).table())
         con.execute(_ORPHAN_ROWS, {"min_confidence": config.min_confidence})
         self._orphan_causes()
         self.progress("looking for in-process breaks")
@@ -154,7 +148,7 @@ class FindingBuilder:
             if config.is_configured_entry(service, name) or learned_entry:
                 entry_ops.append((service, name))
                 self.entrypoints.append(f"{service}:{name}")
-        _table(con, "entry_ops", {"service": pa.array([s for s, _ in entry_ops], pa.string()),
+        temp_table(con, "entry_ops", {"service": pa.array([s for s, _ in entry_ops], pa.string()),
                                   "name": pa.array([n for _, n in entry_ops], pa.string())})  # fmt: skip
         con.execute("CREATE OR REPLACE TEMP TABLE audited_orphans AS SELECT oid FROM cand_orphans o WHERE NOT EXISTS "
                     "(SELECT 1 FROM entry_ops e WHERE e.service = o.service AND e.name = o.name)")  # fmt: skip
@@ -191,13 +185,13 @@ class FindingBuilder:
         data["via_unknown_address"] = pa.array(data["via_unknown_address"], pa.bool_())
         for n in names[:-1]:
             data[n] = pa.array(data[n], pa.string())
-        _table(con, "orphan_causes", data | {"cause": pa.array(causes, pa.string())})
+        temp_table(con, "orphan_causes", data | {"cause": pa.array(causes, pa.string())})
 
     def _breaks(self) -> None:
         con = self.con
         found, jobs = break_operations(con, self.window.start_ns, self.window.end_ns)
         break_ops = [(s, n) for s, n in found if not self.config.is_configured_entry(s, n)]
         self.entrypoints += [f"{s}:{n}" for s, n in jobs + [op for op in found if op not in break_ops]]
-        _table(con, "break_ops", {"service": pa.array([s for s, _ in break_ops], pa.string()),
+        temp_table(con, "break_ops", {"service": pa.array([s for s, _ in break_ops], pa.string()),
                                   "name": pa.array([n for _, n in break_ops], pa.string())})  # fmt: skip
-        _table(con, "break_parents", stitch_breaks(con))
+        temp_table(con, "break_parents", stitch_breaks(con))

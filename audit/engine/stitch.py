@@ -20,6 +20,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
 from .learn import Learned
+from .tables import temp_table
 
 _BUCKET_NS = 100_000_000
 _P56 = float(1 << 56)
@@ -160,9 +161,8 @@ def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_s
 
 def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndarray) -> Stitched:
     """Assign parents to the given orphans (ids in cand_orphans; entry-point roots left out)."""
-    con.register("stitch_orphans", {"oid": orphan_ids})
+    temp_table(con, "stitch_orphans", {"oid": orphan_ids})
     cols = con.execute(_PAIR_ROWS + " WHERE p.oid IN (SELECT oid FROM stitch_orphans)").fetchnumpy()
-    con.unregister("stitch_orphans")
     n = len(cols["oid"])
     if n == 0:
         return Stitched(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))

@@ -7,6 +7,7 @@ import duckdb
 import pyarrow as pa
 
 from .learn import Learned
+from .tables import temp_table
 
 _KEYS = ("protocol", "server_address", "server_port", "peer_service", "rpc_service", "messaging_destination",
          "db_system")  # fmt: skip
@@ -46,7 +47,5 @@ def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
         "instrumented": pa.array(columns[len(_KEYS) + 1], type=pa.bool_()),
         "how": pa.array(columns[len(_KEYS) + 2], type=pa.string()),
     })  # fmt: skip
-    con.register("exit_target_map_arrow", table)
-    con.execute("CREATE OR REPLACE TEMP TABLE exit_target_map AS SELECT * FROM exit_target_map_arrow")
-    con.unregister("exit_target_map_arrow")
+    temp_table(con, "exit_target_map", table)
     con.execute(_EXIT_TARGETS, {"typical_lag": int(learned.default_lag.lag.quantile(0.0))})
