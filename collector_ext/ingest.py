@@ -89,6 +89,16 @@ def _worker_init() -> None:
     # Ctrl-C and SIGTERM are for the server process, which drains and then stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A server killed outright (kill -9, the OOM killer) cannot stop its pool: the worker would
+    # wait on its queue forever. It watches for being orphaned and goes too.
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
 
 class Ingestor:

@@ -8,6 +8,7 @@ import sys
 import threading
 
 import grpc
+import psutil
 import pytest
 
 from audit.serve_process import start_server, stop_server
@@ -86,9 +87,14 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path, rng):
         with Sender(f"127.0.0.1:{grpc_port}", rng) as sender:
             while len(sender.acked) < 10:
                 sender.first_ack.wait(0.05)
+            workers = psutil.Process(proc.pid).children()
+            assert workers, "serve runs decode workers by default"
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
         acked_total |= sender.acked
+        # its decode workers, orphaned, notice and exit instead of lingering
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"{len(alive)} decode worker(s) outlived the killed server"
         stored = stored_traces(db)
         missing = [t for t in acked_total if stored.get(t) != 50]
         assert not missing, f"{len(missing)} acknowledged traces lost after kill -9"
