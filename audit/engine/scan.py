@@ -14,15 +14,22 @@ from .config import AuditWindow
 # Where a span says it connects to. Older instrumentation names only the URL (`http.url`), and
 # `http.host` carries a port: both reduce to a host and a port so the two sides compare.
 _ADDRESS_MACROS = r"""
+CREATE OR REPLACE TEMP MACRO url_path(url) AS
+  nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), '');
 CREATE OR REPLACE TEMP MACRO url_host(url) AS
   nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)', 1), '');
-CREATE OR REPLACE TEMP MACRO peer_host(address, url) AS
-  regexp_replace(coalesce(address, url_host(url)), ':[0-9]+$', '');
-CREATE OR REPLACE TEMP MACRO peer_port(port, address, url) AS coalesce(
-  port,
-  try_cast(nullif(regexp_extract(address, '[^:]:([0-9]+)$', 1), '') AS INTEGER),
-  try_cast(nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*:([0-9]+)', 1), '') AS INTEGER),
-  CASE WHEN address IS NULL AND url ILIKE 'https://%' THEN 443 WHEN address IS NULL AND url ILIKE 'http://%' THEN 80 END);
+CREATE OR REPLACE TEMP MACRO host_port(address) AS address LIKE '%:%' AND address NOT LIKE '%:%:%';
+CREATE OR REPLACE TEMP MACRO peer_host(address, url) AS CASE
+  WHEN address IS NULL THEN url_host(url)
+  WHEN host_port(address) THEN split_part(address, ':', 1)
+  ELSE address END;
+CREATE OR REPLACE TEMP MACRO peer_port(port, address, url) AS CASE
+  WHEN port IS NOT NULL THEN port
+  WHEN address IS NOT NULL THEN CASE WHEN host_port(address) THEN try_cast(split_part(address, ':', 2) AS INTEGER) END
+  WHEN url IS NULL THEN NULL
+  ELSE coalesce(
+    try_cast(nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*:([0-9]+)', 1), '') AS INTEGER),
+    CASE WHEN url ILIKE 'https://%' THEN 443 WHEN url ILIKE 'http://%' THEN 80 END) END;
 """
 
 # The window's spans, slim: attributes stay in `spans` and are joined by rowid when needed.
@@ -79,7 +86,7 @@ FROM (
          peer_port(server_port, server_address, url_full) AS server_port,
          peer_service, rpc_system, rpc_service, rpc_method, messaging_system, messaging_destination,
          messaging_message_id, messaging_partition, messaging_offset, db_system,
-         nullif(regexp_extract(url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), '') AS url_path,
+         url_path(url_full) AS url_path,
          start_ns >= $wlo AS in_window
   FROM spans WHERE start_ns >= $lo AND start_ns < $whi AND kind IN ('CLIENT', 'PRODUCER')
     AND rowid NOT IN (SELECT rid FROM dropped)) e
@@ -97,8 +104,7 @@ FROM (
   SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
          sampling_threshold AS th, link_count, server_address, server_port, rpc_system, rpc_service, rpc_method,
          messaging_system, messaging_destination, messaging_message_id, messaging_partition, messaging_offset,
-         coalesce(url_path, nullif(regexp_extract(url_full, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*([^?#]*)', 1), ''))
-           AS url_path,
+         coalesce(url_path, url_path(url_full)) AS url_path,
          http_route, db_system
   FROM spans WHERE parent_span_id IS NULL AND start_ns >= $wlo AND start_ns < $whi
     AND rowid NOT IN (SELECT rid FROM dropped)) r
