@@ -157,6 +157,7 @@ def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_s
         con.execute(matched, {"b": _BUCKET_NS} if rank != RANK_EXACT else None)
         con.execute(joined)
         con.execute(fit)
+    con.execute("DROP TABLE cand_matched; DROP TABLE cand_joined")
 
 
 def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndarray) -> Stitched:

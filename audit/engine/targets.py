@@ -49,3 +49,4 @@ def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
     })  # fmt: skip
     temp_table(con, "exit_target_map", table)
     con.execute(_EXIT_TARGETS, {"typical_lag": int(learned.default_lag.lag.quantile(0.0))})
+    con.execute("DROP TABLE exits")  # xt holds it all now; at 10M spans, memory is the limit
