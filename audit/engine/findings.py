@@ -116,6 +116,11 @@ FROM findings
 """
 
 
+def _operations_table(con: duckdb.DuckDBPyConnection, name: str, operations: list[tuple[str, str]]) -> None:
+    temp_table(con, name, {"service": pa.array([s for s, _ in operations], pa.string()),
+                           "name": pa.array([n for _, n in operations], pa.string())})  # fmt: skip
+
+
 class FindingBuilder:
     def __init__(self, con: duckdb.DuckDBPyConnection, window: AuditWindow, learned: Learned, config: AuditConfig,
                  progress):  # fmt: skip
@@ -148,8 +153,7 @@ class FindingBuilder:
             if config.is_configured_entry(service, name) or learned_entry:
                 entry_ops.append((service, name))
                 self.entrypoints.append(f"{service}:{name}")
-        temp_table(con, "entry_ops", {"service": pa.array([s for s, _ in entry_ops], pa.string()),
-                                  "name": pa.array([n for _, n in entry_ops], pa.string())})  # fmt: skip
+        _operations_table(con, "entry_ops", entry_ops)
         con.execute("CREATE OR REPLACE TEMP TABLE audited_orphans AS SELECT oid FROM cand_orphans o WHERE NOT EXISTS "
                     "(SELECT 1 FROM entry_ops e WHERE e.service = o.service AND e.name = o.name)")  # fmt: skip
         return con.execute("SELECT oid FROM audited_orphans").fetchnumpy()["oid"].astype(np.int64)
@@ -192,6 +196,5 @@ class FindingBuilder:
         found, jobs = break_operations(con, self.window.start_ns, self.window.end_ns)
         break_ops = [(s, n) for s, n in found if not self.config.is_configured_entry(s, n)]
         self.entrypoints += [f"{s}:{n}" for s, n in jobs + [op for op in found if op not in break_ops]]
-        temp_table(con, "break_ops", {"service": pa.array([s for s, _ in break_ops], pa.string()),
-                                  "name": pa.array([n for _, n in break_ops], pa.string())})  # fmt: skip
+        _operations_table(con, "break_ops", break_ops)
         temp_table(con, "break_parents", stitch_breaks(con))
