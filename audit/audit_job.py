@@ -146,6 +146,20 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
             f"  {e.caller} -> {e.callee} ({e.protocol}{system}): {e.propagated:,}/{e.calls:,} propagated "
             f"({e.propagation_rate:.1%}), {e.stitched:,} stitched" + (f"; likely cause: {e.cause}" if e.cause else "")
         )
+    sampled = [s for s in result.sampling.get("services", [])
+               if s["parent_based"] is False or (s["root_inflation"]["value"] or 0) > 0]  # fmt: skip
+    if sampled:
+        lines.append("sampling (services whose roots are inflated or that ignore their callers' decision):")
+        for s in sampled:
+            inflation, dangling = s["root_inflation"], s["dangling_parent_rate"]
+            parts = []
+            if inflation["value"]:
+                parts.append(f"{inflation['value']:.1%} of {inflation['n']:,} roots are orphans "
+                             f"(95% CI {inflation['ci_low']:.1%}-{inflation['ci_high']:.1%})")  # fmt: skip
+            if s["parent_based"] is False:
+                rate = f"{dangling['value']:.1%}" if dangling["value"] is not None else "n/a"
+                parts.append(f"not parent-based: {rate} of spans with a parent have none stored")
+            lines.append(f"  {s['service']}: " + "; ".join(parts))
     groups: dict[tuple, int] = {}
     for kind, caller, callee, cause in zip(*(result.findings.column(k).to_pylist()
                                             for k in ("kind", "caller", "callee", "cause"))):  # fmt: skip

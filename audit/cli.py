@@ -270,7 +270,7 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
                    "delay (--settle). Use --all or --since to audit again, or --settle 0 if no more spans "
                    "will arrive.", err=True)  # fmt: skip
         if as_json:
-            click.echo(json.dumps({"schema_version": 1, "run": None, "findings": [], "edges": []}))
+            click.echo(json.dumps({"schema_version": 1, "run": None, "edges": [], "sampling": {}, "findings": []}))
         return
     if as_json:
         _echo_document(result)
@@ -285,7 +285,9 @@ def _echo_document(result) -> None:
 
     out = sys.stdout
     run, edges = json.dumps(result.run_dict()), json.dumps([e.to_dict() for e in result.edges])
-    out.write(f'{{"schema_version": {SCHEMA_VERSION},\n "run": {run},\n "edges": {edges},\n "findings": [')
+    sampling = json.dumps(result.sampling)
+    out.write(f'{{"schema_version": {SCHEMA_VERSION},\n "run": {run},\n "edges": {edges},\n "sampling": {sampling},\n'
+              ' "findings": [')
     for i, finding in enumerate(result.iter_findings()):
         out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(finding))
     out.write("\n ]}\n")

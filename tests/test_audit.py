@@ -71,7 +71,8 @@ def test_broken_edges_are_the_truths(shop):
 def test_the_document_keeps_its_contract(shop):
     _, _, result, _ = shop
     doc = result.to_dict()
-    assert doc.keys() == {"schema_version", "run", "findings", "edges"}
+    assert doc.keys() == {"schema_version", "run", "findings", "edges", "sampling"}
+    assert {s["service"] for s in doc["sampling"]["services"]} >= {"gateway", "recommendations", "fulfilment"}
     assert doc["schema_version"] == 1
     assert {"window_start", "window_end", "spans", "traces"} <= doc["run"].keys()
     assert doc["run"]["spans"] > 0 and doc["run"]["traces"] > 0

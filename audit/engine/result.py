@@ -100,6 +100,7 @@ class AuditResult:
     edges: list[Edge] = field(default_factory=list)
     entrypoints: list[str] = field(default_factory=list)  # learned or configured, "svc:operation"
     roots: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> entry/orphan/orphan_unattributed
+    sampling: dict = field(default_factory=dict)  # {"services": [...]}: audit/engine/sampling.py
     seconds: float = 0.0
     run_id: int | None = None
 
@@ -130,4 +131,5 @@ class AuditResult:
             "run": self.run_dict(),
             "findings": list(self.iter_findings()),
             "edges": [e.to_dict() for e in self.edges],
+            "sampling": self.sampling,
         }

@@ -36,7 +36,7 @@ CREATE OR REPLACE TEMP MACRO peer_port(port, address, url) AS CASE
 _WINDOW = """
 CREATE OR REPLACE TEMP TABLE w AS
 SELECT trace_id, span_id, parent_span_id, start_ns, end_ns, service_name AS service, kind, name,
-       protocol, link_count, sampling_threshold AS th, rowid AS rid,
+       protocol, link_count, sampling_threshold AS th, sampling_tracestate_invalid AS th_invalid, rowid AS rid,
        CASE WHEN kind = 'CONSUMER' THEN messaging_destination END AS destination
 FROM spans
 WHERE start_ns BETWEEN $lo AND $hi
