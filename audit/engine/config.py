@@ -33,7 +33,7 @@ class AuditConfig:
     min_confidence: float = 0.6
     # clock skew allowed on an edge whose skew could not be learned from propagated calls
     default_skew_ms: float = 50.0
-    # longest producer-to-consumer lag considered when an edge's lag could not be learned
+    # longest producer-to-consumer lag a stitching candidate may have (caps the learned lags' reach)
     default_max_lag_s: float = 60.0
     # a service whose roots have stitching candidates less often than this is an entry point
     entry_candidate_share: float = 0.05

@@ -131,7 +131,7 @@ class FindingBuilder:
         """Create the temp table `findings` (and `stitched`, `orphan_rows`, `break_parents`)."""
         con, config = self.con, self.config
         self.progress("finding stitching candidates")
-        build_candidates(con, self.learned, config.default_skew_ms * 1e6)
+        build_candidates(con, self.learned, config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9)
         audited = self._audited_orphans()
         self.progress(f"stitching {len(audited):,} orphan roots")
         temp_table(con, "stitched", stitch(con, self.learned, audited).table())

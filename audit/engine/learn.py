@@ -64,7 +64,6 @@ class Target:
 
 @dataclass
 class Learned:
-    services: set[str]  # every service.name in the window
     callee_services: set[str]  # services with SERVER/CONSUMER spans
     propagated_callee_ops: set[tuple[str, str]]  # (service, span name) that some caller propagated to
     addresses: dict[tuple[str, int | None], str] = field(default_factory=dict)  # from propagated calls
@@ -134,7 +133,6 @@ def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConf
     rng = {"lo": window.read_from_ns, "hi": window.read_to_ns}
     services = con.execute(_SERVICES).fetchall()
     learned = Learned(
-        services={s for s, _ in services},
         callee_services={s for s, callee in services if callee},
         propagated_callee_ops=set(con.execute(_PROPAGATED_CALLEE_OPS).fetchall()),
     )

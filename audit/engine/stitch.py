@@ -146,8 +146,10 @@ class Stitched:
         return {"oid": self.oid, "eid": self.eid, "confidence": self.confidence}
 
 
-def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float) -> None:
-    tol, max_lag = learned.sync_reach_ns(default_skew_ns), learned.lag_reach_ns()
+def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float,
+                     max_lag_ns: float) -> None:  # fmt: skip
+    # a lag model pooled and widened from other topics can reach minutes: cap it at the setting
+    tol, max_lag = learned.sync_reach_ns(default_skew_ns), min(learned.lag_reach_ns(), max_lag_ns)
     con.execute(_CANDIDATE_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
     con.execute(_CANDIDATE_ORPHANS)
     con.execute(_EXACT_ONLY)
