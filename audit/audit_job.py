@@ -30,8 +30,8 @@ class AuditSettings:
 
     @classmethod
     def load(cls, path: str | None, **overrides) -> AuditSettings:
-        """From an optional YAML file (keys: entrypoints, min_confidence, settle_s, context_s,
-        default_skew_ms, default_max_lag_s), then non-None overrides."""
+        """From an optional YAML file (keys: entrypoints, min_confidence, assume_sampling_probability,
+        settle_s, context_s, default_skew_ms, default_max_lag_s), then non-None overrides."""
         doc: dict = {}
         if path is not None:
             try:
@@ -43,7 +43,8 @@ class AuditSettings:
             if not isinstance(doc, dict):
                 raise AuditSettingsError(f"{path}: expected a mapping of settings")
         doc |= {k: v for k, v in overrides.items() if v is not None}
-        known = {"entrypoints", "min_confidence", "settle_s", "context_s", "default_skew_ms", "default_max_lag_s"}
+        known = {"entrypoints", "min_confidence", "assume_sampling_probability", "settle_s", "context_s",
+                 "default_skew_ms", "default_max_lag_s"}  # fmt: skip
         unknown = set(doc) - known
         if unknown:
             raise AuditSettingsError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -56,8 +57,11 @@ class AuditSettings:
             raise AuditSettingsError("min_confidence must be between 0 and 1")
         if settle < 0 or context < 0:
             raise AuditSettingsError("settle_s and context_s must not be negative")
-        return cls(AuditConfig(entrypoints=frozenset(entrypoints), **{k: float(v) for k, v in doc.items()}),
-                   settle, context)  # fmt: skip
+        assumed = doc.pop("assume_sampling_probability", None)
+        if assumed is not None and not (isinstance(assumed, (int, float)) and 0 < assumed <= 1):
+            raise AuditSettingsError("assume_sampling_probability must be a number in (0, 1]")
+        return cls(AuditConfig(entrypoints=frozenset(entrypoints), assume_sampling_probability=assumed,
+                               **{k: float(v) for k, v in doc.items()}), settle, context)  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self.config) | {"entrypoints": sorted(self.config.entrypoints), "settle_s": self.settle_s,

@@ -234,14 +234,18 @@ class _Time(click.ParamType):
               help="Real entry points (their roots are not orphans), besides those learned; repeatable.")  # fmt: skip
 @click.option("--min-confidence", type=click.FloatRange(0, 1),
               help="Name a probable parent only at this confidence or above [default: 0.6].")  # fmt: skip
+@click.option("--assume-probability", type=click.FloatRange(0, 1, min_open=True), metavar="P",
+              help="Sampling probability to assume for spans without ot=th in their tracestate "
+                   "[default: none; such spans are left out of the sampling figures and counted].")  # fmt: skip
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="YAML settings: entrypoints, min_confidence, settle_s, context_s, default_skew_ms, default_max_lag_s.")  # fmt: skip
+              help="YAML settings: entrypoints, min_confidence, assume_sampling_probability, settle_s, "
+                   "context_s, default_skew_ms, default_max_lag_s.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text.")
 @click.option("--no-save", is_flag=True, help="Do not store the run (opens the file read-only).")
 @click.option("--memory-limit", default="2GB", show_default=True,
               help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower).")  # fmt: skip
-def audit(db, since, until, from_first, settle, context, entrypoints, min_confidence, config_file, as_json,
-          no_save, memory_limit) -> None:  # fmt: skip
+def audit(db, since, until, from_first, settle, context, entrypoints, min_confidence, assume_probability,
+          config_file, as_json, no_save, memory_limit) -> None:  # fmt: skip
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
     parents, count every service edge, and save the run in DB.
 
@@ -252,7 +256,8 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
     listed = ",".join(entrypoints) if entrypoints else None
     try:
         settings = AuditSettings.load(config_file, entrypoints=listed, min_confidence=min_confidence,
-                                      settle_s=settle, context_s=context)  # fmt: skip
+                                      assume_sampling_probability=assume_probability, settle_s=settle,
+                                      context_s=context)  # fmt: skip
     except AuditSettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
     started = time.monotonic()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from audit.engine.sampling import wilson
+from audit.engine.estimate import wilson
 from tests.audit_helpers import audit_all, simulated_store
 
 

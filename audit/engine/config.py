@@ -37,6 +37,9 @@ class AuditConfig:
     default_max_lag_s: float = 60.0
     # a service whose roots have stitching candidates less often than this is an entry point
     entry_candidate_share: float = 0.05
+    # the sampling probability of spans without `ot=th`; None: their adjusted count is unknown,
+    # and the sampling figures leave them out (reporting how many there are)
+    assume_sampling_probability: float | None = None
 
     def is_configured_entry(self, service: str, operation: str) -> bool:
         return service in self.entrypoints or f"{service}:{operation}" in self.entrypoints

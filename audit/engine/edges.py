@@ -9,20 +9,28 @@ import duckdb
 
 from .result import Edge
 
-_EDGES = """
+# One row per exit in the window and callee it reached (or should have): the edges below count
+# them, and the sampling figures (sampling_edges.py) weigh them.
+_EDGE_CALLS = """
+CREATE OR REPLACE TEMP TABLE edge_calls AS
 WITH remapped AS (  -- (caller, unknown peer) -> the service its orphans belong to
   SELECT e.service AS caller, e.target, mode(o.service) AS service FROM orphan_rows o
   JOIN stitched s USING (oid) JOIN cand_exits e ON e.eid = s.eid
-  WHERE o.confidence IS NOT NULL AND NOT e.instrumented GROUP BY ALL),
-calls AS (
-  SELECT x.service AS caller, coalesce(r.service, x.target) AS callee, x.protocol,
-         any_value(coalesce(x.rpc_system, x.messaging_system, x.db_system)) AS system,
-         bool_or(x.instrumented OR r.service IS NOT NULL) AS instrumented, count(*) AS calls,
-         count(*) FILTER (WHERE CASE WHEN x.instrumented THEN x.continued_to_target
-                                     WHEN r.service IS NOT NULL THEN x.continued  -- a proxy in front of a service
-                                     ELSE NOT x.is_root END) AS propagated
-  FROM xt x LEFT JOIN remapped r ON r.caller = x.service AND r.target = x.target
-  WHERE x.in_window AND NOT x.pending GROUP BY ALL),
+  WHERE o.confidence IS NOT NULL AND NOT e.instrumented GROUP BY ALL)
+SELECT x.rid, x.trace_id, x.th, x.target, x.service AS caller, coalesce(r.service, x.target) AS callee, x.protocol,
+       coalesce(x.rpc_system, x.messaging_system, x.db_system) AS system,
+       x.instrumented OR r.service IS NOT NULL AS instrumented,
+       CASE WHEN x.instrumented THEN x.continued_to_target
+            WHEN r.service IS NOT NULL THEN x.continued  -- a proxy in front of a service
+            ELSE NOT x.is_root END AS propagated
+FROM xt x LEFT JOIN remapped r ON r.caller = x.service AND r.target = x.target
+WHERE x.in_window AND NOT x.pending
+"""
+_EDGES = """
+WITH calls AS (
+  SELECT caller, callee, protocol, any_value(system) AS system, bool_or(instrumented) AS instrumented,
+         count(*) AS calls, count(*) FILTER (WHERE propagated) AS propagated
+  FROM edge_calls GROUP BY ALL),
 stitched AS (
   SELECT caller, service AS callee, protocol, count(*) AS stitched FROM orphan_rows
   WHERE confidence IS NOT NULL GROUP BY ALL),
@@ -41,6 +49,8 @@ GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 
 
 def build_edges(con: duckdb.DuckDBPyConnection) -> list[Edge]:
+    """Create the temp table `edge_calls`; return the edges it adds up to."""
+    con.execute(_EDGE_CALLS)
     edges = []
     for caller, callee, protocol, system, instrumented, calls, propagated, stitched, cause in con.execute(
         _EDGES

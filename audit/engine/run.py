@@ -12,7 +12,7 @@ from .edges import build_edges
 from .findings import FINDINGS_SELECT, FindingBuilder
 from .learn import learn
 from .result import AuditResult
-from .sampling import service_sampling
+from .sampling import sampling_figures
 from .scan import scan
 from .targets import resolve_exits
 
@@ -35,7 +35,9 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     findings = con.sql(FINDINGS_SELECT + " ORDER BY start_ns, kind, span_id").to_arrow_table()
     roots = {service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
              for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()}  # fmt: skip
-    sampling = {"services": service_sampling(con, window.start_ns, window.end_ns)}
+    progress("estimating the sampling distortion")
+    sampling = sampling_figures(con, window.start_ns, window.end_ns, assumed=config.assume_sampling_probability,
+                                min_confidence=config.min_confidence)
     return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,
                        sorted(set(builder.entrypoints)), roots, sampling, time.monotonic() - started)  # fmt: skip
 

@@ -37,7 +37,7 @@ _WINDOW = """
 CREATE OR REPLACE TEMP TABLE w AS
 SELECT trace_id, span_id, parent_span_id, start_ns, end_ns, service_name AS service, kind, name,
        protocol, link_count, sampling_threshold AS th, sampling_tracestate_invalid AS th_invalid, rowid AS rid,
-       CASE WHEN kind = 'CONSUMER' THEN messaging_destination END AS destination
+       status_code = 'ERROR' AS error, CASE WHEN kind = 'CONSUMER' THEN messaging_destination END AS destination
 FROM spans
 WHERE start_ns BETWEEN $lo AND $hi
 """

@@ -71,6 +71,7 @@ class Operation(_Strict):
 class Sampler(_Strict):
     type: Literal["parent_based", "independent", "always_on"] = "parent_based"
     probability: float = Field(default=1.0, gt=0, le=1)  # of the root decision (parent_based) or every span
+    writes_threshold: bool = True  # False: an SDK that does not write `ot=th` to the tracestate
 
 
 class Service(_Strict):

@@ -61,6 +61,9 @@ class TruthRecord:
     hop: str | None  # "caller->callee" for such a span
     protocol: str | None
     linked: bool = False  # a consumer that started a new trace with a link to its producer
+    error: bool = False  # exported with status ERROR (or would have been)
+    start_ns: int = 0  # true times, before any clock skew
+    end_ns: int = 0
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -352,7 +355,8 @@ class Simulator:
             parent_span_id=s.parent.span_id.hex() if s.parent else None,
             true_parent_trace_id=tp.trace_id.hex() if tp else (s.parent.trace_id.hex() if s.parent else None),
             true_parent_span_id=tp.span_id.hex() if tp else (s.parent.span_id.hex() if s.parent else None),
-            cause=s.cause, hop=s.hop, protocol=s.protocol, linked=s.linked,
+            cause=s.cause, hop=s.hop, protocol=s.protocol, linked=s.linked, error=s.error,
+            start_ns=s.start_ns, end_ns=max(s.end_ns, s.start_ns),
         )  # fmt: skip
 
 
@@ -376,11 +380,12 @@ class _Batch:
             scope = rs.scope_spans.add()
             scope.scope.name = "ctxaudit.simulator"
             self.scopes[s.service] = scope
-        skew = int(self.scenario.services[s.service].clock_skew_ms * _MS)
+        service = self.scenario.services[s.service]
+        skew = int(service.clock_skew_ms * _MS)
         span = scope.spans.add(
             trace_id=s.trace_id, span_id=s.span_id, name=s.name, kind=s.kind,
             start_time_unix_nano=s.start_ns + skew, end_time_unix_nano=max(s.end_ns, s.start_ns) + skew,
-            trace_state=f"ot=th:{th_value(s.th)}",
+            trace_state=f"ot=th:{th_value(s.th)}" if service.sampler.writes_threshold else "",
             flags=0x101 | (0x200 if s.parent is not None and s.parent_remote else 0),
         )  # fmt: skip
         if s.parent is not None:
