@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .estimate import ADJUSTED_COUNT_MACRO, wilson
+from .estimate import ADJUSTED_COUNT_MACRO, ratio, ratio_sums, wilson
 from .sampling_edges import edge_sampling
 from .sampling_overall import overall_sampling
 
@@ -14,8 +14,7 @@ _PER_SERVICE = """
 WITH s AS (
   SELECT service, count(*) AS spans, count(*) FILTER (WHERE parent_span_id IS NULL) AS roots,
          count(*) FILTER (WHERE parent_span_id IS NOT NULL) AS with_parent,
-         count(th) AS known_th, count(*) FILTER (WHERE th_invalid) AS invalid_th,
-         count(th) / sum(adjusted_count(th, NULL)) AS probability
+         count(th) AS known_th, count(*) FILTER (WHERE th_invalid) AS invalid_th
   FROM w WHERE start_ns >= $wlo AND start_ns < $whi GROUP BY service),
 f AS (
   SELECT service, count(*) FILTER (WHERE kind = 'orphan_root') AS orphans,
@@ -25,7 +24,7 @@ h AS (  -- calls into the service that propagated: did it follow its caller's de
   SELECT callee AS service, count(*) AS entries,
          count(*) FILTER (WHERE entry_th IS DISTINCT FROM exit_th) AS threshold_differs
   FROM hops WHERE NOT via_link GROUP BY callee)
-SELECT s.service, s.spans, s.roots, s.with_parent, s.known_th, s.invalid_th, s.probability,
+SELECT s.service, s.spans, s.roots, s.with_parent, s.known_th, s.invalid_th,
        coalesce(f.orphans, 0), coalesce(f.dangling, 0), coalesce(h.entries, 0), coalesce(h.threshold_differs, 0)
 FROM s LEFT JOIN f USING (service) LEFT JOIN h USING (service) ORDER BY s.service
 """
@@ -43,10 +42,18 @@ def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
     }
 
 
+# the share of a service's spans that were kept: stored spans over their adjusted counts
+_KEPT = """
+SELECT service, trace_id AS cluster, adjusted_count(th, NULL) AS w, 1.0 / adjusted_count(th, NULL) AS a, 1 AS b
+FROM w WHERE start_ns >= $wlo AND start_ns < $whi
+"""
+
+
 def service_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> list[dict]:
     """One object per service, from the run's temp tables (w, findings, hops)."""
+    kept = ratio_sums(con, _KEPT, ("service",), {"wlo": start_ns, "whi": end_ns}, finite_population=True)
     out = []
-    for (service, spans, roots, with_parent, known_th, invalid_th, probability, orphans, dangling, entries,
+    for (service, spans, roots, with_parent, known_th, invalid_th, orphans, dangling, entries,
          differs) in con.execute(_PER_SERVICE, {"wlo": start_ns, "whi": end_ns}).fetchall():  # fmt: skip
         threshold_differs = wilson(differs, entries)
         # a ParentBased sampler keeps a propagated span exactly when its caller did, with the
@@ -58,7 +65,7 @@ def service_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int)
             "dangling_parent_rate": wilson(dangling, with_parent),
             "known_threshold_share": wilson(known_th, spans),
             "invalid_tracestate_spans": invalid_th,
-            "sampling_probability": None if probability is None else round(probability, 6),
+            "sampling_probability": ratio(*kept.get((service,), (0, 0.0, 0.0, 0.0, 0.0))[:4]),
             "threshold_differs_from_caller": threshold_differs,
             "parent_based": parent_based,
         })  # fmt: skip
