@@ -87,7 +87,7 @@ def truth_figures(truth: list[dict]) -> dict[tuple, float]:
     if errors:
         out[("hidden_error_share", ())] = sum(bool(root_cause.get(t["trace_id"])) for t in errors) / len(errors)
     if undercounts:
-        out[("latency_undercount", ())] = statistics.fmean(undercounts)
+        out[("latency_undercount", ())] = statistics.median(undercounts)
     services: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for t in truth:
         services[t["service"]][0] += 1

@@ -71,15 +71,17 @@ def ratio(n: int, numerator: float, denominator: float, variance: float) -> dict
     return _estimate(r, r / spread, r * spread, n)
 
 
-def mean(values: Sequence[float]) -> dict:
-    """A mean with its normal-approximation 95% interval."""
+def median(values: Sequence[float]) -> dict:
+    """A median with its distribution-free 95% interval: the order statistics that bracket it
+    with binomial(n, 1/2) probability of at least 95% (normal approximation of the ranks)."""
     n = len(values)
     if n == 0:
         return _estimate(None, None, None, 0)
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = _Z95 * sd / math.sqrt(n)
-    return _estimate(m, m - half, m + half, n)
+    xs = sorted(values)
+    mid = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    half = _Z95 * math.sqrt(n) / 2
+    lo, hi = max(0, math.floor(n / 2 - half) - 1), min(n - 1, math.ceil(n / 2 + half))
+    return _estimate(mid, xs[lo], xs[hi], n)
 
 
 def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str], params: dict | None = None,
@@ -110,3 +112,43 @@ def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[st
     for row in con.execute(sql, params or {}).fetchall():
         out[tuple(row[: len(keys)])] = tuple(row[len(grouped):])
     return out
+
+
+def kept_shares(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str],
+                params: dict | None = None) -> dict[tuple, tuple[float, float, float]]:  # fmt: skip
+    """Per group of `keys`: (m, N, V) where m = sum(s) counts the stored units, N = sum(s*w)
+    estimates how many there were (Horvitz-Thompson), and V estimates the variance of m/N, the
+    share that was kept, from N's: V(N) = sum over clusters of (1 - p_c) * (sum of s*w)^2.
+
+    `units_sql` yields `keys`, `cluster`, `w` (adjusted count) and `s` (the unit's multiplicity,
+    below 1 for a unit shared among groups); units with NULL w are skipped."""
+    k = ", ".join(keys)
+    sql = f"""
+    WITH c AS (SELECT {k}, sum(s)::DOUBLE AS m, sum(s * w)::DOUBLE AS total, least(1.0, count(*) / sum(w)) AS p
+               FROM ({units_sql}) WHERE w IS NOT NULL GROUP BY {k}, cluster)
+    SELECT {k}, sum(m), sum(total), sum((1.0 - p) * total * total) FROM c GROUP BY {k}
+    """
+    out = {}
+    for row in con.execute(sql, params or {}).fetchall():
+        m, total, var_total = row[len(keys):]
+        share = m / total if total else 0.0
+        out[tuple(row[: len(keys)])] = (m, total, share * share * var_total / (total * total) if total else 0.0)
+    return out
+
+
+def proportion_from(value: float, variance: float, n: int, kish_n: float | None = None) -> dict:
+    """A proportion estimated some other way, with its variance: Wilson at the effective n."""
+    if n == 0:
+        return _estimate(None, None, None, 0)
+    p = min(1.0, max(0.0, value))
+    n_eff = p * (1 - p) / variance if variance > 0 and 0 < p < 1 else (kish_n or n)
+    return _estimate(p, *wilson_interval(p, max(n_eff, 1e-9)), n)
+
+
+def share_ratio(m: float, total: float, variance: float, n: int) -> dict:
+    """m/N from kept_shares, with a normal interval (the share is not a binomial count)."""
+    if not total:
+        return _estimate(None, None, None, n)
+    share = m / total
+    half = _Z95 * math.sqrt(max(variance, 0.0))
+    return _estimate(share, max(0.0, share - half), min(1.0, share + half), n)

@@ -36,8 +36,7 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     roots = {service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
              for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()}  # fmt: skip
     progress("estimating the sampling distortion")
-    sampling = sampling_figures(con, window.start_ns, window.end_ns, assumed=config.assume_sampling_probability,
-                                min_confidence=config.min_confidence)
+    sampling = sampling_figures(con, window.start_ns, window.end_ns, config.assume_sampling_probability)
     return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,
                        sorted(set(builder.entrypoints)), roots, sampling, time.monotonic() - started)  # fmt: skip
 

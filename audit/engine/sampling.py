@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .estimate import ADJUSTED_COUNT_MACRO, ratio, ratio_sums, wilson
+from .estimate import ADJUSTED_COUNT_MACRO, kept_shares, share_ratio, wilson
 from .sampling_edges import edge_sampling
 from .sampling_overall import overall_sampling
 
@@ -30,28 +30,27 @@ FROM s LEFT JOIN f USING (service) LEFT JOIN h USING (service) ORDER BY s.servic
 """
 
 
-def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, *, assumed: float | None,
-                     min_confidence: float) -> dict:  # fmt: skip
+def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None) -> dict:
     """The result document's `sampling` object. `assumed`: the sampling probability of spans
     without `ot=th` (None: their adjusted count is unknown and they are left out of weighted figures)."""
     con.execute(ADJUSTED_COUNT_MACRO)
     return {
         "services": service_sampling(con, start_ns, end_ns),
-        "edges": edge_sampling(con, start_ns, end_ns, assumed, min_confidence),
+        "edges": edge_sampling(con, start_ns, end_ns, assumed),
         "overall": overall_sampling(con, start_ns, end_ns, assumed),
     }
 
 
 # the share of a service's spans that were kept: stored spans over their adjusted counts
 _KEPT = """
-SELECT service, trace_id AS cluster, adjusted_count(th, NULL) AS w, 1.0 / adjusted_count(th, NULL) AS a, 1 AS b
+SELECT service, trace_id AS cluster, adjusted_count(th, NULL) AS w, 1.0 AS s
 FROM w WHERE start_ns >= $wlo AND start_ns < $whi
 """
 
 
 def service_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> list[dict]:
     """One object per service, from the run's temp tables (w, findings, hops)."""
-    kept = ratio_sums(con, _KEPT, ("service",), {"wlo": start_ns, "whi": end_ns}, finite_population=True)
+    kept = kept_shares(con, _KEPT, ("service",), {"wlo": start_ns, "whi": end_ns})
     out = []
     for (service, spans, roots, with_parent, known_th, invalid_th, orphans, dangling, entries,
          differs) in con.execute(_PER_SERVICE, {"wlo": start_ns, "whi": end_ns}).fetchall():  # fmt: skip
@@ -65,7 +64,7 @@ def service_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int)
             "dangling_parent_rate": wilson(dangling, with_parent),
             "known_threshold_share": wilson(known_th, spans),
             "invalid_tracestate_spans": invalid_th,
-            "sampling_probability": ratio(*kept.get((service,), (0, 0.0, 0.0, 0.0, 0.0))[:4]),
+            "sampling_probability": share_ratio(*kept.get((service,), (0, 0.0, 0.0)), known_th),
             "threshold_differs_from_caller": threshold_differs,
             "parent_based": parent_based,
         })  # fmt: skip

@@ -8,51 +8,75 @@ from __future__ import annotations
 
 import duckdb
 
-from .estimate import proportion, ratio, ratio_sums
+from .estimate import kept_shares, proportion, proportion_from, ratio, ratio_sums
 
-# The callee's entries from each caller: propagated ones (a parent in the caller, or a link to
-# it; or a parent that was not stored), and orphans attributed to the caller (stitched, or by
-# their operation's usual caller).
+# Where the callee's orphans came from. A stitched orphan comes from its parent's service.
+# One without a parent (usually: its caller's exit was not sampled) is shared among the callers
+# that dropped context to its service, in proportion to their dropped calls that were not
+# stored, sum(w - 1) over their stored unpaired exits; without thresholds, its usual caller.
+_ORPHAN_SOURCES = """
+CREATE OR REPLACE TEMP TABLE orphan_sources AS
+WITH unseen AS (
+  SELECT caller, callee, protocol, sum(adjusted_count(th, $assumed) - 1) AS unseen
+  FROM edge_calls WHERE instrumented AND NOT propagated GROUP BY ALL),
+shares AS (
+  SELECT caller, callee, protocol, unseen / sum(unseen) OVER (PARTITION BY callee, protocol) AS share
+  FROM unseen WHERE unseen > 0)
+SELECT o.rid, o.caller, o.service AS callee, o.protocol, o.parent_trace_id AS cluster, 1.0 AS share
+FROM orphan_rows o WHERE o.confidence IS NOT NULL
+UNION ALL
+SELECT o.rid, coalesce(s.caller, o.caller), o.service, o.protocol, o.trace_id, coalesce(s.share, 1.0)
+FROM orphan_rows o LEFT JOIN shares s ON s.callee = o.service AND s.protocol = o.protocol
+WHERE o.confidence IS NULL AND coalesce(s.caller, o.caller) IS NOT NULL
+"""
+# The callee's entries from each caller: propagated ones (a parent in the caller, a link to it,
+# or a parent that was not stored: attributed to the operation's usual caller), and orphans.
 # An entry's adjusted count is its own: the callee's sampler decided it, or inherited it.
 _ENTRIES = """
 CREATE OR REPLACE TEMP TABLE edge_entries AS
 SELECT h.caller, h.callee, h.protocol, c.trace_id AS cluster, c.th, adjusted_count(c.th, $assumed) AS w,
-       true AS propagated
+       1.0 AS share, true AS propagated
 FROM hops h JOIN w c ON c.rid = h.entry_rid
 WHERE c.start_ns >= $wlo AND c.start_ns < $whi
 UNION ALL
-SELECT o.caller, o.service, o.protocol, coalesce(o.parent_trace_id, o.trace_id), r.th,
-       adjusted_count(r.th, $assumed), false
-FROM orphan_rows o JOIN roots r USING (rid)
-WHERE o.caller IS NOT NULL
-UNION ALL  -- entries whose parent was not stored (a sampler that ignored it): from the usual caller
-SELECT u.caller, d.service, u.protocol, d.trace_id, d.th, adjusted_count(d.th, $assumed), true
+SELECT u.caller, d.service, u.protocol, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0, true
 FROM dangling d JOIN (
   SELECT c.service, c.name, mode(h.caller) AS caller, mode(h.protocol) AS protocol
   FROM hops h JOIN w c ON c.rid = h.entry_rid WHERE NOT h.via_link GROUP BY ALL) u USING (service, name)
 WHERE d.kind IN ('SERVER', 'CONSUMER')
+UNION ALL
+SELECT o.caller, o.callee, o.protocol, coalesce(o.cluster, r.trace_id), r.th, adjusted_count(r.th, $assumed),
+       o.share, false
+FROM orphan_sources o JOIN roots r USING (rid)
 """
 _KEYS = ("caller", "callee", "protocol")
 
-_PROPAGATION = "SELECT caller, callee, protocol, cluster, w, propagated AS a, 1 AS b FROM edge_entries"
-# per stored exit: did the callee's side of the call get stored too (continued, or stitched)?
-_CAPTURE = """
-SELECT c.caller, c.callee, c.protocol, c.trace_id AS cluster, 1 AS w, c.propagated OR s.rid IS NOT NULL AS a, 1 AS b
-FROM edge_calls c
-LEFT JOIN (SELECT DISTINCT e.rid, e.target FROM stitched s JOIN cand_exits e USING (eid)
-           WHERE s.confidence >= $min_confidence) s ON s.rid = c.rid AND s.target = c.target
-WHERE c.instrumented
+_PROPAGATION = "SELECT caller, callee, protocol, cluster, w * share AS w, propagated AS a, 1 AS b FROM edge_entries"
+_EXITS = """
+SELECT caller, callee, protocol, count(*), count(*) FILTER (WHERE propagated) FROM edge_calls
+WHERE instrumented GROUP BY ALL
 """
-_UPSTREAM_MISSING = """
-SELECT caller, service AS callee, protocol, trace_id AS cluster, 1 AS w, confidence IS NULL AS a, 1 AS b
-FROM orphan_rows WHERE caller IS NOT NULL
+# edges whose callee kept every propagated call with its caller's threshold: it follows its
+# caller's decision, so every exit it did not continue lost its context
+_FOLLOWS = """
+SELECT caller, callee, protocol FROM hops WHERE NOT via_link GROUP BY ALL
+HAVING count(*) FILTER (WHERE entry_th IS DISTINCT FROM exit_th) = 0
+"""
+# how often the callee keeps the root of an orphan from this caller, and how often the caller
+# keeps an exit whose context the callee did not get (over the caller's unpaired exits)
+_ORPHANS_KEPT = """
+SELECT caller, callee, protocol, cluster, w, share AS s FROM edge_entries WHERE NOT propagated
+"""
+_UNPAIRED_KEPT = """
+SELECT caller, callee, protocol, trace_id AS cluster, adjusted_count(th, $assumed) AS w, 1.0 AS s
+FROM edge_calls WHERE instrumented AND NOT propagated
 """
 # adjusted counts of the caller's exits (a) against those of the callee's entries (b)
 _VOLUME = """
 SELECT caller, callee, protocol, trace_id AS cluster, adjusted_count(th, $assumed) AS w, 1 AS a, 0 AS b
 FROM edge_calls WHERE instrumented
 UNION ALL
-SELECT caller, callee, protocol, cluster, w, 0, 1 FROM edge_entries
+SELECT caller, callee, protocol, cluster, w * share, 0, 1 FROM edge_entries
 """
 _UNKNOWN = """
 SELECT caller, callee, protocol, count(*), count(*) FILTER (WHERE th IS NULL) FROM (
@@ -65,29 +89,67 @@ def _protocol(raw: str | None) -> str:
     return raw if raw in ("http", "grpc", "rpc", "messaging", "db") else "unknown"
 
 
-def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
-                  min_confidence: float) -> list[dict]:  # fmt: skip
+def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None) -> list[dict]:
     """One object per edge between services, ordered by caller, callee and protocol."""
-    con.execute(_ENTRIES, {"wlo": start_ns, "whi": end_ns, "assumed": assumed})
     params = {"assumed": assumed}
+    con.execute(_ORPHAN_SOURCES, params)
+    con.execute(_ENTRIES, {"wlo": start_ns, "whi": end_ns, "assumed": assumed})
     propagation = ratio_sums(con, _PROPAGATION, _KEYS)
-    capture = ratio_sums(con, _CAPTURE, _KEYS, {"min_confidence": min_confidence})
-    upstream = ratio_sums(con, _UPSTREAM_MISSING, _KEYS)
     volume = ratio_sums(con, _VOLUME, _KEYS, params, finite_population=True)
+    orphans_kept = kept_shares(con, _ORPHANS_KEPT, _KEYS)
+    unpaired_kept = kept_shares(con, _UNPAIRED_KEPT, _KEYS, params)
+    exits = {tuple(r[:3]): r[3:] for r in con.execute(_EXITS).fetchall()}
+    follows = set(con.execute(_FOLLOWS).fetchall())
     unknown = {tuple(r[:3]): r[3:] for r in con.execute(_UNKNOWN).fetchall()}
-    none = (0, 0.0, 0.0, 0.0, 0.0)
     out = []
     for key in sorted(unknown, key=lambda k: tuple(x or "" for x in k)):
-        caller, callee, protocol = key
         spans, without_th = unknown[key]
-        n, num, den, var, _ = volume.get(key, none)
+        n, num, den, var, _ = volume.get(key, _NONE)
+        prop = propagation.get(key, _NONE)
         out.append({
-            "caller": caller, "callee": callee, "protocol": _protocol(protocol),
-            "propagation_rate": proportion(*propagation.get(key, none)),
-            "conditional_capture_rate": proportion(*capture.get(key, none)),
-            "upstream_missing_share": proportion(*upstream.get(key, none)),
+            "caller": key[0], "callee": key[1], "protocol": _protocol(key[2]),
+            "propagation_rate": proportion(*prop),
+            "conditional_capture_rate": _capture(exits.get(key, (0, 0)), prop, orphans_kept.get(key), key in follows),
+            "upstream_missing_share": _upstream_missing(orphans_kept.get(key), unpaired_kept.get(key)),
             "volume_ratio": ratio(n, num, den, var),
             "caller_exits_adjusted": round(num, 1), "callee_entries_adjusted": round(den, 1),
             "unknown_adjusted_count_share": round(without_th / spans, 6) if spans else None,
         })  # fmt: skip
     return out
+
+
+_NONE = (0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _capture(exits: tuple[int, int], propagation: tuple, orphans_kept: tuple | None, follows: bool) -> dict:
+    """P(callee side stored | caller's exit stored) = (c + d * p_B) / n over the caller's n stored
+    exits: c continued; d lost their context, and the callee kept the new root of such a call
+    with probability p_B (from the thresholds of the orphans it kept: the new root has fresh
+    randomness). d = n - c when the callee follows its caller's decision (nothing propagated is
+    then missing); otherwise d = n * (1 - pi), pi the propagation rate: dropping context does
+    not depend on the caller's sampling decision."""
+    n, continued = exits
+    if n == 0:
+        return proportion_from(0.0, 0.0, 0)
+    _, num, den, var_pi, _ = propagation
+    m, total, var_b = orphans_kept or (0, 0.0, 0.0)
+    p_b = m / total if total else 0.0
+    if follows:
+        dropped = (n - continued) / n
+        variance = dropped * p_b * (1 - p_b) / n + dropped * dropped * var_b
+    else:
+        dropped = 1 - (num / den if den else 1.0)
+        seen = continued / n
+        variance = seen * (1 - seen) / n + p_b * p_b * var_pi + dropped * dropped * var_b
+    return proportion_from(continued / n + dropped * p_b, variance, n)
+
+
+def _upstream_missing(orphans_kept: tuple | None, unpaired_kept: tuple | None) -> dict:
+    """1 - p_A: an orphan's upstream exit was stored exactly when the caller's sampler kept it,
+    which it does with the rate it kept its unpaired exits at (stored over adjusted count)."""
+    if not orphans_kept or not unpaired_kept or not unpaired_kept[1]:
+        return proportion_from(0.0, 0.0, 0)
+    orphans = orphans_kept[0]
+    kept, total, variance = unpaired_kept
+    p_a = kept / total
+    return proportion_from(1 - p_a, variance + p_a * (1 - p_a) / max(orphans, 1.0), round(orphans))

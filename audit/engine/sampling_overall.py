@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .estimate import mean, proportion, ratio, ratio_sums
+from .estimate import median, proportion, ratio, ratio_sums
 
 # roots that begin a fragment: orphans and in-process breaks (with the trace they were stitched to)
 _FRAGMENTS = """
@@ -32,10 +32,16 @@ SELECT r.trace_id AS cluster, 1 AS w, r.trace_id NOT IN (SELECT trace_id FROM in
 FROM roots r
 WHERE NOT r.linked AND NOT EXISTS (SELECT 1 FROM fragments f WHERE f.trace_id = r.trace_id AND f.span_id = r.span_id)
 """
+# An error span counts when its trace's root is stored too (else nothing tells a fragment from
+# an entry trace). Under consistent sampling both are kept with probability min(p_span, p_root):
+# its adjusted count is the larger of the two.
 _HIDDEN_ERRORS = """
-SELECT trace_id AS cluster, adjusted_count(th, $assumed) AS w,
-       trace_id IN (SELECT trace_id FROM fragments) AS a, 1 AS b
-FROM w WHERE error AND start_ns >= $wlo AND start_ns < $whi
+SELECT e.trace_id AS cluster, greatest(adjusted_count(e.th, $assumed), adjusted_count(r.th, $assumed)) AS w,
+       f.span_id IS NOT NULL AS a, 1 AS b
+FROM w e
+JOIN w r ON r.trace_id = e.trace_id AND r.parent_span_id IS NULL
+LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
+WHERE e.error AND e.start_ns >= $wlo AND e.start_ns < $whi
 """
 # Extents of the traces that fragments were stitched to, and of the fragments themselves.
 _EXTENTS = """
@@ -76,7 +82,8 @@ def _proportion(con, units_sql: str, params: dict) -> dict:
 
 def _latency_undercount(con: duckdb.DuckDBPyConnection) -> dict:
     """Per stored request with stitched fragments: how much later its last fragment ended than
-    its entry trace did, relative to the whole request's duration (mean, with the mean in ms)."""
+    its entry trace did, relative to the whole request's duration. The median (and the median
+    in ms): robust to the few fragments stitched to the wrong request."""
     extent = {(hi, lo): (start, end) for hi, lo, start, end in con.execute(_EXTENTS).fetchall()}
     parent = {(hi, lo): None if phi is None else (phi, plo)
               for hi, lo, phi, plo in con.execute(_STITCHED).fetchall()}  # fmt: skip
@@ -94,6 +101,6 @@ def _latency_undercount(con: duckdb.DuckDBPyConnection) -> dict:
         under = max(0, real_end - trace_end)
         relative.append(under / (real_end - start) if real_end > start else 0.0)
         absolute.append(under / 1e6)
-    figure = mean(relative)
-    figure["mean_ms"] = round(sum(absolute) / len(absolute), 3) if absolute else None
+    figure = median(relative)
+    figure["median_ms"] = median(absolute)["value"]
     return figure
