@@ -1,17 +1,21 @@
 """Estimates with 95% intervals, for the sampling figures (docs/sampling.md, "Intervals").
 
-Stored spans are a sample: each one stands for 1/p spans (its adjusted count, from `ot=th`).
-A figure is a ratio of two weighted sums over sampled units, R = sum(w*a) / sum(w*b): a
-proportion when b = 1 and a is 0 or 1, a ratio of two totals otherwise. Its variance comes
-from the delta method (linearization), summed over clusters, since the spans of one trace are
-kept or dropped together:
+Stored spans are a sample: each one stands for w = 1/p spans (its adjusted count, from
+`ot=th`). A figure is a ratio of two weighted sums over sampled units, R = sum(w*a) / sum(w*b):
+a proportion when b = 1 and a is 0 or 1, a ratio of two totals otherwise. Its variance comes
+from the delta method (linearization) with z_i = w_i * (a_i - R * b_i):
 
-    V(R) = sum over clusters c of f_c * (sum over units i in c of w_i * (a_i - R * b_i))^2 / sum(w*b)^2
+    V(R) = sum over clusters c of  sum over i, j in c of  z_i * z_j * (1 - max(p_i, p_j))  / sum(w*b)^2
 
-f_c = 1 describes the process (how often the hop loses context); f_c = 1 - p_c (the finite
-population correction) describes this window's traffic, whose totals are fixed and only
-unseen because of sampling. Proportions get a Wilson interval at the effective sample size
-R(1 - R) / V; ratios a log-normal interval. The SQL does the sums, however many units there are.
+Spans of one trace are kept on the same 56 bits of randomness (consistent probability
+sampling): two of them are both kept with probability min(p_i, p_j), hence the pairwise
+term, which is (1 - p) * (sum of z)^2 when a trace has one threshold. That is the variance
+over sampling alone (`finite_population`): right for totals that are fixed, like the calls on
+an edge in this window. For rates of a process (how often a hop loses context) the outcome
+is random too, and the terms lose the (1 - max p) factor: the clusters are then the logical
+requests, as far as stitching joined them. Proportions get a Wilson interval at the effective
+sample size R(1 - R) / V; ratios a log-normal interval. The SQL does the sums, however many
+units there are.
 """
 
 from __future__ import annotations
@@ -84,6 +88,18 @@ def median(values: Sequence[float]) -> dict:
     return _estimate(mid, xs[lo], xs[hi], n)
 
 
+def _pairwise_variance_sql(keys: str, units: str) -> str:
+    """Per group of `keys`, sum over clusters of sum over pairs i, j of z_i z_j (1 - max(p_i, p_j)),
+    from `units` (columns keys, cluster, z, p): sorted by p within a cluster, unit k pairs with
+    itself and, twice, with every unit before it, all at its own (larger) p."""
+    return f"""
+    SELECT {keys}, sum((1.0 - p) * z * (z + 2 * before)) AS v FROM (
+      SELECT *, coalesce(sum(z) OVER (PARTITION BY {keys}, cluster ORDER BY p
+                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+      FROM ({units})) GROUP BY {keys}
+    """
+
+
 def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str], params: dict | None = None,
                *, finite_population: bool = False) -> dict[tuple, tuple[int, float, float, float, float]]:  # fmt: skip
     """Per group of `keys`: (units, sum(w*a), sum(w*b), V(R), Kish's effective n).
@@ -95,18 +111,19 @@ def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[st
         units_sql = f"SELECT 0 AS g, * FROM ({units_sql})"
     k = ", ".join(grouped)
     on = " AND ".join(f"t.{key} = u.{key}" for key in grouped)
-    fpc = "1.0 - least(1.0, avg(1.0 / u.w))" if finite_population else "1.0"
+    p = "1.0 / u.w" if finite_population else "0.0"
+    z_units = f"""SELECT {", ".join(f"u.{key}" for key in grouped)}, u.cluster, {p} AS p,
+                         u.w * (u.a - CASE WHEN t.den > 0 THEN t.num / t.den ELSE 0 END * u.b) AS z
+                  FROM u JOIN t ON {on}"""
     sql = f"""
     WITH u AS (SELECT {k}, cluster, w::DOUBLE AS w, a::DOUBLE AS a, b::DOUBLE AS b
                FROM ({units_sql}) WHERE w IS NOT NULL),
     t AS (SELECT {k}, count(*) AS n, sum(w * a) AS num, sum(w * b) AS den,
                  sum(w) * sum(w) / sum(w * w) AS kish FROM u GROUP BY ALL),
-    z AS (SELECT {", ".join(f"u.{key}" for key in grouped)}, u.cluster,
-                 sum(u.w * (u.a - CASE WHEN t.den > 0 THEN t.num / t.den ELSE 0 END * u.b)) AS z, {fpc} AS f
-          FROM u JOIN t ON {on} GROUP BY ALL)
-    SELECT {", ".join(f"t.{key}" for key in grouped)}, any_value(t.n), any_value(t.num), any_value(t.den),
-           coalesce(sum(z.f * z.z * z.z) / nullif(any_value(t.den) * any_value(t.den), 0), 0), any_value(t.kish)
-    FROM t JOIN z ON {on.replace("u.", "z.")} GROUP BY {", ".join(f"t.{key}" for key in grouped)}
+    v AS ({_pairwise_variance_sql(k, z_units)})
+    SELECT {", ".join(f"t.{key}" for key in grouped)}, t.n, t.num, t.den,
+           coalesce(v.v / nullif(t.den * t.den, 0), 0), t.kish
+    FROM t JOIN v ON {on.replace("u.", "v.")}
     """
     out = {}
     for row in con.execute(sql, params or {}).fetchall():
@@ -118,15 +135,17 @@ def kept_shares(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[s
                 params: dict | None = None) -> dict[tuple, tuple[float, float, float]]:  # fmt: skip
     """Per group of `keys`: (m, N, V) where m = sum(s) counts the stored units, N = sum(s*w)
     estimates how many there were (Horvitz-Thompson), and V estimates the variance of m/N, the
-    share that was kept, from N's: V(N) = sum over clusters of (1 - p_c) * (sum of s*w)^2.
+    share that was kept, from N's variance over sampling (the pairwise sum with z = s*w).
 
     `units_sql` yields `keys`, `cluster`, `w` (adjusted count) and `s` (the unit's multiplicity,
     below 1 for a unit shared among groups); units with NULL w are skipped."""
     k = ", ".join(keys)
     sql = f"""
-    WITH c AS (SELECT {k}, sum(s)::DOUBLE AS m, sum(s * w)::DOUBLE AS total, least(1.0, count(*) / sum(w)) AS p
-               FROM ({units_sql}) WHERE w IS NOT NULL GROUP BY {k}, cluster)
-    SELECT {k}, sum(m), sum(total), sum((1.0 - p) * total * total) FROM c GROUP BY {k}
+    WITH u AS (SELECT {k}, cluster, w::DOUBLE AS w, s::DOUBLE AS s FROM ({units_sql}) WHERE w IS NOT NULL),
+    t AS (SELECT {k}, sum(s) AS m, sum(s * w) AS total FROM u GROUP BY ALL),
+    v AS ({_pairwise_variance_sql(k, f"SELECT {k}, cluster, 1.0 / w AS p, s * w AS z FROM u")})
+    SELECT {", ".join(f"t.{key}" for key in keys)}, t.m, t.total, v.v
+    FROM t JOIN v ON {" AND ".join(f"t.{key} = v.{key}" for key in keys)}
     """
     out = {}
     for row in con.execute(sql, params or {}).fetchall():

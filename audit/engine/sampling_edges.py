@@ -34,33 +34,50 @@ WHERE o.confidence IS NULL AND coalesce(s.caller, o.caller) IS NOT NULL
 # An entry's adjusted count is its own: the callee's sampler decided it, or inherited it.
 _ENTRIES = """
 CREATE OR REPLACE TEMP TABLE edge_entries AS
-SELECT h.caller, h.callee, h.protocol, c.trace_id AS cluster, c.th, adjusted_count(c.th, $assumed) AS w,
-       1.0 AS share, true AS propagated
+SELECT h.caller, h.callee, h.protocol, c.trace_id AS cluster, c.trace_id AS trace, c.th,
+       adjusted_count(c.th, $assumed) AS w, 1.0 AS share, true AS propagated
 FROM hops h JOIN w c ON c.rid = h.entry_rid
 WHERE c.start_ns >= $wlo AND c.start_ns < $whi
 UNION ALL
-SELECT u.caller, d.service, u.protocol, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0, true
+SELECT u.caller, d.service, u.protocol, d.trace_id, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0, true
 FROM dangling d JOIN (
   SELECT c.service, c.name, mode(h.caller) AS caller, mode(h.protocol) AS protocol
   FROM hops h JOIN w c ON c.rid = h.entry_rid WHERE NOT h.via_link GROUP BY ALL) u USING (service, name)
 WHERE d.kind IN ('SERVER', 'CONSUMER')
 UNION ALL
-SELECT o.caller, o.callee, o.protocol, coalesce(o.cluster, r.trace_id), r.th, adjusted_count(r.th, $assumed),
-       o.share, false
+SELECT o.caller, o.callee, o.protocol, coalesce(o.cluster, r.trace_id), r.trace_id, r.th,
+       adjusted_count(r.th, $assumed), o.share, false
 FROM orphan_sources o JOIN roots r USING (rid)
 """
 _KEYS = ("caller", "callee", "protocol")
+
+# The variance that sharing out unstitched orphans adds to a caller's weighted orphan count:
+# O^2 * V(s_A), s_A = U_A / U with U_A = sum(w - 1) over the caller's unpaired exits (V(U_A) =
+# sum(w * (w - 1)), over sampling) and O the callee's weighted unstitched orphans.
+_ALLOCATION = """
+WITH x AS (
+  SELECT caller, callee, protocol, sum(adjusted_count(th, $assumed) - 1) AS u,
+         sum(adjusted_count(th, $assumed) * (adjusted_count(th, $assumed) - 1)) AS v
+  FROM edge_calls WHERE instrumented AND NOT propagated GROUP BY ALL),
+t AS (SELECT callee, protocol, sum(u) AS u, sum(v) AS v FROM x WHERE u > 0 GROUP BY ALL),
+o AS (SELECT o.service AS callee, o.protocol, sum(adjusted_count(r.th, $assumed)) AS o
+      FROM orphan_rows o JOIN roots r USING (rid) WHERE o.confidence IS NULL GROUP BY ALL)
+SELECT x.caller, x.callee, x.protocol,
+       o.o * o.o * ((t.u - x.u) ^ 2 * x.v + x.u ^ 2 * (t.v - x.v)) / t.u ^ 4
+FROM x JOIN t USING (callee, protocol) JOIN o USING (callee, protocol) WHERE x.u > 0
+"""
 
 _PROPAGATION = "SELECT caller, callee, protocol, cluster, w * share AS w, propagated AS a, 1 AS b FROM edge_entries"
 _EXITS = """
 SELECT caller, callee, protocol, count(*), count(*) FILTER (WHERE propagated) FROM edge_calls
 WHERE instrumented GROUP BY ALL
 """
-# edges whose callee kept every propagated call with its caller's threshold: it follows its
-# caller's decision, so every exit it did not continue lost its context
+# edges whose callee never samples more strictly than its caller (entry threshold at most the
+# exit's, on every propagated call): under consistent sampling it then keeps every propagated
+# call its caller kept, so every exit it did not continue lost its context
 _FOLLOWS = """
 SELECT caller, callee, protocol FROM hops WHERE NOT via_link GROUP BY ALL
-HAVING count(*) FILTER (WHERE entry_th IS DISTINCT FROM exit_th) = 0
+HAVING count(*) FILTER (WHERE entry_th IS NULL OR exit_th IS NULL OR entry_th > exit_th) = 0
 """
 # how often the callee keeps the root of an orphan from this caller, and how often the caller
 # keeps an exit whose context the callee did not get (over the caller's unpaired exits)
@@ -71,12 +88,13 @@ _UNPAIRED_KEPT = """
 SELECT caller, callee, protocol, trace_id AS cluster, adjusted_count(th, $assumed) AS w, 1.0 AS s
 FROM edge_calls WHERE instrumented AND NOT propagated
 """
-# adjusted counts of the caller's exits (a) against those of the callee's entries (b)
+# adjusted counts of the caller's exits (a) against those of the callee's entries (b); the
+# variance is over sampling alone, so spans cluster by their own trace (their randomness)
 _VOLUME = """
 SELECT caller, callee, protocol, trace_id AS cluster, adjusted_count(th, $assumed) AS w, 1 AS a, 0 AS b
 FROM edge_calls WHERE instrumented
 UNION ALL
-SELECT caller, callee, protocol, cluster, w * share, 0, 1 FROM edge_entries
+SELECT caller, callee, protocol, trace, w * share, 0, 1 FROM edge_entries
 """
 _UNKNOWN = """
 SELECT caller, callee, protocol, count(*), count(*) FILTER (WHERE th IS NULL) FROM (
@@ -94,8 +112,10 @@ def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, as
     params = {"assumed": assumed}
     con.execute(_ORPHAN_SOURCES, params)
     con.execute(_ENTRIES, {"wlo": start_ns, "whi": end_ns, "assumed": assumed})
-    propagation = ratio_sums(con, _PROPAGATION, _KEYS)
-    volume = ratio_sums(con, _VOLUME, _KEYS, params, finite_population=True)
+    allocation = {tuple(r[:3]): r[3] or 0.0 for r in con.execute(_ALLOCATION, params).fetchall()}
+    propagation = {k: _plus_allocation(v, allocation.get(k)) for k, v in ratio_sums(con, _PROPAGATION, _KEYS).items()}
+    volume = {k: _plus_allocation(v, allocation.get(k))
+              for k, v in ratio_sums(con, _VOLUME, _KEYS, params, finite_population=True).items()}  # fmt: skip
     orphans_kept = kept_shares(con, _ORPHANS_KEPT, _KEYS)
     unpaired_kept = kept_shares(con, _UNPAIRED_KEPT, _KEYS, params)
     exits = {tuple(r[:3]): r[3:] for r in con.execute(_EXITS).fetchall()}
@@ -121,13 +141,22 @@ def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, as
 _NONE = (0, 0.0, 0.0, 0.0, 0.0)
 
 
+def _plus_allocation(sums: tuple, allocation_variance: float | None) -> tuple:
+    """Add to V(R) what the orphans shared out to this caller add: R = num / den, and the
+    shared orphans sit in den, so dR = -R / den * dO."""
+    n, num, den, var, kish = sums
+    if allocation_variance and den:
+        var += (num / den / den) ** 2 * allocation_variance
+    return n, num, den, var, kish
+
+
 def _capture(exits: tuple[int, int], propagation: tuple, orphans_kept: tuple | None, follows: bool) -> dict:
     """P(callee side stored | caller's exit stored) = (c + d * p_B) / n over the caller's n stored
     exits: c continued; d lost their context, and the callee kept the new root of such a call
     with probability p_B (from the thresholds of the orphans it kept: the new root has fresh
-    randomness). d = n - c when the callee follows its caller's decision (nothing propagated is
-    then missing); otherwise d = n * (1 - pi), pi the propagation rate: dropping context does
-    not depend on the caller's sampling decision."""
+    randomness). d = n - c when the callee keeps whatever its caller kept (nothing propagated
+    is then missing); otherwise d = n * (1 - pi), pi the propagation rate: dropping context
+    does not depend on the caller's sampling decision."""
     n, continued = exits
     if n == 0:
         return proportion_from(0.0, 0.0, 0)
