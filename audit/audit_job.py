@@ -100,7 +100,7 @@ def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None
             result.run_id = save_run(
                 con, db, window_start_ns=window.start_ns, window_end_ns=window.end_ns, spans=result.spans,
                 traces=result.traces, seconds=result.seconds, entrypoints=result.entrypoints, roots=result.roots,
-                settings=settings.to_dict(), findings=result.findings, edges=edges,
+                settings=settings.to_dict(), findings=result.findings, edges=edges, sampling=result.sampling,
             )  # fmt: skip
         return result
     finally:
@@ -147,23 +147,10 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
     for e in sorted(broken, key=lambda e: e.propagation_rate or 0.0):
         system = f"/{e.system}" if e.system else ""
         lines.append(
-            f"  {e.caller} -> {e.callee} ({e.protocol}{system}): {e.propagated:,}/{e.calls:,} propagated "
+            f"  {e.caller} -> {e.callee} ({e.protocol}{system}): {e.propagated:,}/{e.calls:,} stored calls propagated "
             f"({e.propagation_rate:.1%}), {e.stitched:,} stitched" + (f"; likely cause: {e.cause}" if e.cause else "")
         )
-    sampled = [s for s in result.sampling.get("services", [])
-               if s["parent_based"] is False or (s["root_inflation"]["value"] or 0) > 0]  # fmt: skip
-    if sampled:
-        lines.append("sampling (services whose roots are inflated or that ignore their callers' decision):")
-        for s in sampled:
-            inflation, dangling = s["root_inflation"], s["dangling_parent_rate"]
-            parts = []
-            if inflation["value"]:
-                parts.append(f"{inflation['value']:.1%} of {inflation['n']:,} roots are orphans "
-                             f"(95% CI {inflation['ci_low']:.1%}-{inflation['ci_high']:.1%})")  # fmt: skip
-            if s["parent_based"] is False:
-                rate = f"{dangling['value']:.1%}" if dangling["value"] is not None else "n/a"
-                parts.append(f"not parent-based: {rate} of spans with a parent have none stored")
-            lines.append(f"  {s['service']}: " + "; ".join(parts))
+    lines += _sampling_lines(result.sampling)
     groups: dict[tuple, int] = {}
     for kind, caller, callee, cause in zip(*(result.findings.column(k).to_pylist()
                                             for k in ("kind", "caller", "callee", "cause"))):  # fmt: skip
@@ -172,4 +159,59 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
         lines.append("commonest findings (kind, hop, cause):")
         for (kind, caller, callee, cause), n in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"  {n:>9,}  {kind:<17} {caller or '?'} -> {callee or '?'}  {cause}")
+    return lines
+
+
+def _pct(e: dict) -> str:
+    return f"{e['value']:.1%} ({e['ci_low']:.1%}-{e['ci_high']:.1%})"
+
+
+def _sampling_lines(sampling: dict) -> list[str]:
+    """What lost context does to sampling: overall, per distorted edge, per distorted service."""
+    lines = []
+    o = sampling.get("overall")
+    if o and o["fragmentation_factor"]["value"] is not None:
+        f, parts = o["fragmentation_factor"], []
+        parts.append(f"{f['value']:.3f} fragments per request ({f['ci_low']:.3f}-{f['ci_high']:.3f})")
+        if o["trace_completeness"]["value"] is not None:
+            parts.append(f"{_pct(o['trace_completeness'])} of stored requests whole in one trace")
+        if o["hidden_error_share"]["value"] is not None:
+            parts.append(f"{_pct(o['hidden_error_share'])} of errors hidden in fragments")
+        if o["latency_undercount"]["value"]:
+            parts.append(f"fragmented requests last {o['latency_undercount']['value']:.1%} longer than their "
+                         f"entry trace shows (median, {o['latency_undercount']['median_ms']:.1f} ms)")  # fmt: skip
+        lines.append("sampling distortion (95% intervals): " + "; ".join(parts))
+        if o["known_threshold_share"] is not None and o["known_threshold_share"] < 1:
+            assumed = o["assumed_sampling_probability"]
+            lines.append(f"  {1 - o['known_threshold_share']:.1%} of spans carry no ot=th: "
+                         + (f"assumed sampled at p = {assumed}" if assumed else
+                            "left out of weighted figures (--assume-probability to weigh them)"))  # fmt: skip
+    distorted = [e for e in sampling.get("edges", [])
+                 if (e["propagation_rate"]["value"] is not None and e["propagation_rate"]["value"] < 1)
+                 or (e["conditional_capture_rate"]["value"] is not None and e["conditional_capture_rate"]["value"] < 1)]  # fmt: skip
+    if distorted:
+        lines.append("edges whose callee side is not always stored with the caller's:")
+        for e in distorted:
+            parts = []
+            for key, label in (("propagation_rate", "propagates"), ("conditional_capture_rate", "callee stored"),
+                               ("upstream_missing_share", "orphans without a stored upstream")):  # fmt: skip
+                if e[key]["value"] is not None:
+                    parts.append(f"{label} {_pct(e[key])}")
+            v = e["volume_ratio"]
+            if v["value"] is not None and v["ci_low"] is not None:
+                parts.append(f"volume ratio {v['value']:.3f} ({v['ci_low']:.3f}-{v['ci_high']:.3f})")
+            lines.append(f"  {e['caller']} -> {e['callee']} ({e['protocol']}): " + "; ".join(parts))
+    services = [s for s in sampling.get("services", [])
+                if s["parent_based"] is False or (s["root_inflation"]["value"] or 0) > 0]  # fmt: skip
+    if services:
+        lines.append("services whose roots are inflated or that ignore their callers' decision:")
+        for s in services:
+            inflation, dangling = s["root_inflation"], s["dangling_parent_rate"]
+            parts = []
+            if inflation["value"]:
+                parts.append(f"{_pct(inflation)} of {inflation['n']:,} roots are orphans")
+            if s["parent_based"] is False:
+                rate = f"{dangling['value']:.1%}" if dangling["value"] is not None else "n/a"
+                parts.append(f"not parent-based: {rate} of spans with a parent have none stored")
+            lines.append(f"  {s['service']}: " + "; ".join(parts))
     return lines

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from audit.cli import main
+from audit.store.reader import LocalReader
 from tests.audit_helpers import simulated_store
 
 
@@ -41,6 +42,7 @@ def test_audit_prints_a_summary_and_saves_the_run(store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "audit run 1:" in result.output and "broken edges:" in result.output
     assert "gateway -> recommendations (http)" in result.output
+    assert "fragments per request" in result.output and "edges whose callee side is not always stored" in result.output
     con = duckdb.connect(db, read_only=True)
     (runs,) = con.execute("SELECT count(*) FROM audit_runs").fetchone()
     findings = dict(con.execute("SELECT kind, count(*) FROM audit_findings GROUP BY kind").fetchall())
@@ -61,6 +63,9 @@ def test_json_document_streams_and_matches_the_saved_run(store, tmp_path):
     (saved,) = con.execute("SELECT count(*) FROM audit_findings").fetchone()
     con.close()
     assert len(doc["findings"]) == saved == sum(doc["run"]["counts"].values())
+    assert set(doc["sampling"]) == {"services", "edges", "overall"}
+    edge = next(e for e in doc["sampling"]["edges"] if (e["caller"], e["callee"]) == ("gateway", "recommendations"))
+    assert set(edge["propagation_rate"]) == {"value", "ci_low", "ci_high", "n"}
 
 
 def test_a_resumed_run_reads_only_the_new_window_and_together_they_find_the_same(store, tmp_path):
@@ -122,6 +127,7 @@ def test_graph_without_a_run_says_what_to_do(store, tmp_path):
 @pytest.mark.parametrize("args, code, message", [
     (["--since", "yesterday"], 2, "ISO 8601"),
     (["--min-confidence", "2"], 2, "--min-confidence"),
+    (["--assume-probability", "0"], 2, "--assume-probability"),
     (["--entrypoints", "gateway", "--config", "/nonexistent.yaml"], 2, "cannot read"),
 ])  # fmt: skip
 def test_bad_arguments_are_usage_errors(store, tmp_path, args, code, message):
@@ -136,6 +142,9 @@ def test_config_file_sets_entry_points(store, tmp_path):
     doc = json.loads(run("audit", "--db", db, "--json", "--config", str(config)).stdout)
     assert "recommendations" not in {f["service"] for f in doc["findings"] if f["kind"] == "orphan_root"}
     assert all(f["probable_parent"]["confidence"] >= 0.9 for f in doc["findings"] if f["probable_parent"])
+    config.write_text("assume_sampling_probability: 1.5\n")
+    bad = run("audit", "--db", db, "--config", str(config))
+    assert bad.exit_code == 2 and "assume_sampling_probability" in bad.output
     config.write_text("entrypionts: [x]\n")
     bad = run("audit", "--db", db, "--config", str(config))
     assert bad.exit_code == 2 and "entrypionts" in bad.output
@@ -148,3 +157,14 @@ def test_missing_and_corrupt_files_get_a_clear_error(tmp_path):
     junk.write_bytes(b"not a database" * 100)
     result = run("audit", "--db", str(junk))
     assert result.exit_code == 1 and "error" in result.output and "Traceback" not in result.output
+
+
+def test_saved_run_keeps_its_sampling_figures(store, tmp_path):
+    db = copy(store, tmp_path)
+    doc = json.loads(run("audit", "--db", db, "--json").stdout)
+    reader = LocalReader(db)
+    try:
+        saved = reader.audit_run()
+    finally:
+        reader.close()
+    assert saved["sampling"] == doc["sampling"]

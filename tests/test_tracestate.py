@@ -45,3 +45,22 @@ def test_malformed_values_are_flagged_not_fatal(trace_state):
 @pytest.mark.parametrize("trace_state", ["", "vendor=abc", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"])
 def test_no_ot_entry_means_unknown(trace_state):
     assert parse_ot_sampling(trace_state) == (None, None, False)
+
+
+@pytest.mark.parametrize(
+    "trace_state, threshold",
+    [
+        ("ot=th:1", 2**52),  # p = 15/16: one digit is the top four bits
+        ("ot=th:ffffffffffffff", P56 - 1),  # 14 digits: the smallest probability, 2^-56
+        ("ot=th:08", 2**51),  # leading zeros are digits too
+        ("congo=t61rcWkgMzE, ot=th:c , rojo=00f067aa0ba902b7", 3 * 2**54),  # vendors on both sides, spaces
+        ("ot=th:8;foo:bar", 2**55),  # unknown sub-keys are ignored
+    ],
+)
+def test_threshold_edge_cases(trace_state, threshold):
+    assert parse_ot_sampling(trace_state) == (threshold, None, False)
+
+
+def test_rv_without_th_leaves_the_threshold_unknown():
+    th, rv, invalid = parse_ot_sampling("ot=rv:0123456789abcd")
+    assert (th, invalid) == (None, False) and rv == 0x0123456789ABCD

@@ -23,7 +23,7 @@ _EDGE_COLUMNS = ("caller", "callee", "protocol", "system", "callee_instrumented"
 
 def save_run(con: duckdb.DuckDBPyConnection, path: str, *, window_start_ns: int, window_end_ns: int, spans: int,
              traces: int, seconds: float, entrypoints: list[str], roots: dict, settings: dict, findings: pa.Table,
-             edges: pa.Table) -> int:  # fmt: skip
+             edges: pa.Table, sampling: dict) -> int:  # fmt: skip
     """Store one run; return its id. `findings` and `edges` have the columns above."""
     cols = ", ".join(_FINDING_COLUMNS)
     edge_cols = ", ".join(_EDGE_COLUMNS)
@@ -31,9 +31,10 @@ def save_run(con: duckdb.DuckDBPyConnection, path: str, *, window_start_ns: int,
         con.execute("BEGIN TRANSACTION")
         (run_id,) = con.execute("SELECT nextval('audit_run_ids')").fetchone()
         con.execute(
-            "INSERT INTO audit_runs VALUES (?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_runs (run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds, "
+            "entrypoints, roots, settings, sampling) VALUES (?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [run_id, window_start_ns, window_end_ns, spans, traces, seconds, entrypoints, json.dumps(roots),
-             json.dumps(settings)],
+             json.dumps(settings), json.dumps(sampling)],
         )
         con.register("run_findings", findings)
         con.execute(f"INSERT INTO audit_findings SELECT $run, {cols} FROM run_findings", {"run": run_id})

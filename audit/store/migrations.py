@@ -145,6 +145,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0003_audit_sampling",
+        """
+        -- the run's sampling figures (docs/audit-json.md, `sampling`); NULL for earlier runs
+        ALTER TABLE audit_runs ADD COLUMN sampling JSON;
+        """,
+    ),
 )
 
 

@@ -146,6 +146,7 @@ class LocalReader:
         run = runs[0]
         run["roots"] = json.loads(run["roots"])
         run["settings"] = json.loads(run["settings"])
+        run["sampling"] = json.loads(run["sampling"]) if run.get("sampling") else None
         run["edges"] = self._dicts("SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL",
                                    [run["run_id"]])  # fmt: skip
         return run
