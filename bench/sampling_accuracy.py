@@ -115,11 +115,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", action="append", help="scenario file (default: bench/scenarios/sampling-*.yaml)")
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--markdown", help="write the summary table here")
     parser.add_argument("--json", help="write every row (scenario, seed, figure) here")
     args = parser.parse_args()
-    tasks = [(s, seed) for s in (args.scenario or SCENARIOS) for seed in range(1, args.seeds + 1)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    tasks = [(s, seed) for s in (args.scenario or SCENARIOS) for seed in seeds]
     rows: list[dict] = []
     started = time.monotonic()
     with Pool(args.jobs) as pool:
@@ -130,7 +132,10 @@ def main() -> None:
     table = markdown(summary)
     print(table)
     failed = [s for s in summary if s["accuracy_ok"] is False or s["coverage_ok"] is False]
-    print(f"\n{len(summary)} figures; {len(failed)} outside the criteria", file=sys.stderr)
+    with_ci = [r for r in rows if r["ci_low"] is not None]
+    covered = sum(r["ci_low"] - 1e-9 <= r["truth"] <= r["ci_high"] + 1e-9 for r in with_ci)
+    print(f"\n{len(summary)} figures; {len(failed)} outside the criteria; the 95% intervals cover the truth in "
+          f"{covered:,} of {len(with_ci):,} runs ({covered / len(with_ci):.1%})", file=sys.stderr)  # fmt: skip
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.json:

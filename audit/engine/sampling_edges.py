@@ -2,7 +2,7 @@
 the context, how often the callee's side is stored when the caller's is, how many of the
 callee's orphans lost their upstream, and whether both sides' adjusted counts agree.
 Formulas: docs/sampling.md. Reads the run's temp tables: edge_calls, hops, w, roots,
-orphan_rows, stitched, cand_exits."""
+dangling, orphan_rows."""
 
 from __future__ import annotations
 
