@@ -90,40 +90,46 @@ def median(values: Sequence[float]) -> dict:
 
 def _pairwise_variance_sql(keys: str, units: str) -> str:
     """Per group of `keys`, sum over clusters of sum over pairs i, j of z_i z_j (1 - max(p_i, p_j)),
-    from `units` (columns keys, cluster, z, p): sorted by p within a cluster, unit k pairs with
-    itself and, twice, with every unit before it, all at its own (larger) p."""
+    from `units` (columns keys, cluster, z, p). Units of one cluster and one p add up first;
+    a cluster with one p is then (1 - p) z^2, and only the few with several pair up."""
     return f"""
-    SELECT {keys}, sum((1.0 - p) * z * (z + 2 * before)) AS v FROM (
-      SELECT *, coalesce(sum(z) OVER (PARTITION BY {keys}, cluster ORDER BY p
-                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-      FROM ({units})) GROUP BY {keys}
+    WITH r AS MATERIALIZED (SELECT {keys}, cluster, p, sum(z) AS z FROM ({units}) GROUP BY ALL),
+    c AS (SELECT {keys}, cluster, count(*) AS k, max(p) AS p, sum(z) AS z FROM r GROUP BY ALL),
+    several AS (SELECT {keys}, cluster FROM c WHERE k > 1)
+    SELECT {keys}, sum(v) AS v FROM (
+      SELECT {keys}, (1.0 - p) * z * z AS v FROM c WHERE k = 1
+      UNION ALL
+      SELECT {", ".join(f"i.{key}" for key in keys.split(", "))}, i.z * j.z * (1.0 - greatest(i.p, j.p))
+      FROM r i JOIN several USING ({keys}, cluster) JOIN r j USING ({keys}, cluster)
+    ) GROUP BY ALL
     """
 
 
 def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str], params: dict | None = None,
-               *, finite_population: bool = False) -> dict[tuple, tuple[int, float, float, float, float]]:  # fmt: skip
+               *, finite_population: bool = False, variance_every: int = 1) -> dict[tuple, tuple]:  # fmt: skip
     """Per group of `keys`: (units, sum(w*a), sum(w*b), V(R), Kish's effective n).
 
     `units_sql` yields the columns `keys`, `cluster`, `w` (adjusted count), `a`, `b`; units
-    with NULL w are skipped. Keys must not be NULL (they are joined on)."""
+    with NULL w are skipped. Keys must not be NULL (they are joined on). The variance is
+    summed over one cluster in `variance_every` (by hash) and scaled up: an unbiased estimate
+    of the same sum, for windows whose millions of clusters would cost seconds to group."""
     grouped = list(keys) or ["g"]
     if not keys:
         units_sql = f"SELECT 0 AS g, * FROM ({units_sql})"
     k = ", ".join(grouped)
-    on = " AND ".join(f"t.{key} = u.{key}" for key in grouped)
-    p = "1.0 / u.w" if finite_population else "0.0"
-    z_units = f"""SELECT {", ".join(f"u.{key}" for key in grouped)}, u.cluster, {p} AS p,
-                         u.w * (u.a - CASE WHEN t.den > 0 THEN t.num / t.den ELSE 0 END * u.b) AS z
-                  FROM u JOIN t ON {on}"""
+    p = "1.0 / w::DOUBLE" if finite_population else "0.0"
+    sampled = f"AND hash(cluster) % {int(variance_every)} = 0" if variance_every > 1 else ""
+    z_rows = (f"SELECT {k}, cluster, p, c.num - CASE WHEN t.den > 0 THEN t.num / t.den ELSE 0 END * c.den AS z "
+              f"FROM c JOIN t USING ({k})")  # fmt: skip
     sql = f"""
-    WITH u AS (SELECT {k}, cluster, w::DOUBLE AS w, a::DOUBLE AS a, b::DOUBLE AS b
-               FROM ({units_sql}) WHERE w IS NOT NULL),
-    t AS (SELECT {k}, count(*) AS n, sum(w * a) AS num, sum(w * b) AS den,
-                 sum(w) * sum(w) / sum(w * w) AS kish FROM u GROUP BY ALL),
-    v AS ({_pairwise_variance_sql(k, z_units)})
-    SELECT {", ".join(f"t.{key}" for key in grouped)}, t.n, t.num, t.den,
-           coalesce(v.v / nullif(t.den * t.den, 0), 0), t.kish
-    FROM t JOIN v ON {on.replace("u.", "v.")}
+    WITH t AS (SELECT {k}, count(*) AS n, sum(w * a::DOUBLE) AS num, sum(w * b::DOUBLE) AS den,
+                      sum(w) * sum(w) / sum(w * w) AS kish
+               FROM ({units_sql}) WHERE w IS NOT NULL GROUP BY ALL),
+    c AS (SELECT {k}, cluster, {p} AS p, sum(w * a::DOUBLE) AS num, sum(w * b::DOUBLE) AS den
+          FROM ({units_sql}) WHERE w IS NOT NULL {sampled} GROUP BY ALL),
+    v AS ({_pairwise_variance_sql(k, z_rows)})
+    SELECT {k}, t.n, t.num, t.den, coalesce({int(variance_every)} * v.v / nullif(t.den * t.den, 0), 0), t.kish
+    FROM t LEFT JOIN v USING ({k})
     """
     out = {}
     for row in con.execute(sql, params or {}).fetchall():
@@ -131,21 +137,24 @@ def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[st
     return out
 
 
-def kept_shares(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str],
-                params: dict | None = None) -> dict[tuple, tuple[float, float, float]]:  # fmt: skip
+def kept_shares(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str], params: dict | None = None,
+                *, variance_every: int = 1) -> dict[tuple, tuple[float, float, float]]:  # fmt: skip
     """Per group of `keys`: (m, N, V) where m = sum(s) counts the stored units, N = sum(s*w)
     estimates how many there were (Horvitz-Thompson), and V estimates the variance of m/N, the
-    share that was kept, from N's variance over sampling (the pairwise sum with z = s*w).
+    share that was kept, from N's variance over sampling (the pairwise sum with z = s*w, over
+    one cluster in `variance_every`, scaled up).
 
     `units_sql` yields `keys`, `cluster`, `w` (adjusted count) and `s` (the unit's multiplicity,
     below 1 for a unit shared among groups); units with NULL w are skipped."""
     k = ", ".join(keys)
+    sampled = f"AND hash(cluster) % {int(variance_every)} = 0" if variance_every > 1 else ""
     sql = f"""
-    WITH u AS (SELECT {k}, cluster, w::DOUBLE AS w, s::DOUBLE AS s FROM ({units_sql}) WHERE w IS NOT NULL),
-    t AS (SELECT {k}, sum(s) AS m, sum(s * w) AS total FROM u GROUP BY ALL),
-    v AS ({_pairwise_variance_sql(k, f"SELECT {k}, cluster, 1.0 / w AS p, s * w AS z FROM u")})
-    SELECT {", ".join(f"t.{key}" for key in keys)}, t.m, t.total, v.v
-    FROM t JOIN v ON {" AND ".join(f"t.{key} = v.{key}" for key in keys)}
+    WITH t AS (SELECT {k}, sum(s::DOUBLE) AS m, sum(s * w::DOUBLE) AS total
+               FROM ({units_sql}) WHERE w IS NOT NULL GROUP BY ALL),
+    c AS (SELECT {k}, cluster, 1.0 / w::DOUBLE AS p, sum(s * w::DOUBLE) AS z
+          FROM ({units_sql}) WHERE w IS NOT NULL {sampled} GROUP BY ALL),
+    v AS ({_pairwise_variance_sql(k, "SELECT * FROM c")})
+    SELECT {k}, t.m, t.total, {int(variance_every)} * coalesce(v.v, 0) FROM t LEFT JOIN v USING ({k})
     """
     out = {}
     for row in con.execute(sql, params or {}).fetchall():

@@ -42,7 +42,8 @@ UNION ALL
 SELECT u.caller, d.service, u.protocol, d.trace_id, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0, true
 FROM dangling d JOIN (
   SELECT c.service, c.name, mode(h.caller) AS caller, mode(h.protocol) AS protocol
-  FROM hops h JOIN w c ON c.rid = h.entry_rid WHERE NOT h.via_link GROUP BY ALL) u USING (service, name)
+  FROM hops h JOIN w c ON c.rid = h.entry_rid
+  WHERE NOT h.via_link AND c.service IN (SELECT service FROM dangling) GROUP BY ALL) u USING (service, name)
 WHERE d.kind IN ('SERVER', 'CONSUMER')
 UNION ALL
 SELECT o.caller, o.callee, o.protocol, coalesce(o.cluster, r.trace_id), r.trace_id, r.th,
@@ -107,17 +108,19 @@ def _protocol(raw: str | None) -> str:
     return raw if raw in ("http", "grpc", "rpc", "messaging", "db") else "unknown"
 
 
-def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None) -> list[dict]:
-    """One object per edge between services, ordered by caller, callee and protocol."""
+def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
+                  every: int = 1) -> list[dict]:  # fmt: skip
+    """One object per edge between services, ordered by caller, callee and protocol. `every`:
+    variances from one cluster in `every` (estimate.ratio_sums)."""
     params = {"assumed": assumed}
     con.execute(_ORPHAN_SOURCES, params)
     con.execute(_ENTRIES, {"wlo": start_ns, "whi": end_ns, "assumed": assumed})
     allocation = {tuple(r[:3]): r[3] or 0.0 for r in con.execute(_ALLOCATION, params).fetchall()}
-    propagation = {k: _plus_allocation(v, allocation.get(k)) for k, v in ratio_sums(con, _PROPAGATION, _KEYS).items()}
+    propagation = {k: _plus_allocation(v, allocation.get(k)) for k, v in ratio_sums(con, _PROPAGATION, _KEYS, variance_every=every).items()}
     volume = {k: _plus_allocation(v, allocation.get(k))
-              for k, v in ratio_sums(con, _VOLUME, _KEYS, params, finite_population=True).items()}  # fmt: skip
-    orphans_kept = kept_shares(con, _ORPHANS_KEPT, _KEYS)
-    unpaired_kept = kept_shares(con, _UNPAIRED_KEPT, _KEYS, params)
+              for k, v in ratio_sums(con, _VOLUME, _KEYS, params, finite_population=True, variance_every=every).items()}  # fmt: skip
+    orphans_kept = kept_shares(con, _ORPHANS_KEPT, _KEYS, variance_every=every)
+    unpaired_kept = kept_shares(con, _UNPAIRED_KEPT, _KEYS, params, variance_every=every)
     exits = {tuple(r[:3]): r[3:] for r in con.execute(_EXITS).fetchall()}
     follows = set(con.execute(_FOLLOWS).fetchall())
     unknown = {tuple(r[:3]): r[3:] for r in con.execute(_UNKNOWN).fetchall()}

@@ -28,9 +28,11 @@ _COMPLETE = """
 WITH incomplete AS (
   SELECT trace_id FROM findings WHERE kind IN ('unpaired_exit', 'dangling_parent')
   UNION SELECT parent_trace_id FROM fragments WHERE parent_trace_id IS NOT NULL)
-SELECT r.trace_id AS cluster, 1 AS w, r.trace_id NOT IN (SELECT trace_id FROM incomplete) AS a, 1 AS b
+SELECT r.trace_id AS cluster, 1 AS w, i.trace_id IS NULL AS a, 1 AS b
 FROM roots r
-WHERE NOT r.linked AND NOT EXISTS (SELECT 1 FROM fragments f WHERE f.trace_id = r.trace_id AND f.span_id = r.span_id)
+LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
+LEFT JOIN incomplete i ON i.trace_id = r.trace_id
+WHERE NOT r.linked AND f.span_id IS NULL
 """
 # An error span counts when its trace's root is stored too (else nothing tells a fragment from
 # an entry trace). Under consistent sampling both are kept with probability min(p_span, p_root):
@@ -43,32 +45,48 @@ JOIN w r ON r.trace_id = e.trace_id AND r.parent_span_id IS NULL
 LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
 WHERE e.error AND e.start_ns >= $wlo AND e.start_ns < $whi
 """
-# Extents of the traces that fragments were stitched to, and of the fragments themselves.
-_EXTENTS = """
-WITH involved AS (SELECT trace_id FROM fragments UNION SELECT parent_trace_id FROM fragments
-                  WHERE parent_trace_id IS NOT NULL)
-SELECT (trace_id >> 64)::UBIGINT, (trace_id & 18446744073709551615)::UBIGINT, min(start_ns), max(end_ns)
-FROM w WHERE trace_id IN (SELECT trace_id FROM involved) GROUP BY trace_id
+# Each stitched fragment's request: the entry trace at the top of its chain of stitched parents
+# (a fragment of a fragment belongs to the same request). Chains are short: a few rounds.
+_TOPS = """
+CREATE OR REPLACE TEMP TABLE fragment_tops AS
+SELECT DISTINCT trace_id, parent_trace_id AS top FROM fragments WHERE parent_trace_id IS NOT NULL
 """
-_STITCHED = """
-SELECT (trace_id >> 64)::UBIGINT, (trace_id & 18446744073709551615)::UBIGINT,
-       (parent_trace_id >> 64)::UBIGINT, (parent_trace_id & 18446744073709551615)::UBIGINT
-FROM fragments
+_CLIMB = """
+UPDATE fragment_tops t SET top = p.top FROM fragment_tops p WHERE p.trace_id = t.top AND p.top <> t.trace_id
+"""
+_CLIMBING = "SELECT count(*) FROM fragment_tops t JOIN fragment_tops p ON p.trace_id = t.top"
+# Per request whose top is an entry trace: how much later its last fragment ended than the
+# entry trace did, relative to the request's real duration.
+_UNDERCOUNT = """
+WITH involved AS (SELECT trace_id FROM fragment_tops UNION SELECT top FROM fragment_tops),
+extent AS (SELECT trace_id, min(start_ns)::BIGINT AS s, max(end_ns)::BIGINT AS e FROM w
+           WHERE trace_id IN (SELECT trace_id FROM involved) GROUP BY trace_id),
+requests AS (
+  SELECT t.top, max(f.e) AS fragments_end FROM fragment_tops t JOIN extent f ON f.trace_id = t.trace_id
+  WHERE t.top NOT IN (SELECT trace_id FROM fragments) GROUP BY t.top)
+SELECT greatest(0, r.fragments_end - x.e) / 1e6 AS ms,
+       CASE WHEN greatest(r.fragments_end, x.e) > x.s
+            THEN greatest(0, r.fragments_end - x.e) / (greatest(r.fragments_end, x.e) - x.s)::DOUBLE ELSE 0.0 END
+         AS relative
+FROM requests r JOIN extent x ON x.trace_id = r.top
 """
 _KNOWN = """
 SELECT count(*), count(th) FROM w WHERE start_ns >= $wlo AND start_ns < $whi
 """
 
 
-def overall_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None) -> dict:
+def overall_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
+                     every: int = 1) -> dict:  # fmt: skip
     con.execute(_FRAGMENTS)
     window = {"wlo": start_ns, "whi": end_ns}
-    n, num, den, var, _ = ratio_sums(con, _ROOT_UNITS, (), {"assumed": assumed}).get((), (0, 0.0, 0.0, 0.0, 0.0))
+    none = (0, 0.0, 0.0, 0.0, 0.0)
+    n, num, den, var, _ = ratio_sums(con, _ROOT_UNITS, (), {"assumed": assumed}, variance_every=every).get((), none)
     spans, known = con.execute(_KNOWN, window).fetchone()
     return {
         "fragmentation_factor": ratio(n, num, den, var),
-        "trace_completeness": _proportion(con, _COMPLETE, {}),
-        "hidden_error_share": _proportion(con, _HIDDEN_ERRORS, {"assumed": assumed, **window}),
+        "trace_completeness": proportion(*ratio_sums(con, _COMPLETE, (), variance_every=every).get((), none)),
+        "hidden_error_share": proportion(*ratio_sums(con, _HIDDEN_ERRORS, (), {"assumed": assumed, **window},
+                                                     variance_every=every).get((), none)),  # fmt: skip
         "latency_undercount": _latency_undercount(con),
         "spans": spans,
         "known_threshold_share": round(known / spans, 6) if spans else None,
@@ -76,31 +94,16 @@ def overall_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
     }
 
 
-def _proportion(con, units_sql: str, params: dict) -> dict:
-    return proportion(*ratio_sums(con, units_sql, (), params).get((), (0, 0.0, 0.0, 0.0, 0.0)))
-
-
 def _latency_undercount(con: duckdb.DuckDBPyConnection) -> dict:
     """Per stored request with stitched fragments: how much later its last fragment ended than
     its entry trace did, relative to the whole request's duration. The median (and the median
     in ms): robust to the few fragments stitched to the wrong request."""
-    extent = {(hi, lo): (start, end) for hi, lo, start, end in con.execute(_EXTENTS).fetchall()}
-    parent = {(hi, lo): None if phi is None else (phi, plo)
-              for hi, lo, phi, plo in con.execute(_STITCHED).fetchall()}  # fmt: skip
-    ends: dict[tuple, int] = {}
-    for fragment, up in parent.items():
-        t, seen = up, set()
-        while t in parent and t not in seen:  # a fragment of a fragment belongs to the same request
-            seen.add(t)
-            t = parent[t]
-        if t is not None and t in extent and fragment in extent:  # t: the request's entry trace
-            ends[t] = max(ends.get(t, extent[t][1]), extent[fragment][1])
-    relative, absolute = [], []
-    for t, real_end in ends.items():
-        start, trace_end = extent[t]
-        under = max(0, real_end - trace_end)
-        relative.append(under / (real_end - start) if real_end > start else 0.0)
-        absolute.append(under / 1e6)
-    figure = median(relative)
-    figure["median_ms"] = median(absolute)["value"]
+    con.execute(_TOPS)
+    for _ in range(16):  # a chain longer than this is a stitching cycle; leave it
+        if not con.execute(_CLIMBING).fetchone()[0]:
+            break
+        con.execute(_CLIMB)
+    got = con.execute(_UNDERCOUNT).fetchnumpy()
+    figure = median(got["relative"].tolist())
+    figure["median_ms"] = median(got["ms"].tolist())["value"]
     return figure
