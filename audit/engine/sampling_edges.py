@@ -34,16 +34,14 @@ WHERE o.confidence IS NULL AND coalesce(s.caller, o.caller) IS NOT NULL
 # An entry's adjusted count is its own: the callee's sampler decided it, or inherited it.
 _ENTRIES = """
 CREATE OR REPLACE TEMP TABLE edge_entries AS
-SELECT h.caller, h.callee, h.protocol, c.trace_id AS cluster, c.trace_id AS trace, c.th,
-       adjusted_count(c.th, $assumed) AS w, 1.0 AS share, true AS propagated
-FROM hops h JOIN w c ON c.rid = h.entry_rid
-WHERE c.start_ns >= $wlo AND c.start_ns < $whi
+SELECT caller, callee, protocol, entry_trace_id AS cluster, entry_trace_id AS trace, entry_th AS th,
+       adjusted_count(entry_th, $assumed) AS w, 1.0 AS share, true AS propagated
+FROM hops WHERE entry_start_ns >= $wlo AND entry_start_ns < $whi
 UNION ALL
 SELECT u.caller, d.service, u.protocol, d.trace_id, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0, true
 FROM dangling d JOIN (
-  SELECT c.service, c.name, mode(h.caller) AS caller, mode(h.protocol) AS protocol
-  FROM hops h JOIN w c ON c.rid = h.entry_rid
-  WHERE NOT h.via_link AND c.service IN (SELECT service FROM dangling) GROUP BY ALL) u USING (service, name)
+  SELECT callee AS service, entry_name AS name, mode(caller) AS caller, mode(protocol) AS protocol
+  FROM hops WHERE NOT via_link AND callee IN (SELECT service FROM dangling) GROUP BY ALL) u USING (service, name)
 WHERE d.kind IN ('SERVER', 'CONSUMER')
 UNION ALL
 SELECT o.caller, o.callee, o.protocol, coalesce(o.cluster, r.trace_id), r.trace_id, r.th,

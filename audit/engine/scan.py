@@ -58,13 +58,14 @@ _HOPS = """
 CREATE OR REPLACE TEMP TABLE hops AS
 SELECT p.rid AS exit_rid, c.rid AS entry_rid, p.service AS caller, c.service AS callee, p.protocol,
        c.start_ns::BIGINT - p.start_ns::BIGINT AS d_start, p.end_ns::BIGINT - c.end_ns::BIGINT AS d_end,
-       c.start_ns::BIGINT - p.end_ns::BIGINT AS lag, p.th AS exit_th, c.th AS entry_th, false AS via_link
+       c.start_ns::BIGINT - p.end_ns::BIGINT AS lag, p.th AS exit_th, c.th AS entry_th, false AS via_link,
+       c.trace_id AS entry_trace_id, c.start_ns AS entry_start_ns, c.name AS entry_name
 FROM w c JOIN w p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
 WHERE p.kind IN ('CLIENT', 'PRODUCER') AND c.kind IN ('SERVER', 'CONSUMER')
 UNION ALL
 SELECT p.rid, c.rid, p.service, c.service, p.protocol,
        c.start_ns::BIGINT - p.start_ns::BIGINT, p.end_ns::BIGINT - c.end_ns::BIGINT,
-       c.start_ns::BIGINT - p.end_ns::BIGINT, p.th, c.th, true
+       c.start_ns::BIGINT - p.end_ns::BIGINT, p.th, c.th, true, c.trace_id, c.start_ns, c.name
 FROM w c
 JOIN span_links l ON l.trace_id = c.trace_id AND l.span_id = c.span_id
 JOIN w p ON p.trace_id = l.link_trace_id AND p.span_id = l.link_span_id
