@@ -20,7 +20,7 @@ from .targets import resolve_exits
 def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConfig | None = None,
               progress: Callable[[str], None] = lambda step: None) -> AuditResult:  # fmt: skip
     """Audit the spans of `window` in the store `con` is connected to. Leaves temp tables behind
-    (on `con`) that the persisting step and tests may read."""
+    (on `con`: w, hops, roots, findings, orphan_rows, edge_calls, ...) that tests may read."""
     config = config or AuditConfig()
     con.execute("SET enable_progress_bar = false")  # progress is reported through `progress`
     started = time.monotonic()
@@ -35,6 +35,11 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     findings = con.sql(FINDINGS_SELECT + " ORDER BY start_ns, kind, span_id").to_arrow_table()
     roots = {service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
              for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()}  # fmt: skip
+    # what stitching and edges needed: at 10M spans these spill past the memory limit and
+    # would slow every later query that touches spilled pages
+    for name in ("xt", "cand_exits", "cand_orphans", "cand_pairs", "audited_orphans", "stitch_orphans", "exact_only",
+                 "stitched", "break_pairs", "break_parents"):  # fmt: skip
+        con.execute(f"DROP TABLE IF EXISTS {name}")
     progress("estimating the sampling distortion")
     sampling = sampling_figures(con, window.start_ns, window.end_ns, config.assume_sampling_probability)
     return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,
