@@ -40,8 +40,7 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     for name in ("xt", "cand_exits", "cand_orphans", "cand_pairs", "audited_orphans", "stitch_orphans", "exact_only",
                  "stitched", "break_pairs", "break_parents"):  # fmt: skip
         con.execute(f"DROP TABLE IF EXISTS {name}")
-    progress("estimating the sampling distortion")
-    sampling = sampling_figures(con, window.start_ns, window.end_ns, config.assume_sampling_probability)
+    sampling = sampling_figures(con, window.start_ns, window.end_ns, config.assume_sampling_probability, progress)
     return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,
                        sorted(set(builder.entrypoints)), roots, sampling, time.monotonic() - started)  # fmt: skip
 

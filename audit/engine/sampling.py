@@ -4,6 +4,8 @@ sample size and a 95% interval (estimate.py). Definitions and formulas: docs/sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import duckdb
 
 from .estimate import ADJUSTED_COUNT_MACRO, kept_shares, share_ratio, wilson
@@ -30,7 +32,8 @@ FROM s LEFT JOIN f USING (service) LEFT JOIN h USING (service) ORDER BY s.servic
 """
 
 
-def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None) -> dict:
+def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
+                     progress: Callable[[str], None] = lambda step: None) -> dict:  # fmt: skip
     """The result document's `sampling` object. `assumed`: the sampling probability of spans
     without `ot=th` (None: their adjusted count is unknown and they are left out of weighted figures)."""
     con.execute(ADJUSTED_COUNT_MACRO)
@@ -39,11 +42,12 @@ def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
     # Above a million spans, variances are summed over a hash sample of about a million spans'
     # clusters and scaled up: as exact in expectation, and seconds cheaper at 10 million spans.
     every = min(16, max(1, spans // 1_000_000))
-    return {
-        "services": service_sampling(con, start_ns, end_ns, every),
-        "edges": edge_sampling(con, start_ns, end_ns, assumed, every),
-        "overall": overall_sampling(con, start_ns, end_ns, assumed, every),
-    }
+    progress("estimating the sampling distortion: services")
+    services = service_sampling(con, start_ns, end_ns, every)
+    progress("estimating the sampling distortion: edges")
+    edges = edge_sampling(con, start_ns, end_ns, assumed, every)
+    progress("estimating the sampling distortion: overall")
+    return {"services": services, "edges": edges, "overall": overall_sampling(con, start_ns, end_ns, assumed, every)}
 
 
 # the share of a service's spans that were kept: stored spans over their adjusted counts

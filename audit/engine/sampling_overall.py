@@ -12,15 +12,16 @@ from .estimate import median, proportion, ratio, ratio_sums
 # roots that begin a fragment: orphans and in-process breaks (with the trace they were stitched to)
 _FRAGMENTS = """
 CREATE OR REPLACE TEMP TABLE fragments AS
-SELECT trace_id, span_id, parent_trace_id FROM findings WHERE kind IN ('orphan_root', 'in_process_break')
+SELECT trace_id, span_id, parent_trace_id FROM findings WHERE kind IN ('orphan_root', 'in_process_break');
+CREATE OR REPLACE TEMP TABLE root_kinds AS
+SELECT r.trace_id, r.th, r.linked, f.span_id IS NOT NULL AS fragment, f.parent_trace_id
+FROM roots r LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
 """
 # Every root that is not a linked consumer is a fragment or a logical request's entry (a
 # request, a job). Fragments cluster with the trace they were stitched to.
 _ROOT_UNITS = """
-SELECT coalesce(f.parent_trace_id, r.trace_id) AS cluster, adjusted_count(r.th, $assumed) AS w, 1 AS a,
-       f.span_id IS NULL AS b
-FROM roots r LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
-WHERE NOT r.linked
+SELECT coalesce(parent_trace_id, trace_id) AS cluster, adjusted_count(th, $assumed) AS w, 1 AS a, NOT fragment AS b
+FROM root_kinds WHERE NOT linked
 """
 # A stored entry trace is whole when nothing is missing from it: no exit the callee did not
 # continue, no span whose parent is missing, no fragment stitched back to it.
@@ -29,20 +30,16 @@ WITH incomplete AS (
   SELECT trace_id FROM findings WHERE kind IN ('unpaired_exit', 'dangling_parent')
   UNION SELECT parent_trace_id FROM fragments WHERE parent_trace_id IS NOT NULL)
 SELECT r.trace_id AS cluster, 1 AS w, i.trace_id IS NULL AS a, 1 AS b
-FROM roots r
-LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
-LEFT JOIN incomplete i ON i.trace_id = r.trace_id
-WHERE NOT r.linked AND f.span_id IS NULL
+FROM root_kinds r LEFT JOIN incomplete i ON i.trace_id = r.trace_id
+WHERE NOT r.linked AND NOT r.fragment
 """
-# An error span counts when its trace's root is stored too (else nothing tells a fragment from
-# an entry trace). Under consistent sampling both are kept with probability min(p_span, p_root):
-# its adjusted count is the larger of the two.
+# An error span counts when its trace's root is stored too, in the window (else nothing tells
+# a fragment from an entry trace). Under consistent sampling both are kept with probability
+# min(p_span, p_root): its adjusted count is the larger of the two.
 _HIDDEN_ERRORS = """
 SELECT e.trace_id AS cluster, greatest(adjusted_count(e.th, $assumed), adjusted_count(r.th, $assumed)) AS w,
-       f.span_id IS NOT NULL AS a, 1 AS b
-FROM w e
-JOIN w r ON r.trace_id = e.trace_id AND r.parent_span_id IS NULL
-LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.span_id
+       r.fragment AS a, 1 AS b
+FROM w e JOIN root_kinds r ON r.trace_id = e.trace_id
 WHERE e.error AND e.start_ns >= $wlo AND e.start_ns < $whi
 """
 # Each stitched fragment's request: the entry trace at the top of its chain of stitched parents
