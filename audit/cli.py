@@ -68,6 +68,10 @@ def main(verbose: bool) -> None:
     help="OTLP/HTTP listen address, HOST:PORT; 'off' to disable.",
 )
 @click.option(
+    "--api", "api_address", default="127.0.0.1:4319", show_default=True, callback=_hostport, metavar="HOST:PORT",
+    help="Read API listen address (loopback only): the UI and `--server` commands read through it; 'off' to disable.",
+)
+@click.option(
     "--max-body-mib", type=click.FloatRange(min=0.001), default=16, show_default=True,
     help="Largest request accepted, after decompression (413 / RESOURCE_EXHAUSTED beyond).",
 )
@@ -96,7 +100,7 @@ def main(verbose: bool) -> None:
     "--log-interval", type=click.FloatRange(min=0), default=10, show_default=True,
     help="Seconds between ingest progress lines on stderr; 0 for none.",
 )
-def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mib, decoders,
+def serve(db, grpc_address, http_address, api_address, max_body_mib, queue_spans, inflight_mib, decoders,
           memory_limit, checkpoint_mib, drain_timeout, log_interval) -> None:  # fmt: skip
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
@@ -109,10 +113,15 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
     from collector_ext.ingest import Ingestor
     from collector_ext.receivers import OtlpReceivers
 
+    from .store.api import ReadApi
+    from .store.reader import StoreReader
     from .store.writer import SpanStore, SpanWriter
 
     if not grpc_address and not http_address:
         raise click.UsageError("both receivers are off: enable --grpc or --http")
+    if api_address and not is_loopback(parse_hostport(api_address)[0]):
+        raise click.BadParameter("the read API has no authentication yet: it listens on loopback only "
+                                 "(127.0.0.1, ::1 or localhost)", param_hint="--api")  # fmt: skip
     for address in (grpc_address, http_address):
         if address and not is_loopback(parse_hostport(address)[0]):
             log.warning("listening on %s beyond loopback: anyone who can reach it can write spans", address)
@@ -131,6 +140,8 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
     receivers = OtlpReceivers(
         ingestor, grpc_address=grpc_address, http_address=http_address, drain_timeout=drain_timeout
     )
+    # the API reads on a connection of its own to the same database: the writer's is not shared
+    api = ReadApi(StoreReader(store.connection.cursor(), db), *parse_hostport(api_address)) if api_address else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -139,12 +150,21 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
     except OSError as e:
         writer.close()
         _fail(str(e))
+    try:
+        if api:
+            api.start()
+    except OSError as e:
+        receivers.stop()
+        writer.close()
+        _fail(str(e))
 
     listening = []
     if receivers.grpc:
         listening.append(f"OTLP/gRPC {parse_hostport(grpc_address)[0]}:{receivers.grpc.port}")
     if receivers.http:
         listening.append(f"OTLP/HTTP http://{parse_hostport(http_address)[0]}:{receivers.http.port}/v1/traces")
+    if api:
+        listening.append(f"read API {api.url}")
     click.echo(f"ctxaudit serve: ready: {', '.join(listening)}; store {db}", err=False)
     sys.stdout.flush()
 
@@ -160,6 +180,8 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
         last, last_t = committed, now
 
     click.echo("ctxaudit serve: stopping: draining requests in flight", err=True)
+    if api:
+        api.stop()
     receivers.stop()
     writer.close()
     s = ingestor.stats
@@ -171,19 +193,38 @@ def serve(db, grpc_address, http_address, max_body_mib, queue_spans, inflight_mi
     )
 
 
-@main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file written by `ctxaudit serve`.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def stats(db: str, as_json: bool) -> None:
-    """Print what the store holds: spans, traces, services and the time range."""
+_SERVER = click.option("--server", metavar="URL",
+                       help="Read through a running `ctxaudit serve`'s read API (e.g. http://127.0.0.1:4319) "
+                            "instead of opening --db; needed while a server holds the file.")  # fmt: skip
+
+
+def _reader(db: str, server: str | None):
+    """The reader for --server URL (a running serve), else for the file --db (opened read-only)."""
+    ctx = click.get_current_context()
+    if server and ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --db or --server, not both")
+    if server:
+        from .store.remote import RemoteReader
+
+        return RemoteReader(server)
     from .store.reader import LocalReader
 
+    return LocalReader(db)
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file written by `ctxaudit serve`.")
+@_SERVER
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def stats(db: str, server: str | None, as_json: bool) -> None:
+    """Print what the store holds: spans, traces, services and the time range."""
     try:
-        reader = LocalReader(db)
+        reader = _reader(db, server)
         result = reader.stats()
         reader.close()
     except StoreError as e:
         _fail(str(e))
+    db = server or db
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -301,20 +342,19 @@ def _echo_document(result) -> None:
 
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file with audit runs.")
+@_SERVER
 @click.option("--run", "run_id", type=int, help="Audit run id [default: the last run].")
 @click.option("--view", type=click.Choice(["repaired", "observed"]), default="repaired", show_default=True,
               help="repaired: every real call, with drops and stitches; observed: what a trace backend shows.")  # fmt: skip
 @click.option("--format", "fmt", type=click.Choice(["json", "dot", "graphml"]), default="json", show_default=True,
               help="node-link JSON, Graphviz DOT, or GraphML.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of stdout.")
-def graph(db, run_id, view, fmt, output) -> None:
+def graph(db, server, run_id, view, fmt, output) -> None:
     """Export the service graph of an audit run."""
     from graph.service_graph import build_graphs, to_dot, to_graphml, to_node_link_json
 
-    from .store.reader import LocalReader
-
     try:
-        reader = LocalReader(db)
+        reader = _reader(db, server)
         run = reader.audit_run(run_id)
         reader.close()
     except StoreError as e:

@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 _READY = re.compile(r"OTLP/gRPC [^:]+:(\d+), OTLP/HTTP (http://\S+/v1/traces)")
+_API = re.compile(r"read API (http://[^;,\s]+)")
 
 
 def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
-    """Start `ctxaudit serve` on free loopback ports; return (process, grpc port, http url)."""
+    """Start `ctxaudit serve` on free loopback ports; return (process, grpc port, http url). The
+    read API's URL, when it is on, is `process.api_url`."""
+    api = () if "--api" in extra else ("--api", "127.0.0.1:0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "audit", "serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-         "--log-interval", "0", *extra],
+         "--log-interval", "0", *api, *extra],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     line = proc.stdout.readline()
@@ -22,6 +25,8 @@ def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
     if not m:
         proc.kill()
         raise RuntimeError(f"ctxaudit serve did not start (it printed {line!r}); see the errors above")
+    api_url = _API.search(line)
+    proc.api_url = api_url.group(1) if api_url else None
     return proc, int(m.group(1)), m.group(2)
 
 

@@ -104,7 +104,8 @@ def test_locked_file_gets_a_clear_error(tmp_path):
     db = str(tmp_path / "locked.duckdb")
     proc, _, _ = start_server(db)
     try:
-        for args in (["stats", "--db", db], ["serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "off"]):
+        for args in (["stats", "--db", db], ["serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "off",
+                                              "--api", "off"]):  # fmt: skip
             r = ctxaudit(*args)
             assert r.returncode == 1, r
             assert db in r.stderr and "locked" in r.stderr
@@ -117,7 +118,8 @@ def test_locked_file_gets_a_clear_error(tmp_path):
 def test_corrupt_file_gets_a_clear_error(tmp_path, command):
     db = tmp_path / "corrupt.duckdb"
     db.write_bytes(b"this is not a database" * 1000)
-    r = ctxaudit(command, "--db", str(db), *(["--grpc", "127.0.0.1:0", "--http", "off"] if command == "serve" else []))
+    serve_args = ["--grpc", "127.0.0.1:0", "--http", "off", "--api", "off"]
+    r = ctxaudit(command, "--db", str(db), *(serve_args if command == "serve" else []))
     assert r.returncode == 1
     assert "not a readable ctxaudit/DuckDB database" in r.stderr and "Traceback" not in r.stderr
     assert db.read_bytes() == b"this is not a database" * 1000  # untouched
@@ -133,9 +135,9 @@ def test_port_in_use_gets_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        for flag in ("--grpc", "--http"):
-            other = "--http" if flag == "--grpc" else "--grpc"
-            r = ctxaudit("serve", "--db", str(tmp_path / "p.duckdb"), flag, f"127.0.0.1:{port}", other, "off")
+        for flag, others in (("--grpc", ("--http", "off")), ("--http", ("--grpc", "off")),
+                             ("--api", ("--grpc", "127.0.0.1:0", "--http", "off"))):  # fmt: skip
+            r = ctxaudit("serve", "--db", str(tmp_path / "p.duckdb"), flag, f"127.0.0.1:{port}", *others)
             assert r.returncode == 1, r
             assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
 
@@ -147,6 +149,7 @@ def test_port_in_use_gets_a_clear_error(tmp_path):
         (["serve", "--http", "127.0.0.1:99999"], "out of range"),
         (["serve", "--grpc", "off", "--http", "off"], "both receivers are off"),
         (["serve", "--queue-spans", "0"], "--queue-spans"),
+        (["serve", "--api", "0.0.0.0:4319"], "loopback only"),
         (["stats", "--bogus"], "No such option"),
     ],
 )

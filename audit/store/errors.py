@@ -40,7 +40,8 @@ def translate(error: duckdb.Error, path: str, *, writing: bool) -> StoreError:
         holder = f" by {m.group(1)} (PID {m.group(2)})" if m else ""
         return StoreLocked(
             f"{path} is locked{holder}. DuckDB lets one process write a file, or many read it, "
-            "never both: stop that process, or point this command at another --db file."
+            "never both. If it is `ctxaudit serve`, read through it: --server http://127.0.0.1:4319 "
+            "(its --api address); otherwise stop that process, or use another --db file."
         )
     if "not a valid DuckDB database file" in text or "Corrupt" in text or "checksum" in text.lower():
         return StoreCorrupt(

@@ -1,13 +1,15 @@
-"""The read side of the store: a DB file opened read-only, and named queries over it.
+"""The read side of the store: named queries over a DuckDB connection.
 
-Issue 6 adds a second implementation that reads through a running server's API;
-commands and pages depend only on the methods here.
+Two implementations share these methods: `LocalReader`, a DB file that no server holds,
+opened read-only; and `RemoteReader` (remote.py), a running server's read API, which serves a
+`StoreReader` on its own connection (api.py). Commands and pages depend only on the methods.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import duckdb
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -71,17 +73,15 @@ SELECT service_name, count(*), count(DISTINCT trace_id) FROM spans GROUP BY 1 OR
 """
 
 
-class LocalReader:
-    """Reads a DB file that no server holds. DuckDB opens it read-only."""
+class StoreReader:
+    """Named queries over an open connection; each call runs on a cursor of its own, so calls
+    from several threads do not share one (the read API serves them concurrently)."""
 
-    def __init__(self, path: str):
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: str):
         self.path = path
-        try:
-            self._con = duckdb.connect(path, read_only=True)
-        except duckdb.Error as e:
-            raise translate(e, path, writing=False) from None
-        self._con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON")
-        self._con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON")
+        self._con = con
+        con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON")
+        con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON")
 
     def _query(self, sql: str, params: list | None = None) -> list[tuple]:
         try:
@@ -109,6 +109,9 @@ class LocalReader:
             for k in _JSON_COLUMNS.intersection(r):
                 if r[k] is not None:
                     r[k] = json.loads(r[k])
+            for k, v in r.items():
+                if isinstance(v, datetime):  # as the read API sends it: ISO 8601 text
+                    r[k] = v.isoformat()
         return rows
 
     def span_rows_of_trace(self, trace_id: int) -> list[dict]:
@@ -150,6 +153,20 @@ class LocalReader:
         run["edges"] = self._dicts("SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL",
                                    [run["run_id"]])  # fmt: skip
         return run
+
+    def close(self) -> None:
+        pass  # the connection belongs to whoever opened it
+
+
+class LocalReader(StoreReader):
+    """Reads a DB file that no server holds. DuckDB opens it read-only."""
+
+    def __init__(self, path: str):
+        try:
+            con = duckdb.connect(path, read_only=True)
+        except duckdb.Error as e:
+            raise translate(e, path, writing=False) from None
+        super().__init__(con, path)
 
     def close(self) -> None:
         self._con.close()

@@ -1,0 +1,169 @@
+"""The read API `ctxaudit serve` offers on loopback: named queries with typed parameters,
+answered from the server's own connection while it ingests (DuckDB lets one process write,
+so readers elsewhere go through here). No arbitrary SQL, nothing that writes.
+
+    GET /v1/queries                       the names and their parameters
+    GET /v1/<name>?param=value...         one query's result as JSON
+
+Errors: 404 for an unknown name (with the known ones), 400 for a bad or missing parameter,
+405 for anything but GET, 503 when the store cannot answer. The client is remote.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .errors import StoreError
+from .reader import StoreReader
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+
+
+def _hex_id(bits: int) -> Callable[[str], int]:
+    digits = bits // 4
+
+    def parse(value: str) -> int:
+        if len(value) != digits or any(c not in "0123456789abcdefABCDEF" for c in value):
+            raise ValueError(f"expected {digits} hex digits, got {value!r}")
+        return int(value, 16)
+
+    return parse
+
+
+def _run_id(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("run ids start at 1")
+    return n
+
+
+@dataclass(frozen=True)
+class Query:
+    """A named query: the reader method it calls and its parameters (name -> (parser, required))."""
+
+    method: str
+    params: dict[str, tuple[Callable[[str], object], bool]]
+    doc: str
+
+
+QUERIES: dict[str, Query] = {
+    "stats": Query("stats", {}, "spans, traces, services, links and the time range"),
+    "protocol_summary": Query("protocol_summary", {}, "spans and roots per service, protocol and kind"),
+    "trace": Query("span_rows_of_trace", {"trace_id": (_hex_id(128), True)}, "every span of one trace"),
+    "links": Query("links_of_span", {"trace_id": (_hex_id(128), True), "span_id": (_hex_id(64), True)},
+                   "the span links of one span"),  # fmt: skip
+    "audit_run": Query("audit_run", {"run_id": (_run_id, False)}, "an audit run (the last by default), its edges"),
+}
+
+
+def _to_json(value) -> object:
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+class ReadApi:
+    """Serves `reader` over HTTP on `address` (host:port; port 0 picks a free one)."""
+
+    def __init__(self, reader: StoreReader, host: str, port: int, *, threads: int = 4):
+        self.reader = reader
+        self.host, self.port = host, port
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-api")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="read-api-loop", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> str:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen for the read API on {self.host}:{self.port}: {e.strerror}") from None
+        self.port = sock.getsockname()[1]
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(sock), self._loop).result()
+        return self.url
+
+    async def _serve(self, sock: socket.socket) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{version}/{name}", self._handle)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._executor.shutdown(wait=True)
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return _error(404, f"no such path {request.path!r}: use /{API_VERSION}/queries")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        version, name = request.match_info["version"], request.match_info["name"]
+        if request.method != "GET":
+            return _error(405, "the read API only answers GET: it never writes", {"Allow": "GET"})
+        if version != API_VERSION:
+            return _error(404, f"unknown API version {version!r}: this server speaks {API_VERSION}")
+        if name == "queries":
+            return web.json_response({n: {"params": {p: ("required" if req else "optional")
+                                                     for p, (_, req) in q.params.items()}, "doc": q.doc}
+                                      for n, q in QUERIES.items()})  # fmt: skip
+        query = QUERIES.get(name)
+        if query is None:
+            return _error(404, f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
+        try:
+            kwargs = _parse(query, dict(request.query))
+        except ValueError as e:
+            return _error(400, f"{name}: {e}")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: getattr(self.reader, query.method)(**kwargs)
+            )
+        except StoreError as e:
+            return _error(503, str(e))
+        except Exception:
+            log.exception("read API query %s failed", name)
+            return _error(500, "internal error; see the server log")
+        return web.Response(text=json.dumps(_to_json(result)), content_type="application/json")
+
+
+def _parse(query: Query, given: dict[str, str]) -> dict:
+    unknown = set(given) - set(query.params)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; known: {sorted(query.params) or 'none'}")
+    kwargs = {}
+    for name, (parse, required) in query.params.items():
+        if name not in given:
+            if required:
+                raise ValueError(f"missing parameter {name!r}")
+            continue
+        try:
+            kwargs[name] = parse(given[name])
+        except ValueError as e:
+            raise ValueError(f"parameter {name!r}: {e}") from None
+    return kwargs
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)

@@ -1,0 +1,59 @@
+"""The reader that goes through a running `ctxaudit serve`'s read API (api.py): the same methods
+and results as `LocalReader`, for a store file that the server holds open."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from .errors import StoreError
+from .reader import ServiceCount, StoreStats
+
+
+class RemoteReader:
+    def __init__(self, url: str, *, timeout: float = 60.0):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StoreError(f"--server {url!r} is not a URL such as http://127.0.0.1:4319")
+        self.url = url.rstrip("/")
+        self.path = self.url  # where the data is, for messages (a LocalReader's is its file)
+        self.timeout = timeout
+
+    def _get(self, name: str, **params) -> object:
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        url = f"{self.url}/v1/{name}" + (f"?{query}" if query else "")
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.load(e).get("error", e.reason)
+            except (ValueError, AttributeError):
+                message = e.reason
+            raise StoreError(f"the server at {self.url} answered {e.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise StoreError(f"cannot reach ctxaudit serve's read API at {self.url} ({reason}); is the server "
+                             "running, with --api at that address?") from None  # fmt: skip
+
+    def stats(self) -> StoreStats:
+        d = self._get("stats")
+        d["by_service"] = [ServiceCount(**s) for s in d["by_service"]]
+        return StoreStats(**d)
+
+    def span_rows_of_trace(self, trace_id: int) -> list[dict]:
+        return self._get("trace", trace_id=f"{trace_id:032x}")
+
+    def links_of_span(self, trace_id: int, span_id: int) -> list[dict]:
+        return self._get("links", trace_id=f"{trace_id:032x}", span_id=f"{span_id:016x}")
+
+    def protocol_summary(self) -> list[dict]:
+        return self._get("protocol_summary")
+
+    def audit_run(self, run_id: int | None = None) -> dict | None:
+        return self._get("audit_run", run_id=run_id)
+
+    def close(self) -> None:
+        pass

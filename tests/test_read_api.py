@@ -1,0 +1,121 @@
+"""The read API of a live `ctxaudit serve`: the same answers as the file read directly, named
+queries only, never a write, bad parameters refused, and the CLI reading through it."""
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+from audit.serve_process import start_server, stop_server
+from audit.store.errors import StoreError
+from audit.store.reader import LocalReader
+from audit.store.remote import RemoteReader
+from tests.test_roundtrip_sdk import emit
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _ctxaudit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120)
+
+
+def _seeded_store(tmp_path) -> str:
+    """A store with simulated traffic and one saved audit run."""
+    db = str(tmp_path / "live.duckdb")
+    seed = _ctxaudit("simulate", "--scenario", "shop-small", "--db", db, "--truth", str(tmp_path / "truth.jsonl"))
+    assert seed.returncode == 0, seed.stderr
+    audit = _ctxaudit("audit", "--db", db, "--all", "--settle", "0")
+    assert audit.returncode == 0, audit.stderr
+    return db
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A running server on a seeded store."""
+    db = _seeded_store(tmp_path_factory.mktemp("api"))
+    proc, _, _ = start_server(db)
+    yield db, proc.api_url
+    assert stop_server(proc) == 0
+
+
+def test_remote_answers_while_the_server_holds_the_file(live):
+    db, url = live
+    remote = RemoteReader(url)
+    stats = remote.stats()
+    assert stats.spans > 700 and stats.services > 5
+    run = remote.audit_run()
+    assert run["run_id"] == 1 and run["edges"] and run["sampling"]["edges"]
+    assert remote.audit_run(99) is None
+    with pytest.raises(StoreError, match="locked"):  # no other process may open the file meanwhile
+        LocalReader(db)
+
+
+def test_remote_and_local_readers_agree(tmp_path):
+    """What the API answers while serving equals what the file says once the server stopped,
+    including spans the real SDK sent a moment before."""
+    db = _seeded_store(tmp_path)
+    proc, port, _ = start_server(db)
+    try:
+        trace_id, span_id, _ = emit(GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True), "api-test")
+        remote = RemoteReader(proc.api_url)
+        answers = (remote.stats(), remote.protocol_summary(), remote.audit_run(),
+                   remote.span_rows_of_trace(trace_id), remote.links_of_span(trace_id, span_id))  # fmt: skip
+    finally:
+        assert stop_server(proc) == 0
+    assert answers[3][0]["name"] == "POST /orders" and answers[4][0]["attributes"] == {"link.reason": "batch"}
+    local = LocalReader(db)
+    try:
+        assert answers == (local.stats(), local.protocol_summary(), local.audit_run(),
+                           local.span_rows_of_trace(trace_id), local.links_of_span(trace_id, span_id))  # fmt: skip
+    finally:
+        local.close()
+
+
+@pytest.mark.parametrize("path, status, message", [
+    ("/v1/select%20*%20from%20spans", 404, "unknown query"),
+    ("/v1/trace", 400, "missing parameter 'trace_id'"),
+    ("/v1/trace?trace_id=xyz", 400, "hex digits"),
+    ("/v1/trace?trace_id=" + "0" * 31, 400, "32 hex digits"),
+    ("/v1/links?trace_id=" + "0" * 32 + "&span_id=1", 400, "16 hex digits"),
+    ("/v1/audit_run?run_id=-1", 400, "run ids start at 1"),
+    ("/v1/audit_run?run_id=1&sql=drop", 400, "unknown parameter"),
+    ("/v2/stats", 404, "unknown API version"),
+    ("/", 404, "/v1/queries"),
+])  # fmt: skip
+def test_bad_requests_get_clear_errors(live, path, status, message):
+    _, url = live
+    got_status, body = _get(url + path)
+    assert got_status == status and message in body["error"]
+
+
+def test_the_api_never_writes(live):
+    db, url = live
+    before = RemoteReader(url).stats().spans
+    for method in ("POST", "PUT", "DELETE"):
+        request = urllib.request.Request(f"{url}/v1/stats", method=method, data=b"{}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 405 and e.value.headers["Allow"] == "GET"
+    assert RemoteReader(url).stats().spans == before
+
+
+def test_cli_reads_through_the_server(live, tmp_path):
+    db, url = live
+    r = _ctxaudit("graph", "--server", url, "--format", "dot")
+    assert r.returncode == 0 and "digraph" in r.stdout
+    both = _ctxaudit("stats", "--server", url, "--db", db)
+    assert both.returncode == 2 and "not both" in both.stderr
+    down = _ctxaudit("stats", "--server", "http://127.0.0.1:9")
+    assert down.returncode == 1 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
+    locked = _ctxaudit("stats", "--db", db)
+    assert locked.returncode == 1 and "--server" in locked.stderr
