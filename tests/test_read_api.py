@@ -69,14 +69,16 @@ def test_remote_and_local_readers_agree(tmp_path):
         trace_id, span_id, _ = emit(GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True), "api-test")
         remote = RemoteReader(proc.api_url)
         answers = (remote.stats(), remote.protocol_summary(), remote.audit_run(),
-                   remote.span_rows_of_trace(trace_id), remote.links_of_span(trace_id, span_id))  # fmt: skip
+                   remote.span_rows_of_trace(trace_id), remote.links_of_span(trace_id, span_id),
+                   remote.audit_runs(), remote.findings(kind="orphan_root", callee="recommendations", limit=5))  # fmt: skip
     finally:
         assert stop_server(proc) == 0
     assert answers[3][0]["name"] == "POST /orders" and answers[4][0]["attributes"] == {"link.reason": "batch"}
     local = LocalReader(db)
     try:
         assert answers == (local.stats(), local.protocol_summary(), local.audit_run(),
-                           local.span_rows_of_trace(trace_id), local.links_of_span(trace_id, span_id))  # fmt: skip
+                           local.span_rows_of_trace(trace_id), local.links_of_span(trace_id, span_id),
+                           local.audit_runs(), local.findings(kind="orphan_root", callee="recommendations", limit=5))  # fmt: skip
     finally:
         local.close()
 
@@ -90,12 +92,30 @@ def test_remote_and_local_readers_agree(tmp_path):
     ("/v1/audit_run?run_id=-1", 400, "run ids start at 1"),
     ("/v1/audit_run?run_id=1&sql=drop", 400, "unknown parameter"),
     ("/v2/stats", 404, "unknown API version"),
+    ("/v1/findings?kind=everything", 400, "must be one of"),
+    ("/v1/findings?limit=0", 400, "between 1 and 10000"),
+    ("/v1/findings?offset=x", 400, "offset"),
     ("/", 404, "/v1/queries"),
 ])  # fmt: skip
 def test_bad_requests_get_clear_errors(live, path, status, message):
     _, url = live
     got_status, body = _get(url + path)
     assert got_status == status and message in body["error"]
+
+
+def test_findings_filter_and_page(live):
+    _, url = live
+    remote = RemoteReader(url)
+    counts = remote.audit_runs()[0]["counts"]
+    everything = remote.findings(limit=10_000)
+    assert everything["total"] == sum(counts.values()) == len(everything["findings"])
+    orphans = remote.findings(kind="orphan_root", callee="recommendations", limit=7)
+    assert 7 == len(orphans["findings"]) < orphans["total"] <= counts["orphan_root"]
+    assert {(f["kind"], f["callee"]) for f in orphans["findings"]} == {("orphan_root", "recommendations")}
+    assert all(f["fix"] and f["explanation"] for f in orphans["findings"])
+    page2 = remote.findings(kind="orphan_root", callee="recommendations", limit=7, offset=7)
+    assert not {f["span_id"] for f in page2["findings"]} & {f["span_id"] for f in orphans["findings"]}
+    assert remote.findings(service="no such service")["total"] == 0
 
 
 def test_the_api_never_writes(live):

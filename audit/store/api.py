@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..engine.result import FINDING_KINDS
 from .errors import StoreError
 from .reader import StoreReader
 
@@ -48,6 +49,34 @@ def _run_id(value: str) -> int:
     return n
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        n = int(value)
+        if not low <= n <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return n
+
+    return parse
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _name(value: str) -> str:
+    if not value or len(value) > 512:
+        raise ValueError("must be 1 to 512 characters")
+    return value
+
+
+_PROTOCOLS = ("http", "grpc", "rpc", "messaging", "db", "unknown")
+
+
 @dataclass(frozen=True)
 class Query:
     """A named query: the reader method it calls and its parameters (name -> (parser, required))."""
@@ -64,7 +93,14 @@ QUERIES: dict[str, Query] = {
     "links": Query("links_of_span", {"trace_id": (_hex_id(128), True), "span_id": (_hex_id(64), True)},
                    "the span links of one span"),  # fmt: skip
     "audit_run": Query("audit_run", {"run_id": (_run_id, False)}, "an audit run (the last by default), its edges"),
-}
+    "audit_runs": Query("audit_runs", {"limit": (_int_between(1, 10_000), False)},
+                        "the newest audit runs, with finding counts per kind"),
+    "findings": Query("findings", {
+        "run_id": (_run_id, False), "kind": (_one_of(FINDING_KINDS), False), "service": (_name, False),
+        "caller": (_name, False), "callee": (_name, False), "protocol": (_one_of(_PROTOCOLS), False),
+        "cause": (_name, False), "limit": (_int_between(1, 10_000), False), "offset": (_int_between(0, 10**12), False),
+    }, "one page of a run's findings (the last run by default), filtered"),
+}  # fmt: skip
 
 
 def _to_json(value) -> object:

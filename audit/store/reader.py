@@ -14,6 +14,7 @@ from datetime import datetime
 import duckdb
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from ..engine.result import FINDING_KINDS, finding_dict
 from .errors import StoreError, translate
 from .otlp_values import attributes, to_json
 
@@ -70,6 +71,23 @@ FROM spans
 """
 _BY_SERVICE = """
 SELECT service_name, count(*), count(DISTINCT trace_id) FROM spans GROUP BY 1 ORDER BY 2 DESC, 1
+"""
+
+
+_RUNS = f"""
+SELECT r.run_id, r.finished_at, r.window_start_ns, r.window_end_ns, r.spans, r.traces, r.seconds,
+       {", ".join(f"count(*) FILTER (WHERE f.kind = '{k}') AS {k}" for k in FINDING_KINDS)}
+FROM (SELECT run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds FROM audit_runs
+      ORDER BY run_id DESC LIMIT ?) r
+LEFT JOIN audit_findings f USING (run_id) GROUP BY ALL ORDER BY r.run_id DESC
+"""
+# the saved findings in the engine's row shape (128-bit ids as halves), for finding_dict
+_FINDING_ROWS = """
+SELECT kind, (trace_id >> 64)::UBIGINT AS trace_hi, (trace_id & 18446744073709551615)::UBIGINT AS trace_lo,
+       span_id, service, span_name, span_kind, start_ns, protocol, system, caller, callee, cause, candidates, detail,
+       (parent_trace_id >> 64)::UBIGINT AS parent_trace_hi,
+       (parent_trace_id & 18446744073709551615)::UBIGINT AS parent_trace_lo, parent_span_id, parent_service, confidence
+FROM audit_findings
 """
 
 
@@ -139,7 +157,7 @@ class StoreReader:
 
     def audit_run(self, run_id: int | None = None) -> dict | None:
         """An audit run (the last one by default) with its edges; None if there is none."""
-        if not self._query("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'audit_runs'")[0][0]:
+        if not self._has_runs():
             return None
         where, params = ("run_id = ?", [run_id]) if run_id is not None else (
             "run_id = (SELECT max(run_id) FROM audit_runs)", [])  # fmt: skip
@@ -153,6 +171,36 @@ class StoreReader:
         run["edges"] = self._dicts("SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL",
                                    [run["run_id"]])  # fmt: skip
         return run
+
+    def _has_runs(self) -> bool:
+        return bool(self._query("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'audit_runs'")[0][0])
+
+    def audit_runs(self, limit: int = 100) -> list[dict]:
+        """The newest audit runs first, with their finding counts per kind (for trends)."""
+        if not self._has_runs():
+            return []
+        runs = self._dicts(_RUNS, [limit])
+        for run in runs:
+            run["counts"] = {kind: run.pop(kind) for kind in FINDING_KINDS}
+        return runs
+
+    def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
+                 caller: str | None = None, callee: str | None = None, protocol: str | None = None,
+                 cause: str | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
+        """One page of a run's findings (the last run by default), filtered on any of the given
+        fields, in start order, as the result document renders them; `total` counts them all."""
+        if not self._has_runs():
+            return {"run_id": None, "total": 0, "findings": []}
+        if run_id is None:
+            run_id = self._query("SELECT max(run_id) FROM audit_runs")[0][0]
+        filters = {"kind": kind, "service": service, "caller": caller, "callee": callee, "protocol": protocol,
+                   "cause": cause}  # fmt: skip
+        where = " AND ".join(["run_id = ?"] + [f"{k} = ?" for k, v in filters.items() if v is not None])
+        params = [run_id] + [v for v in filters.values() if v is not None]
+        (total,) = self._query(f"SELECT count(*) FROM audit_findings WHERE {where}", params)[0]
+        rows = self._dicts(f"{_FINDING_ROWS} WHERE {where} ORDER BY start_ns, kind, span_id LIMIT ? OFFSET ?",
+                           params + [limit, offset])  # fmt: skip
+        return {"run_id": run_id, "total": total, "findings": [finding_dict(r) for r in rows]}
 
     def close(self) -> None:
         pass  # the connection belongs to whoever opened it

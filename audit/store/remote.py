@@ -55,5 +55,14 @@ class RemoteReader:
     def audit_run(self, run_id: int | None = None) -> dict | None:
         return self._get("audit_run", run_id=run_id)
 
+    def audit_runs(self, limit: int = 100) -> list[dict]:
+        return self._get("audit_runs", limit=limit)
+
+    def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
+                 caller: str | None = None, callee: str | None = None, protocol: str | None = None,
+                 cause: str | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
+        return self._get("findings", run_id=run_id, kind=kind, service=service, caller=caller, callee=callee,
+                         protocol=protocol, cause=cause, limit=limit, offset=offset)  # fmt: skip
+
     def close(self) -> None:
         pass
