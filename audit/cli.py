@@ -372,6 +372,34 @@ def graph(db, server, run_id, view, fmt, output) -> None:
 
 
 @main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to explore (no server may hold it).")
+@_SERVER
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True, help="Port of the explorer.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the explorer listens on.")
+def ui(db, server, port, host) -> None:
+    """Open the explorer (Streamlit) on a store: overview, service graph, findings, traces, sampling.
+
+    While `ctxaudit serve` holds the file, explore through it with --server.
+    """
+    import os
+    import subprocess
+
+    import ui as ui_package
+
+    try:
+        _reader(db, server).stats()  # fail here, with the reader's message, not in the browser
+    except StoreError as e:
+        _fail(str(e))
+    env = dict(os.environ, **({"CTXAUDIT_SERVER": server} if server else {"CTXAUDIT_DB": os.path.abspath(db)}))
+    env.pop("CTXAUDIT_DB" if server else "CTXAUDIT_SERVER", None)
+    app = os.path.join(os.path.dirname(ui_package.__file__), "app.py")
+    click.echo(f"ctxaudit ui: http://{host}:{port} on {server or db}", err=True)
+    command = [sys.executable, "-m", "streamlit", "run", app, "--server.port", str(port), "--server.address", host,
+               "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+    sys.exit(subprocess.call(command, env=env))
+
+
+@main.command()
 @click.option(
     "--scenario", required=True, metavar="NAME|FILE",
     help="A scenario YAML file, or a bundled one by name (shop-small, shop-large).",

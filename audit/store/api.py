@@ -98,7 +98,8 @@ QUERIES: dict[str, Query] = {
     "findings": Query("findings", {
         "run_id": (_run_id, False), "kind": (_one_of(FINDING_KINDS), False), "service": (_name, False),
         "caller": (_name, False), "callee": (_name, False), "protocol": (_one_of(_PROTOCOLS), False),
-        "cause": (_name, False), "limit": (_int_between(1, 10_000), False), "offset": (_int_between(0, 10**12), False),
+        "cause": (_name, False), "trace_id": (_hex_id(128), False), "limit": (_int_between(1, 10_000), False),
+        "offset": (_int_between(0, 10**12), False),
     }, "one page of a run's findings (the last run by default), filtered"),
 }  # fmt: skip
 

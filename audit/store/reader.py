@@ -98,8 +98,9 @@ class StoreReader:
     def __init__(self, con: duckdb.DuckDBPyConnection, path: str):
         self.path = path
         self._con = con
-        con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON")
-        con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON")
+        # "special": a span without attributes (or events) gives NULL, which DuckDB's default refuses
+        con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON", null_handling="special")
+        con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON", null_handling="special")
 
     def _query(self, sql: str, params: list | None = None) -> list[tuple]:
         try:
@@ -170,6 +171,10 @@ class StoreReader:
         run["sampling"] = json.loads(run["sampling"]) if run.get("sampling") else None
         run["edges"] = self._dicts("SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL",
                                    [run["run_id"]])  # fmt: skip
+        for e in run["edges"]:  # as the result document's edges have them
+            e["dropped"] = e["calls"] - e["propagated"]
+            e["propagation_rate"] = round(e["propagated"] / e["calls"], 4) if e["calls"] else None
+            e["broken"] = e["dropped"] > 0
         return run
 
     def _has_runs(self) -> bool:
@@ -186,7 +191,8 @@ class StoreReader:
 
     def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
                  caller: str | None = None, callee: str | None = None, protocol: str | None = None,
-                 cause: str | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
+                 cause: str | None = None, trace_id: int | None = None, limit: int = 100,
+                 offset: int = 0) -> dict:  # fmt: skip
         """One page of a run's findings (the last run by default), filtered on any of the given
         fields, in start order, as the result document renders them; `total` counts them all."""
         if not self._has_runs():
@@ -197,6 +203,9 @@ class StoreReader:
                    "cause": cause}  # fmt: skip
         where = " AND ".join(["run_id = ?"] + [f"{k} = ?" for k, v in filters.items() if v is not None])
         params = [run_id] + [v for v in filters.values() if v is not None]
+        if trace_id is not None:
+            where += " AND trace_id = ?::UHUGEINT"
+            params.append(str(trace_id))
         (total,) = self._query(f"SELECT count(*) FROM audit_findings WHERE {where}", params)[0]
         rows = self._dicts(f"{_FINDING_ROWS} WHERE {where} ORDER BY start_ns, kind, span_id LIMIT ? OFFSET ?",
                            params + [limit, offset])  # fmt: skip

@@ -60,9 +60,11 @@ class RemoteReader:
 
     def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
                  caller: str | None = None, callee: str | None = None, protocol: str | None = None,
-                 cause: str | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
+                 cause: str | None = None, trace_id: int | None = None, limit: int = 100,
+                 offset: int = 0) -> dict:  # fmt: skip
         return self._get("findings", run_id=run_id, kind=kind, service=service, caller=caller, callee=callee,
-                         protocol=protocol, cause=cause, limit=limit, offset=offset)  # fmt: skip
+                         protocol=protocol, cause=cause, limit=limit, offset=offset,
+                         trace_id=None if trace_id is None else f"{trace_id:032x}")  # fmt: skip
 
     def close(self) -> None:
         pass

@@ -1,0 +1,145 @@
+"""Every page of the explorer, run by Streamlit's AppTest against a real store with a saved
+audit run (the shop scenario): no exception, and what an SRE should see on it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+PAGES = Path(__file__).parent.parent / "ui" / "pages"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    db = str(tmp / "shop.duckdb")
+    for args in (["simulate", "--scenario", "shop-small", "--db", db, "--truth", str(tmp / "t.jsonl")],
+                 ["audit", "--db", db, "--all", "--settle", "0"]):  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    return db
+
+
+@pytest.fixture
+def page(store, monkeypatch):
+    monkeypatch.setenv("CTXAUDIT_DB", store)
+    monkeypatch.delenv("CTXAUDIT_SERVER", raising=False)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+    def run(name: str, **state) -> AppTest:
+        at = AppTest.from_file(str(PAGES / name), default_timeout=60)
+        for k, v in state.items():
+            at.session_state[k] = v
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        return at
+
+    return run
+
+
+def test_overview_shows_health_trend_and_worst_hops(page):
+    at = page("overview.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["spans stored"] == "774" and metrics["context health"].endswith("%")
+    assert "fragments per request" in metrics
+    assert [s.value for s in at.subheader] == ["Findings per audit run", "Worst hops"]
+    hops = at.dataframe[0].value
+    assert "gateway → recommendations" in set(hops["hop"])
+    assert hops["dropped"].is_monotonic_decreasing
+
+
+def test_service_graph_lists_a_broken_edges_findings(page):
+    at = page("service_graph.py")
+    assert at.radio[0].value == "repaired"
+    edge = next(o for o in at.selectbox[0].options if o.startswith("gateway → recommendations"))
+    at.selectbox[0].select(edge).run()
+    assert not at.exception
+    findings = at.dataframe[0].value
+    assert len(findings) > 0 and set(findings["cause"]) <= {"proxy_strips_traceparent", "context_not_propagated"}
+    at.radio[0].set_value("observed").run()
+    assert not at.exception
+
+
+def test_findings_filter_and_open_a_trace(page):
+    at = page("findings.py")
+    total = int(at.caption[0].value.split()[0].replace(",", ""))
+    kind = at.selectbox[0]
+    kind.select("orphan_root").run()
+    orphans = int(at.caption[0].value.split()[0].replace(",", ""))
+    assert 0 < orphans < total
+    assert set(at.dataframe[0].value["kind"]) == {"orphan_root"}
+
+
+def test_trace_view_joins_the_stitched_parent(page, store):
+    from audit.store.reader import LocalReader
+
+    reader = LocalReader(store)
+    try:
+        stitched = next(f for f in reader.findings(kind="orphan_root", limit=500)["findings"] if f["probable_parent"])
+    finally:
+        reader.close()
+    at = page("trace.py", trace_id=stitched["trace_id"])
+    assert any("probable parent" in i.value for i in at.info)
+    assert any(stitched["cause"] in w.value or "orphan_root" in w.value for w in at.warning)
+    bad = page("trace.py", trace_id="xyz")
+    assert "not a trace id" in bad.error[0].value
+
+
+def test_sampling_page_shows_figures_with_intervals(page):
+    at = page("sampling.py")
+    labels = [m.label for m in at.metric]
+    assert labels == ["fragmentation factor", "trace completeness", "hidden error share", "latency undercount"]
+    edges = at.dataframe[0].value
+    assert "propagation_rate" in edges.columns and len(edges) >= 5
+    services = at.dataframe[1].value
+    assert "fulfilment" in set(services["service"])
+
+
+def test_pages_say_what_to_do_without_a_run(tmp_path, monkeypatch):
+    db = str(tmp_path / "empty.duckdb")
+    r = subprocess.run([sys.executable, "-m", "audit", "simulate", "--scenario", "shop-small", "--db", db,
+                        "--truth", str(tmp_path / "t.jsonl")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0
+    monkeypatch.setenv("CTXAUDIT_DB", db)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    for name in ("overview.py", "service_graph.py", "findings.py", "sampling.py"):
+        at = AppTest.from_file(str(PAGES / name), default_timeout=60)
+        at.run()
+        assert not at.exception
+        assert "ctxaudit audit" in at.info[0].value, name
+
+
+def test_ctxaudit_ui_serves_the_explorer(store):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "audit", "ui", "--db", store, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    assert r.read() == b"ok"
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_ctxaudit_ui_refuses_a_store_it_cannot_read(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "audit", "ui", "--db", str(tmp_path / "nope.duckdb")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "does not exist" in r.stderr

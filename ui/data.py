@@ -1,0 +1,63 @@
+"""Where the pages get their data: one reader per session (a running server's read API, or a
+store file opened read-only), and cached query results. The reader is chosen by `ctxaudit ui`
+through the environment: CTXAUDIT_SERVER (a URL) or CTXAUDIT_DB (a path)."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from audit.store.errors import StoreError
+from audit.store.reader import LocalReader
+from audit.store.remote import RemoteReader
+
+TTL_S = 30  # a live server keeps ingesting: cached answers age out
+
+
+@st.cache_resource
+def reader() -> LocalReader | RemoteReader:
+    server, db = os.environ.get("CTXAUDIT_SERVER"), os.environ.get("CTXAUDIT_DB")
+    return RemoteReader(server) if server else LocalReader(db or "ctxaudit.duckdb")
+
+
+def source() -> str:
+    return os.environ.get("CTXAUDIT_SERVER") or os.environ.get("CTXAUDIT_DB") or "ctxaudit.duckdb"
+
+
+def _call(method: str, *args, **kwargs):
+    try:
+        return getattr(reader(), method)(*args, **kwargs)
+    except StoreError as e:
+        st.error(str(e))
+        st.stop()
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def stats() -> dict:
+    return _call("stats").to_dict()
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def audit_run(run_id: int | None = None) -> dict | None:
+    return _call("audit_run", run_id)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def audit_runs(limit: int = 200) -> list[dict]:
+    return _call("audit_runs", limit)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def findings(run_id: int | None, **filters) -> dict:
+    return _call("findings", run_id, **filters)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def trace(trace_id: int) -> list[dict]:
+    return _call("span_rows_of_trace", trace_id)
+
+
+def no_run_yet() -> None:
+    st.info(f"No audit run in {source()} yet. Run `ctxaudit audit` (with `--server` while serving), then reload.")
+    st.stop()
