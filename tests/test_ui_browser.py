@@ -1,0 +1,112 @@
+"""The explorer end to end in real Chromium: `ctxaudit serve` ingesting, `ctxaudit ui --server`
+reading through its API, and a person's path through the pages: every page opens, and an edge
+leads to its findings and a finding to its trace. Screenshots go to test-artifacts/ui/."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from audit.serve_process import start_server, stop_server
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "ui"
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)")
+
+
+def _ctxaudit(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser")
+    db = str(tmp / "live.duckdb")
+    # a saved audit run first (the server's own periodic audit comes later); then serve and ingest
+    _ctxaudit("simulate", "--scenario", "shop-small", "--db", db, "--truth", str(tmp / "t1.jsonl"))
+    _ctxaudit("audit", "--db", db, "--all", "--settle", "0")
+    server, port, _ = start_server(db)
+    ui = None
+    try:
+        _ctxaudit("simulate", "--scenario", "shop-small", "--seed", "2", "--otlp", f"grpc://127.0.0.1:{port}",
+                  "--truth", str(tmp / "t2.jsonl"))  # fmt: skip
+        ui_port = _free_port()
+        ui = subprocess.Popen([sys.executable, "-m", "audit", "ui", "--server", server.api_url, "--port", str(ui_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        url = f"http://127.0.0.1:{ui_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).close()
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "ctxaudit ui did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        if ui is not None:
+            ui.terminate()
+            ui.wait(30)
+        assert stop_server(server) == 0
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _open(page, link: str, heading: str) -> None:
+    page.get_by_role("link", name=link).click()
+    page.get_by_role("heading", name=heading).wait_for(timeout=30_000)
+
+
+def test_every_page_and_the_path_from_an_edge_to_a_trace(explorer, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(explorer)
+    page.get_by_role("heading", name="Context health").wait_for(timeout=60_000)
+    page.get_by_text("Worst hops").wait_for(timeout=30_000)
+    page.get_by_text("context health").first.wait_for()
+    page.get_by_text("gateway → recommendations").first.wait_for(state="attached", timeout=30_000)  # a grid cell
+    _shot(page, "overview")
+
+    _open(page, "Service graph", "Service graph")
+    graph = page.locator("[data-testid='stGraphVizChart'] svg").first  # rendered by Graphviz in the page
+    graph.wait_for(timeout=30_000)
+    assert "recommendations" in graph.inner_html() and "gateway" in graph.inner_html()
+    page.get_by_text("findings on this edge").wait_for(timeout=30_000)
+    _shot(page, "service-graph")
+
+    _open(page, "Findings", "Findings")
+    page.get_by_text("findings in run").wait_for(timeout=30_000)
+    _shot(page, "findings")
+    page.get_by_role("button", name="Open trace").click()
+    page.get_by_role("heading", name="Trace view").wait_for(timeout=30_000)
+    page.get_by_text("Fix:").first.wait_for(timeout=30_000)  # the finding on this trace, with its fix
+    page.locator("canvas, svg").first.wait_for(timeout=30_000)  # the waterfall
+    _shot(page, "trace")
+
+    _open(page, "Sampling", "Sampling distortion")
+    page.get_by_text("Per edge").wait_for(timeout=30_000)
+    page.get_by_text("fragmentation factor").first.wait_for(timeout=30_000)
+    _shot(page, "sampling")
+    page.close()
