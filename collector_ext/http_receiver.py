@@ -8,15 +8,13 @@ happens in the decode worker, bounded by the same limit.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from aiohttp import web
 from google.rpc.status_pb2 import Status
+
+from audit.store.aio_server import ThreadedAioServer
 
 from .addresses import parse_hostport
 from .decode import JSON, PROTOBUF, encode_response, response_for
@@ -38,42 +36,18 @@ class HttpReceiver:
         self.drain_timeout = drain_timeout
         self.address = address
         self.port: int | None = None
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="otlp-http")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-http-loop", daemon=True)
-        self._runner: web.AppRunner | None = None
+        host, port = parse_hostport(address)
+        self._server = ThreadedAioServer("otlp-http", host, port, threads=threads)
 
     def start(self) -> int:
-        host, port = parse_hostport(self.address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            raise OSError(f"cannot listen for OTLP/HTTP on {self.address}: {e.strerror}") from None
-        self.port = sock.getsockname()[1]
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(sock), self._loop).result()
-        return self.port
-
-    async def _serve(self, sock: socket.socket) -> None:
         app = web.Application(client_max_size=self.ingestor.max_body_bytes)
         app.router.add_post(TRACES_PATH, self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, auto_decompress=False, shutdown_timeout=self.drain_timeout
-        )
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        self.port = self._server.start(app, "OTLP/HTTP", auto_decompress=False, shutdown_timeout=self.drain_timeout)
+        return self.port
 
     def stop(self) -> None:
         """Stop accepting; requests in flight finish (up to `drain_timeout` seconds)."""
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._executor.shutdown(wait=True)
+        self._server.stop()
 
     async def _handle(self, request: web.Request) -> web.Response:
         content_type = request.content_type
@@ -87,9 +61,7 @@ class HttpReceiver:
             if encoding not in ("gzip", "identity", ""):
                 raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}: use gzip or none")
             body = await self._read_body(request)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.ingestor.export, body, content_type, encoding == "gzip"
-            )
+            result = await self._server.run_blocking(self.ingestor.export, body, content_type, encoding == "gzip")
         except Refused as e:
             headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
             return web.Response(

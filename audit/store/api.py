@@ -11,18 +11,15 @@ Errors: 404 for an unknown name (with the known ones), 400 for a bad or missing 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import socket
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..engine.result import FINDING_KINDS
+from .aio_server import ThreadedAioServer
 from .errors import StoreError
 from .reader import StoreReader
 
@@ -109,49 +106,26 @@ def _to_json(value) -> object:
 
 
 class ReadApi:
-    """Serves `reader` over HTTP on `address` (host:port; port 0 picks a free one)."""
+    """Serves `reader` over HTTP on host:port (port 0 picks a free one)."""
 
     def __init__(self, reader: StoreReader, host: str, port: int, *, threads: int = 4):
         self.reader = reader
-        self.host, self.port = host, port
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-api")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="read-api-loop", daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._server = ThreadedAioServer("read-api", host, port, threads=threads)
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        host = self._server.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self._server.port}"
 
     def start(self) -> str:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-        except OSError as e:
-            sock.close()
-            raise OSError(f"cannot listen for the read API on {self.host}:{self.port}: {e.strerror}") from None
-        self.port = sock.getsockname()[1]
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(sock), self._loop).result()
-        return self.url
-
-    async def _serve(self, sock: socket.socket) -> None:
         app = web.Application()
         app.router.add_route("*", "/{version}/{name}", self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        self._server.start(app, "the read API")
+        return self.url
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._executor.shutdown(wait=True)
+        self._server.stop()
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _error(404, f"no such path {request.path!r}: use /{API_VERSION}/queries")
@@ -174,9 +148,7 @@ class ReadApi:
         except ValueError as e:
             return _error(400, f"{name}: {e}")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: getattr(self.reader, query.method)(**kwargs)
-            )
+            result = await self._server.run_blocking(lambda: getattr(self.reader, query.method)(**kwargs))
         except StoreError as e:
             return _error(503, str(e))
         except Exception:

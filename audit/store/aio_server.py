@@ -1,0 +1,54 @@
+"""An aiohttp application served from its own thread and event loop, with a thread pool for
+the blocking work behind it. The socket is bound up front, so a busy port is an error at start.
+Used by the OTLP/HTTP receiver (collector_ext) and the read API (api.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+
+class ThreadedAioServer:
+    def __init__(self, name: str, host: str, port: int, *, threads: int):
+        self.name, self.host, self.port = name, host, port
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{name}-loop", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def start(self, app: web.Application, what: str, **runner_options) -> int:
+        """Bind, then serve `app` (`what` names it in errors); return the port bound."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen for {what} on {self.host}:{self.port}: {e.strerror}") from None
+        self.port = sock.getsockname()[1]
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(app, sock, runner_options), self._loop).result()
+        return self.port
+
+    async def _serve(self, app: web.Application, sock: socket.socket, runner_options: dict) -> None:
+        self._runner = web.AppRunner(app, access_log=None, **runner_options)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+
+    async def run_blocking(self, fn: Callable, *args):
+        """Run `fn(*args)` on the pool, from a handler."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def stop(self) -> None:
+        """Stop accepting; requests in flight finish (up to the runner's shutdown timeout)."""
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self.executor.shutdown(wait=True)
