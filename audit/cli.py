@@ -493,7 +493,8 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
     click.echo("")
     for line in summary_lines(result) if result else ["audit: no spans were stored"]:
         click.echo(line)
-    click.echo(f"\nnext: ctxaudit audit --db {db} --all --json | less;  ctxaudit graph --db {db} --format dot")
+    click.echo(f"\nnext: ctxaudit ui --db {db};  ctxaudit audit --db {db} --all --json | less;  "
+               f"ctxaudit graph --db {db} --format dot")
 
 
 if __name__ == "__main__":
