@@ -382,7 +382,6 @@ def ui(db, server, port, host) -> None:
     While `ctxaudit serve` holds the file, explore through it with --server.
     """
     import os
-    import subprocess
 
     import ui as ui_package
 
@@ -396,7 +395,9 @@ def ui(db, server, port, host) -> None:
     click.echo(f"ctxaudit ui: http://{host}:{port} on {server or db}", err=True)
     command = [sys.executable, "-m", "streamlit", "run", app, "--server.port", str(port), "--server.address", host,
                "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
-    sys.exit(subprocess.call(command, env=env))
+    sys.stderr.flush()
+    # become Streamlit: a signal to this process then reaches the server itself, and no child is left behind
+    os.execve(sys.executable, command, env)
 
 
 @main.command()
