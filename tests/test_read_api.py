@@ -68,15 +68,16 @@ def test_remote_and_local_readers_agree(tmp_path):
     try:
         trace_id, span_id, _ = emit(GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True), "api-test")
         remote = RemoteReader(proc.api_url)
-        answers = (remote.stats(), remote.protocol_summary(), remote.audit_run(),
+        answers = (remote.stats(), remote.store_counts(), remote.protocol_summary(), remote.audit_run(),
                    remote.span_rows_of_trace(trace_id), remote.links_of_span(trace_id, span_id),
                    remote.audit_runs(), remote.findings(kind="orphan_root", callee="recommendations", limit=5))  # fmt: skip
     finally:
         assert stop_server(proc) == 0
-    assert answers[3][0]["name"] == "POST /orders" and answers[4][0]["attributes"] == {"link.reason": "batch"}
+    assert answers[4][0]["name"] == "POST /orders" and answers[5][0]["attributes"] == {"link.reason": "batch"}
+    assert answers[1]["spans"] == answers[0].spans and abs(answers[1]["traces_approx"] - answers[0].traces) < 0.1 * answers[0].traces
     local = LocalReader(db)
     try:
-        assert answers == (local.stats(), local.protocol_summary(), local.audit_run(),
+        assert answers == (local.stats(), local.store_counts(), local.protocol_summary(), local.audit_run(),
                            local.span_rows_of_trace(trace_id), local.links_of_span(trace_id, span_id),
                            local.audit_runs(), local.findings(kind="orphan_root", callee="recommendations", limit=5))  # fmt: skip
     finally:

@@ -34,8 +34,8 @@ def _call(method: str, *args, **kwargs):
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def stats() -> dict:
-    return _call("stats").to_dict()
+def store_counts() -> dict:
+    return _call("store_counts")
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)

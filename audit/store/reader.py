@@ -116,6 +116,13 @@ class StoreReader:
         by_service = [ServiceCount(*row) for row in self._query(_BY_SERVICE)]
         return StoreStats(spans, traces, services, links, first, last, bad_times, by_service)
 
+    def store_counts(self) -> dict:
+        """Spans, traces (approximate: HyperLogLog, a tenth of the cost of the exact count on
+        millions of spans) and services: the overview's headline."""
+        spans, traces, services = self._query(
+            "SELECT count(*), approx_count_distinct(trace_id), count(DISTINCT service_name) FROM spans")[0]
+        return {"spans": spans, "traces_approx": traces, "services": services}
+
     def _dicts(self, sql: str, params: list) -> list[dict]:
         cur = self._con.cursor()
         try:

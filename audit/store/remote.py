@@ -43,6 +43,9 @@ class RemoteReader:
         d["by_service"] = [ServiceCount(**s) for s in d["by_service"]]
         return StoreStats(**d)
 
+    def store_counts(self) -> dict:
+        return self._get("store_counts")
+
     def span_rows_of_trace(self, trace_id: int) -> list[dict]:
         return self._get("trace", trace_id=f"{trace_id:032x}")
 

@@ -7,12 +7,12 @@ import streamlit as st
 from ui import data
 
 st.title("Context health")
-stats = data.stats()
+counts = data.store_counts()
 run = data.audit_run()
 cols = st.columns(4)
-cols[0].metric("spans stored", f"{stats['spans']:,}")
-cols[1].metric("traces", f"{stats['traces']:,}")
-cols[2].metric("services", stats["services"])
+cols[0].metric("spans stored", f"{counts['spans']:,}")
+cols[1].metric("traces", f"≈{counts['traces_approx']:,}", help="Approximate (HyperLogLog): exact in `ctxaudit stats`.")
+cols[2].metric("services", counts["services"])
 if run is None:
     data.no_run_yet()
 instrumented = [e for e in run["edges"] if e["callee_instrumented"]]
