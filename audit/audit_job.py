@@ -82,29 +82,38 @@ def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None
         con = _read_only(db, memory_limit)
         close = con.close
     try:
-        try:
-            first, last = con.execute("SELECT min(start_ns), max(start_ns) FROM spans").fetchone()
-            last_end = last_window_end(con) if resume else None
-            window = choose_window(
-                first_start_ns=first, last_start_ns=last, last_run_end_ns=last_end, now_ns=time.time_ns(),
-                since_ns=since_ns, until_ns=until_ns, settle_s=settings.settle_s, context_s=settings.context_s,
-            )  # fmt: skip
-            if window is None:
-                return None
-            result = run_audit(con, window, settings.config, progress)
-        except duckdb.Error as e:
-            raise translate(e, db, writing=False) from None
-        if save:
-            progress("saving the run")
-            edges = pa.Table.from_pylist([e.to_dict() for e in result.edges]) if result.edges else _no_edges()
-            result.run_id = save_run(
-                con, db, window_start_ns=window.start_ns, window_end_ns=window.end_ns, spans=result.spans,
-                traces=result.traces, seconds=result.seconds, entrypoints=result.entrypoints, roots=result.roots,
-                settings=settings.to_dict(), findings=result.findings, edges=edges, sampling=result.sampling,
-            )  # fmt: skip
-        return result
+        return audit_connection(con, db, settings, since_ns=since_ns, until_ns=until_ns, resume=resume, save=save,
+                                progress=progress)  # fmt: skip
     finally:
         close()
+
+
+def audit_connection(con: duckdb.DuckDBPyConnection, db: str, settings: AuditSettings, *, since_ns: int | None = None,
+                     until_ns: int | None = None, resume: bool = True, save: bool = True,
+                     progress: Callable[[str], None] = lambda step: None) -> AuditResult | None:  # fmt: skip
+    """Audit the next window over an open connection (`db` names it in errors): the command's
+    own, or a cursor of a running server's (its periodic audit). Temp tables stay on `con`."""
+    try:
+        first, last = con.execute("SELECT min(start_ns), max(start_ns) FROM spans").fetchone()
+        last_end = last_window_end(con) if resume else None
+        window = choose_window(
+            first_start_ns=first, last_start_ns=last, last_run_end_ns=last_end, now_ns=time.time_ns(),
+            since_ns=since_ns, until_ns=until_ns, settle_s=settings.settle_s, context_s=settings.context_s,
+        )  # fmt: skip
+        if window is None:
+            return None
+        result = run_audit(con, window, settings.config, progress)
+    except duckdb.Error as e:
+        raise translate(e, db, writing=False) from None
+    if save:
+        progress("saving the run")
+        edges = pa.Table.from_pylist([e.to_dict() for e in result.edges]) if result.edges else _no_edges()
+        result.run_id = save_run(
+            con, db, window_start_ns=window.start_ns, window_end_ns=window.end_ns, spans=result.spans,
+            traces=result.traces, seconds=result.seconds, entrypoints=result.entrypoints, roots=result.roots,
+            settings=settings.to_dict(), findings=result.findings, edges=edges, sampling=result.sampling,
+        )  # fmt: skip
+    return result
 
 
 def _read_only(db: str, memory_limit: str) -> duckdb.DuckDBPyConnection:

@@ -72,6 +72,14 @@ def main(verbose: bool) -> None:
     help="Read API listen address (loopback only): the UI and `--server` commands read through it; 'off' to disable.",
 )
 @click.option(
+    "--audit-every", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+    help="Audit the newest settled window this often, and save the run (the UI shows it); 0: never.",
+)
+@click.option(
+    "--audit-settle", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+    help="How long the periodic audit waits for late spans before a window counts as settled.",
+)
+@click.option(
     "--max-body-mib", type=click.FloatRange(min=0.001), default=16, show_default=True,
     help="Largest request accepted, after decompression (413 / RESOURCE_EXHAUSTED beyond).",
 )
@@ -100,8 +108,8 @@ def main(verbose: bool) -> None:
     "--log-interval", type=click.FloatRange(min=0), default=10, show_default=True,
     help="Seconds between ingest progress lines on stderr; 0 for none.",
 )
-def serve(db, grpc_address, http_address, api_address, max_body_mib, queue_spans, inflight_mib, decoders,
-          memory_limit, checkpoint_mib, drain_timeout, log_interval) -> None:  # fmt: skip
+def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle, max_body_mib, queue_spans,
+          inflight_mib, decoders, memory_limit, checkpoint_mib, drain_timeout, log_interval) -> None:  # fmt: skip
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
     Spans are acknowledged only after they are committed. SIGTERM or SIGINT stops
@@ -168,6 +176,14 @@ def serve(db, grpc_address, http_address, api_address, max_body_mib, queue_spans
     click.echo(f"ctxaudit serve: ready: {', '.join(listening)}; store {db}", err=False)
     sys.stdout.flush()
 
+    auditor = None
+    if audit_every:
+        from .audit_job import AuditSettings
+        from .periodic_audit import PeriodicAudit
+
+        auditor = PeriodicAudit(store, AuditSettings.load(None, settle_s=audit_settle), audit_every)
+        auditor.start()
+
     last, last_t = 0, time.monotonic()
     while not stop.wait(log_interval or None):
         now, committed = time.monotonic(), writer.stats.committed_spans
@@ -180,6 +196,8 @@ def serve(db, grpc_address, http_address, api_address, max_body_mib, queue_spans
         last, last_t = committed, now
 
     click.echo("ctxaudit serve: stopping: draining requests in flight", err=True)
+    if auditor:
+        auditor.stop()
     if api:
         api.stop()
     receivers.stop()

@@ -1,0 +1,50 @@
+"""serve's own audit: it audits the settled window and saves the run, which the read API (and
+so the UI) then shows, while the server keeps ingesting."""
+
+import subprocess
+import sys
+import time
+
+from audit.scenarios.output import read_truth
+from audit.serve_process import start_server, stop_server
+from audit.store.reader import LocalReader
+from audit.store.remote import RemoteReader
+
+
+def _simulate(tmp_path, port: int, seed: int) -> None:
+    r = subprocess.run([sys.executable, "-m", "audit", "simulate", "--scenario", "shop-small", "--seed", str(seed),
+                        "--otlp", f"grpc://127.0.0.1:{port}", "--truth", str(tmp_path / f"t{seed}.jsonl")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
+    db = str(tmp_path / "live.duckdb")
+    # spans first, with no audit: the simulated traffic is in the past, so all of it is settled
+    proc, port, _ = start_server(db, "--audit-every", "0")
+    _simulate(tmp_path, port, 1)
+    assert stop_server(proc) == 0
+    proc, port, _ = start_server(db, "--audit-every", "1", "--audit-settle", "0")
+    try:
+        remote = RemoteReader(proc.api_url)
+        deadline = time.monotonic() + 90
+        while not remote.audit_runs():
+            assert time.monotonic() < deadline, "no audit run after 90 s"
+            time.sleep(0.5)
+        _simulate(tmp_path, port, 2)  # ingestion goes on beside the audits
+        run = remote.audit_run()
+        assert {(e["caller"], e["callee"]) for e in run["edges"] if e["broken"]} >= {("gateway", "recommendations")}
+        assert run["sampling"]["edges"] and run["spans"] >= 774
+        assert remote.findings(kind="orphan_root")["total"] > 0
+        stored = remote.stats().spans
+    finally:
+        assert stop_server(proc) == 0
+    reader = LocalReader(db)
+    try:
+        sent = sum(1 for seed in (1, 2) for t in read_truth(str(tmp_path / f"t{seed}.jsonl")) if t["exported"])
+        assert reader.stats().spans == stored == sent  # nothing lost while auditing
+        runs = sorted(reader.audit_runs(), key=lambda r: r["run_id"])
+        assert runs[0]["spans"] == 774  # the first run: every span of the first batch
+        assert all(a["window_end_ns"] <= b["window_start_ns"] for a, b in zip(runs, runs[1:]))  # no overlap
+    finally:
+        reader.close()
