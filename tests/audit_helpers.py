@@ -17,6 +17,14 @@ def simulated_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> tu
     return db, list(read_truth(truth))
 
 
+def audited_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> str:
+    """A simulated store with one saved audit run over all of it (what the read side shows)."""
+    db, _ = simulated_store(tmp_path, scenario, seed)
+    result = CliRunner().invoke(main, ["audit", "--db", db, "--all", "--settle", "0"])
+    assert result.exit_code == 0, result.output
+    return db
+
+
 def store_requests(path: str, requests) -> str:
     """Append export requests to a store file the way the receivers would."""
     sink = DbSink(path)

@@ -14,6 +14,7 @@ from audit.serve_process import start_server, stop_server
 from audit.store.errors import StoreError
 from audit.store.reader import LocalReader
 from audit.store.remote import RemoteReader
+from tests.audit_helpers import audited_store
 from tests.test_roundtrip_sdk import emit
 
 
@@ -29,20 +30,10 @@ def _ctxaudit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120)
 
 
-def _seeded_store(tmp_path) -> str:
-    """A store with simulated traffic and one saved audit run."""
-    db = str(tmp_path / "live.duckdb")
-    seed = _ctxaudit("simulate", "--scenario", "shop-small", "--db", db, "--truth", str(tmp_path / "truth.jsonl"))
-    assert seed.returncode == 0, seed.stderr
-    audit = _ctxaudit("audit", "--db", db, "--all", "--settle", "0")
-    assert audit.returncode == 0, audit.stderr
-    return db
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """A running server on a seeded store."""
-    db = _seeded_store(tmp_path_factory.mktemp("api"))
+    db = audited_store(tmp_path_factory.mktemp("api"))
     proc, _, _ = start_server(db)
     yield db, proc.api_url
     assert stop_server(proc) == 0
@@ -63,7 +54,7 @@ def test_remote_answers_while_the_server_holds_the_file(live):
 def test_remote_and_local_readers_agree(tmp_path):
     """What the API answers while serving equals what the file says once the server stopped,
     including spans the real SDK sent a moment before."""
-    db = _seeded_store(tmp_path)
+    db = audited_store(tmp_path)
     proc, port, _ = start_server(db)
     try:
         trace_id, span_id, _ = emit(GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True), "api-test")

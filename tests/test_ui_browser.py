@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from audit.serve_process import start_server, stop_server
+from tests.audit_helpers import audited_store
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,10 +34,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def explorer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    db = str(tmp / "live.duckdb")
-    # a saved audit run first (the server's own periodic audit comes later); then serve and ingest
-    _ctxaudit("simulate", "--scenario", "shop-small", "--db", db, "--truth", str(tmp / "t1.jsonl"))
-    _ctxaudit("audit", "--db", db, "--all", "--settle", "0")
+    # a saved audit run first (serve's own audit runs every --audit-every); then serve and ingest
+    db = audited_store(tmp)
     server, port, _ = start_server(db)
     ui = None
     try:

@@ -9,18 +9,14 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from tests.audit_helpers import audited_store, simulated_store
+
 PAGES = Path(__file__).parent.parent / "ui" / "pages"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ui")
-    db = str(tmp / "shop.duckdb")
-    for args in (["simulate", "--scenario", "shop-small", "--db", db, "--truth", str(tmp / "t.jsonl")],
-                 ["audit", "--db", db, "--all", "--settle", "0"]):  # fmt: skip
-        r = subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-    return db
+    return audited_store(tmp_path_factory.mktemp("ui"))
 
 
 @pytest.fixture
@@ -100,10 +96,7 @@ def test_sampling_page_shows_figures_with_intervals(page):
 
 
 def test_pages_say_what_to_do_without_a_run(tmp_path, monkeypatch):
-    db = str(tmp_path / "empty.duckdb")
-    r = subprocess.run([sys.executable, "-m", "audit", "simulate", "--scenario", "shop-small", "--db", db,
-                        "--truth", str(tmp_path / "t.jsonl")], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 0
+    db, _ = simulated_store(tmp_path)  # spans, but no audit run
     monkeypatch.setenv("CTXAUDIT_DB", db)
     st.cache_resource.clear()
     st.cache_data.clear()

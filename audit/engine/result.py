@@ -100,7 +100,7 @@ class AuditResult:
     edges: list[Edge] = field(default_factory=list)
     entrypoints: list[str] = field(default_factory=list)  # learned or configured, "svc:operation"
     roots: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> entry/orphan/orphan_unattributed
-    sampling: dict = field(default_factory=dict)  # {"services": [...]}: audit/engine/sampling.py
+    sampling: dict = field(default_factory=dict)  # {"services", "edges", "overall"}: audit/engine/sampling.py
     seconds: float = 0.0
     run_id: int | None = None
 
