@@ -31,7 +31,8 @@ class AuditSettings:
     @classmethod
     def load(cls, path: str | None, **overrides) -> AuditSettings:
         """From an optional YAML file (keys: entrypoints, min_confidence, assume_sampling_probability,
-        settle_s, context_s, default_skew_ms, default_max_lag_s), then non-None overrides."""
+        settle_s, context_s, default_skew_ms, default_max_lag_s, entry_candidate_share), then non-None
+        overrides. `to_dict` gives what this reads back."""
         doc: dict = {}
         if path is not None:
             try:
@@ -44,20 +45,25 @@ class AuditSettings:
                 raise AuditSettingsError(f"{path}: expected a mapping of settings")
         doc |= {k: v for k, v in overrides.items() if v is not None}
         known = {"entrypoints", "min_confidence", "assume_sampling_probability", "settle_s", "context_s",
-                 "default_skew_ms", "default_max_lag_s"}  # fmt: skip
+                 "default_skew_ms", "default_max_lag_s", "entry_candidate_share"}  # fmt: skip
         unknown = set(doc) - known
         if unknown:
             raise AuditSettingsError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
         entrypoints = doc.pop("entrypoints", [])
         if isinstance(entrypoints, str):
             entrypoints = [e.strip() for e in entrypoints.split(",") if e.strip()]
+        if not isinstance(entrypoints, list) or not all(isinstance(e, str) for e in entrypoints):
+            raise AuditSettingsError("entrypoints must be a list of SVC or SVC:OPERATION strings")
+        assumed = doc.pop("assume_sampling_probability", None)
+        numbers = {k: v for k, v in doc.items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+        if numbers:
+            raise AuditSettingsError(f"setting(s) {sorted(numbers)} must be numbers")
         settle, context = float(doc.pop("settle_s", 60.0)), float(doc.pop("context_s", 120.0))
         confidence = float(doc.get("min_confidence", 0.6))
         if not 0.0 <= confidence <= 1.0:
             raise AuditSettingsError("min_confidence must be between 0 and 1")
         if settle < 0 or context < 0:
             raise AuditSettingsError("settle_s and context_s must not be negative")
-        assumed = doc.pop("assume_sampling_probability", None)
         if assumed is not None and not (isinstance(assumed, (int, float)) and 0 < assumed <= 1):
             raise AuditSettingsError("assume_sampling_probability must be a number in (0, 1]")
         return cls(AuditConfig(entrypoints=frozenset(entrypoints), assume_sampling_probability=assumed,

@@ -119,8 +119,11 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
 
     from collector_ext.addresses import is_loopback, parse_hostport
     from collector_ext.ingest import Ingestor
+    from collector_ext.ingest_health import IngestHealth
     from collector_ext.receivers import OtlpReceivers
 
+    from .audit_job import AuditSettings
+    from .server_audits import ServerAudits
     from .store.api import ReadApi
     from .store.reader import StoreReader
     from .store.writer import SpanStore, SpanWriter
@@ -148,8 +151,11 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
     receivers = OtlpReceivers(
         ingestor, grpc_address=grpc_address, http_address=http_address, drain_timeout=drain_timeout
     )
+    health = IngestHealth(ingestor, writer)
+    audits = ServerAudits(store, AuditSettings.load(None, settle_s=audit_settle), audit_every)
     # the API reads on a connection of its own to the same database: the writer's is not shared
-    api = ReadApi(StoreReader(store.connection.cursor(), db), *parse_hostport(api_address)) if api_address else None
+    api = ReadApi(StoreReader(store.connection.cursor(), db), *parse_hostport(api_address),
+                  ingest_health=health.snapshot, auditor=audits) if api_address else None  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -176,28 +182,17 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
     click.echo(f"ctxaudit serve: ready: {', '.join(listening)}; store {db}", err=False)
     sys.stdout.flush()
 
-    auditor = None
-    if audit_every:
-        from .audit_job import AuditSettings
-        from .periodic_audit import PeriodicAudit
-
-        auditor = PeriodicAudit(store, AuditSettings.load(None, settle_s=audit_settle), audit_every)
-        auditor.start()
-
-    last, last_t = 0, time.monotonic()
+    audits.start()
     while not stop.wait(log_interval or None):
-        now, committed = time.monotonic(), writer.stats.committed_spans
-        s = ingestor.stats
+        h = health.snapshot()
         log.info(
-            "stored %d spans (%.0f/s), %d rejected, %d requests refused (retryable), %d invalid, %d queued",
-            committed, (committed - last) / (now - last_t), s.rejected_spans, s.refused_requests,
-            s.invalid_requests, writer.stats.queued_spans,
+            "stored %d spans (%.0f/s over the last minute), %d rejected, %d requests refused (retryable), "
+            "%d invalid, %d queued", h["committed_spans"], h["spans_per_s"], h["rejected_spans"],
+            h["refused_requests"], h["invalid_requests"], h["queued_spans"],
         )  # fmt: skip
-        last, last_t = committed, now
 
     click.echo("ctxaudit serve: stopping: draining requests in flight", err=True)
-    if auditor:
-        auditor.stop()
+    audits.stop()
     if api:
         api.stop()
     receivers.stop()
@@ -302,13 +297,17 @@ class _Time(click.ParamType):
 @click.option("--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text.")
 @click.option("--no-save", is_flag=True, help="Do not store the run (opens the file read-only).")
 @click.option("--memory-limit", default="2GB", show_default=True,
-              help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower).")  # fmt: skip
+              help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower). With --db only.")  # fmt: skip
+@click.option("--server", metavar="URL",
+              help="Have a running `ctxaudit serve` (its read API, e.g. http://127.0.0.1:4319) run the audit "
+                   "on its store, instead of opening --db.")  # fmt: skip
 def audit(db, since, until, from_first, settle, context, entrypoints, min_confidence, assume_probability,
-          config_file, as_json, no_save, memory_limit) -> None:  # fmt: skip
+          config_file, as_json, no_save, memory_limit, server) -> None:  # fmt: skip
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
     parents, count every service edge, and save the run in DB.
 
     Each run audits a settled window and by default starts where the last one ended.
+    With --server, the running server audits its own store (it holds the file).
     """
     from .audit_job import AuditSettings, AuditSettingsError, audit_store, summary_lines
 
@@ -319,6 +318,10 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
                                       context_s=context)  # fmt: skip
     except AuditSettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
+    if server:
+        _audit_in_server(server, {"settings": settings.to_dict(), "since_ns": since, "until_ns": until,
+                                  "all": from_first, "save": not no_save}, as_json)  # fmt: skip
+        return
     started = time.monotonic()
 
     def progress(step: str) -> None:
@@ -330,32 +333,47 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
     except StoreError as e:
         _fail(str(e))
     if result is None:
-        click.echo("audit: nothing new to audit: no spans since the last run, or none older than the settle "
-                   "delay (--settle). Use --all or --since to audit again, or --settle 0 if no more spans "
-                   "will arrive.", err=True)  # fmt: skip
-        if as_json:
-            click.echo(json.dumps({"schema_version": 1, "run": None, "edges": [], "sampling": {}, "findings": []}))
-        return
-    if as_json:
-        _echo_document(result)
+        _nothing_new(as_json)
+    elif as_json:
+        for chunk in result.document_chunks():
+            sys.stdout.write(chunk)
+        sys.stdout.flush()
     else:
         for line in summary_lines(result):
             click.echo(line)
 
 
-def _echo_document(result) -> None:
-    """The JSON document, findings streamed so that millions of them need no list in memory."""
-    from .engine.result import SCHEMA_VERSION
+def _nothing_new(as_json: bool) -> None:
+    click.echo("audit: nothing new to audit: no spans since the last run, or none older than the settle "
+               "delay (--settle). Use --all or --since to audit again, or --settle 0 if no more spans "
+               "will arrive.", err=True)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({"schema_version": 1, "run": None, "edges": [], "sampling": {}, "findings": []}))
 
-    out = sys.stdout
-    run, edges = json.dumps(result.run_dict()), json.dumps([e.to_dict() for e in result.edges])
-    sampling = json.dumps(result.sampling)
-    out.write(f'{{"schema_version": {SCHEMA_VERSION},\n "run": {run},\n "edges": {edges},\n "sampling": {sampling},\n'
-              ' "findings": [')
-    for i, finding in enumerate(result.iter_findings()):
-        out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(finding))
-    out.write("\n ]}\n")
-    out.flush()
+
+def _audit_in_server(server: str, request: dict, as_json: bool) -> None:
+    """`audit --server`: the server runs it on its store, beside ingestion, and answers with the document."""
+    from .store.remote import RemoteReader
+
+    ctx = click.get_current_context()
+    for option in ("db", "memory_limit"):
+        if ctx.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{option.replace('_', '-')} is for a file; with --server the server audits "
+                                   "its own store")  # fmt: skip
+    click.echo(f"audit: running in the server at {server} (its log shows the run)", err=True)
+    try:
+        remote = RemoteReader(server)
+        if as_json:
+            remote.write_audit_document(request, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        doc = remote.audit(request)
+    except StoreError as e:
+        _fail(str(e))
+    if doc["run"] is None:
+        _nothing_new(False)
+    for line in doc["summary"]:
+        click.echo(line)
 
 
 @main.command()

@@ -124,6 +124,11 @@ class Ingestor:
         self._inflight_bytes = 0
         self._pool: ProcessPoolExecutor | None = None
 
+    @property
+    def inflight_bytes(self) -> int:
+        """Request bytes being decoded or committed now (refusals start at max_inflight_bytes)."""
+        return self._inflight_bytes
+
     def start(self) -> None:
         """Start the decode workers and wait until each has imported the decoder."""
         if self.decoders > 0:

@@ -79,8 +79,9 @@ def to_node_link_json(g: nx.DiGraph) -> str:
     return json.dumps(nx.node_link_data(g, edges="edges"), indent=1, sort_keys=True)
 
 
-def to_dot(g: nx.DiGraph) -> str:
-    """Graphviz DOT; broken edges are red and labelled with their propagation rate."""
+def to_dot(g: nx.DiGraph, highlight: tuple[str, str] | None = None) -> str:
+    """Graphviz DOT; broken edges are red and labelled with their propagation rate; the
+    `highlight` edge (caller, callee), if any, is drawn bold."""
     h = nx.DiGraph(**g.graph)
     for n, data in g.nodes(data=True):
         shape = {"entry": "point", "database": "cylinder", "peer": "box"}.get(data["kind"], "ellipse")
@@ -90,6 +91,8 @@ def to_dot(g: nx.DiGraph) -> str:
         attrs = {"label": _quote(label)}
         if data.get("dropped"):
             attrs |= {"color": "red", "label": _quote(f"{label}, {data['propagation_rate']:.0%} propagated")}
+        if (a, b) == highlight:
+            attrs |= {"penwidth": 4, "fontcolor": "blue"}
         h.add_edge(_quote(a), _quote(b), **attrs)
     return nx.nx_pydot.to_pydot(h).to_string()
 

@@ -131,3 +131,28 @@ def test_cli_reads_through_the_server(live, tmp_path):
     assert down.returncode == 1 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
     locked = _ctxaudit("stats", "--db", db)
     assert locked.returncode == 1 and "--server" in locked.stderr
+
+
+def test_run_trends_agree_with_the_run(live):
+    _, url = live
+    remote = RemoteReader(url)
+    trend, run = remote.audit_runs()[0], remote.audit_run()
+    broken = [e for e in run["edges"] if e["broken"]]
+    instrumented = [e for e in run["edges"] if e["callee_instrumented"]]
+    assert trend["broken_edges"] == len(broken) > 0
+    health = sum(e["propagated"] for e in instrumented) / sum(e["calls"] for e in instrumented)
+    assert abs(trend["context_health"] - health) < 1e-9
+    orphans = sum(r["orphan"] for r in run["roots"].values())
+    assert abs(trend["orphan_rate"] - orphans / (orphans + sum(r["entry"] for r in run["roots"].values()))) < 1e-9
+    assert trend["counts"]["orphan_root"] == remote.findings(kind="orphan_root")["total"]
+
+
+def test_findings_filter_by_start_time(live):
+    _, url = live
+    remote = RemoteReader(url)
+    everything = remote.findings(limit=10_000)["findings"]
+    starts = sorted(f["start_time_unix_nano"] for f in everything)
+    middle = starts[len(starts) // 2]
+    early, late = remote.findings(until_ns=middle, limit=10_000), remote.findings(since_ns=middle, limit=10_000)
+    assert early["total"] + late["total"] == len(everything) and early["total"] > 0 and late["total"] > 0
+    assert all(f["start_time_unix_nano"] < middle for f in early["findings"]) and all(f["start_time_unix_nano"] >= middle for f in late["findings"])

@@ -42,7 +42,9 @@ def test_overview_shows_health_trend_and_worst_hops(page):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["spans stored"] == "774" and metrics["context health"].endswith("%")
     assert "fragments per request" in metrics
-    assert [s.value for s in at.subheader] == ["Findings per audit run", "Worst hops"]
+    assert [s.value for s in at.subheader] == ["Over time", "Worst hops"]  # no "Ingest": a file, not a server
+    assert not at.button  # audits on demand are the server's
+    assert len(at.get("vega_lite_chart")) == 2  # the orphan rate / context health and broken hops trends
     hops = at.dataframe[0].value
     assert "gateway → recommendations" in set(hops["hop"])
     assert hops["dropped"].is_monotonic_decreasing
@@ -56,15 +58,34 @@ def test_service_graph_lists_a_broken_edges_findings(page):
     assert not at.exception
     findings = at.dataframe[0].value
     assert len(findings) > 0 and set(findings["cause"]) <= {"proxy_strips_traceparent", "context_not_propagated"}
+    assert at.button[0].label == "All findings on this edge"
     at.radio[0].set_value("observed").run()
     assert not at.exception
+
+
+def test_findings_come_prefiltered_from_an_edge_and_filter_by_time(page):
+    hop = {"caller": "gateway", "callee": "recommendations", "protocol": "http", "run_id": 1}
+    at = page("findings.py", findings_filters=hop)
+    assert [at.selectbox[i].value for i in (3, 4, 5)] == ["gateway", "recommendations", "http"]
+    rows = at.dataframe[0].value
+    assert len(rows) > 0 and set(rows["hop"]) == {"gateway → recommendations"}
+    on_edge = int(at.caption[0].value.split()[0].replace(",", ""))
+    everything = page("findings.py")
+    total = int(everything.caption[0].value.split()[0].replace(",", ""))
+    start, end = everything.slider[0].value
+    everything.slider[0].set_range(start, start + (end - start) / 2).run()
+    first_half = int(everything.caption[0].value.split()[0].replace(",", ""))
+    everything.slider[0].set_range(start + (end - start) / 2, end).run()
+    second_half = int(everything.caption[0].value.split()[0].replace(",", ""))
+    assert on_edge < total and 0 < first_half < total and 0 < second_half < total
+    assert first_half + second_half == total
 
 
 def test_findings_filter_and_open_a_trace(page):
     at = page("findings.py")
     total = int(at.caption[0].value.split()[0].replace(",", ""))
-    kind = at.selectbox[0]
-    kind.select("orphan_root").run()
+    assert at.selectbox[0].label == "audit run" and at.selectbox[0].value == 1
+    at.selectbox[1].select("orphan_root").run()
     orphans = int(at.caption[0].value.split()[0].replace(",", ""))
     assert 0 < orphans < total
     assert set(at.dataframe[0].value["kind"]) == {"orphan_root"}

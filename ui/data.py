@@ -58,6 +58,24 @@ def trace(trace_id: int) -> list[dict]:
     return _call("span_rows_of_trace", trace_id)
 
 
+def live() -> bool:
+    """A running server: it reports ingestion and runs audits on request."""
+    return reader().live
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def ingest() -> dict:
+    return _call("ingest")
+
+
+def audit_now(settle_s: float) -> dict:
+    """Have the server audit what is new (and settled); the answer's `summary` says what it found."""
+    answer = _call("audit", {"settings": {"settle_s": settle_s}})
+    st.cache_data.clear()  # every cached answer predates the new run
+    return answer
+
+
 def no_run_yet() -> None:
-    st.info(f"No audit run in {source()} yet. Run `ctxaudit audit` (with `--server` while serving), then reload.")
+    how = "press **Audit now**" if live() else "run `ctxaudit audit --db ...`"
+    st.info(f"No audit run in {source()} yet: {how}, then reload.")
     st.stop()

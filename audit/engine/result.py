@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -124,6 +125,25 @@ class AuditResult:
             "entrypoints": self.entrypoints, "counts": self.counts(), "stitched": self.stitched(),
             "roots": self.roots,
         }  # fmt: skip
+
+    def document_chunks(self, *, findings: bool = True, extra: dict | None = None, batch: int = 5_000):
+        """The result document (docs/audit-json.md) as JSON text, a piece at a time: the findings
+        streamed so that millions of them need no list in memory. `extra` adds top-level keys;
+        without `findings` the document leaves them out."""
+        head = {"schema_version": SCHEMA_VERSION, "run": self.run_dict(), "edges": [e.to_dict() for e in self.edges],
+                "sampling": self.sampling} | (extra or {})  # fmt: skip
+        text = json.dumps(head)
+        if not findings:
+            yield text + "\n"
+            return
+        yield text[:-1] + ',\n "findings": ['
+        pieces: list[str] = []
+        for i, finding in enumerate(self.iter_findings()):
+            pieces.append(("\n  " if i == 0 else ",\n  ") + json.dumps(finding))
+            if len(pieces) == batch:
+                yield "".join(pieces)
+                pieces = []
+        yield "".join(pieces) + "\n ]}\n"
 
     def to_dict(self) -> dict:
         return {

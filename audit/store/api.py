@@ -2,23 +2,29 @@
 answered from the server's own connection while it ingests (DuckDB lets one process write,
 so readers elsewhere go through here). No arbitrary SQL, nothing that writes.
 
-    GET /v1/queries                       the names and their parameters
-    GET /v1/<name>?param=value...         one query's result as JSON
+    GET  /v1/queries                      the names and their parameters
+    GET  /v1/<name>?param=value...        one query's result as JSON
+    GET  /v1/ingest                       how ingestion is going (spans/s, refusals, queue)
+    POST /v1/audit[?findings=true]        run an audit inside the server; the result document
 
+The one thing a request can make the server write is an audit run, which the server itself
+computes and saves exactly as its scheduled audits do; spans are never touched.
 Errors: 404 for an unknown name (with the known ones), 400 for a bad or missing parameter,
-405 for anything but GET, 503 when the store cannot answer. The client is remote.py.
+405 for a wrong method, 503 when the store cannot answer. The client is remote.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
-from ..engine.result import FINDING_KINDS
+from ..engine.result import FINDING_KINDS, SCHEMA_VERSION, AuditResult
 from .aio_server import ThreadedAioServer
 from .errors import StoreError
 from .reader import StoreReader
@@ -96,9 +102,10 @@ QUERIES: dict[str, Query] = {
     "findings": Query("findings", {
         "run_id": (_run_id, False), "kind": (_one_of(FINDING_KINDS), False), "service": (_name, False),
         "caller": (_name, False), "callee": (_name, False), "protocol": (_one_of(_PROTOCOLS), False),
-        "cause": (_name, False), "trace_id": (_hex_id(128), False), "limit": (_int_between(1, 10_000), False),
+        "cause": (_name, False), "trace_id": (_hex_id(128), False), "since_ns": (_int_between(0, 2**64 - 1), False),
+        "until_ns": (_int_between(0, 2**64 - 1), False), "limit": (_int_between(1, 10_000), False),
         "offset": (_int_between(0, 10**12), False),
-    }, "one page of a run's findings (the last run by default), filtered"),
+    }, "one page of a run's findings (the last run by default), filtered; since_ns/until_ns bound the span start"),
 }  # fmt: skip
 
 
@@ -106,11 +113,21 @@ def _to_json(value) -> object:
     return value.to_dict() if hasattr(value, "to_dict") else value
 
 
-class ReadApi:
-    """Serves `reader` over HTTP on host:port (port 0 picks a free one)."""
+class Auditor(Protocol):
+    """Runs audits inside the server (audit/server_audits.py)."""
 
-    def __init__(self, reader: StoreReader, host: str, port: int, *, threads: int = 4):
-        self.reader = reader
+    def parse_request(self, body: object) -> object: ...  # raises ValueError for a bad request
+
+    def run_request(self, request: object) -> tuple[AuditResult | None, list[str]]: ...
+
+
+class ReadApi:
+    """Serves `reader` over HTTP on host:port (port 0 picks a free one); with `ingest_health`
+    (a snapshot function) and `auditor`, also the live server's ingest figures and audits."""
+
+    def __init__(self, reader: StoreReader, host: str, port: int, *, ingest_health: Callable[[], dict] | None = None,
+                 auditor: Auditor | None = None, threads: int = 4):  # fmt: skip
+        self.reader, self.ingest_health, self.auditor = reader, ingest_health, auditor
         self._server = ThreadedAioServer("read-api", host, port, threads=threads)
 
     @property
@@ -133,14 +150,27 @@ class ReadApi:
 
     async def _handle(self, request: web.Request) -> web.Response:
         version, name = request.match_info["version"], request.match_info["name"]
-        if request.method != "GET":
-            return _error(405, "the read API only answers GET: it never writes", {"Allow": "GET"})
         if version != API_VERSION:
             return _error(404, f"unknown API version {version!r}: this server speaks {API_VERSION}")
+        if name == "audit" and self.auditor:
+            if request.method != "POST":
+                return _error(405, "an audit is requested with POST", {"Allow": "POST"})
+            return await self._audit(request)
+        if request.method != "GET":
+            return _error(405, "the read API answers GET (and POST /v1/audit): it never writes spans",
+                          {"Allow": "GET"})  # fmt: skip
         if name == "queries":
-            return web.json_response({n: {"params": {p: ("required" if req else "optional")
-                                                     for p, (_, req) in q.params.items()}, "doc": q.doc}
-                                      for n, q in QUERIES.items()})  # fmt: skip
+            listing = {n: {"params": {p: ("required" if req else "optional") for p, (_, req) in q.params.items()},
+                           "doc": q.doc} for n, q in QUERIES.items()}  # fmt: skip
+            if self.ingest_health:
+                listing["ingest"] = {"params": {}, "doc": "how ingestion is going: spans/s, refusals, queue depth"}
+            if self.auditor:
+                listing["audit"] = {"method": "POST", "params": {"findings": "optional"},
+                                    "doc": "run an audit in the server (JSON body: settings, since_ns, until_ns, "
+                                           "all, save); the result document with a text summary"}  # fmt: skip
+            return web.json_response(listing)
+        if name == "ingest" and self.ingest_health:
+            return web.json_response(self.ingest_health())
         query = QUERIES.get(name)
         if query is None:
             return _error(404, f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
@@ -156,6 +186,48 @@ class ReadApi:
             log.exception("read API query %s failed", name)
             return _error(500, "internal error; see the server log")
         return web.Response(text=json.dumps(_to_json(result)), content_type="application/json")
+
+
+    async def _audit(self, request: web.Request) -> web.StreamResponse:
+        unknown = set(request.query) - {"findings"}
+        if unknown:
+            return _error(400, f"audit: unknown parameter(s) {sorted(unknown)}; known: ['findings']")
+        findings = request.query.get("findings", "false")
+        if findings not in ("true", "false"):
+            return _error(400, "audit: parameter 'findings' must be true or false")
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return _error(400, "audit: the body is not JSON")
+        try:
+            audit = self.auditor.parse_request(body)
+        except ValueError as e:
+            return _error(400, f"audit: {e}")
+        try:
+            result, summary = await self._server.run_blocking(self.auditor.run_request, audit)
+        except StoreError as e:
+            return _error(503, str(e))
+        except Exception:
+            log.exception("requested audit failed")
+            return _error(500, "the audit failed; see the server log")
+        if result is None:
+            return web.json_response({"schema_version": SCHEMA_VERSION, "run": None, "edges": [], "sampling": {},
+                                      "summary": [], "findings": []})  # fmt: skip
+        # millions of findings go out a piece at a time, rendered on the pool
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunks = result.document_chunks(findings=findings == "true", extra={"summary": summary})
+        try:
+            while (chunk := await self._server.run_blocking(next, chunks, None)) is not None:
+                await response.write(chunk.encode())
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away
+        except Exception:  # too late for a status: cut the response off, so the client sees it incomplete
+            log.exception("rendering the audit document failed")
+            request.transport.close()
+            return response
+        await response.write_eof()
+        return response
 
 
 def _parse(query: Query, given: dict[str, str]) -> dict:

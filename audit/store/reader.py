@@ -74,12 +74,20 @@ SELECT service_name, count(*), count(DISTINCT trace_id) FROM spans GROUP BY 1 OR
 """
 
 
+# the newest runs with their trends: findings per kind, broken edges, and the share of stored
+# calls between instrumented services whose context arrived ("context health")
 _RUNS = f"""
-SELECT r.run_id, r.finished_at, r.window_start_ns, r.window_end_ns, r.spans, r.traces, r.seconds,
-       {", ".join(f"count(*) FILTER (WHERE f.kind = '{k}') AS {k}" for k in FINDING_KINDS)}
-FROM (SELECT run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds FROM audit_runs
-      ORDER BY run_id DESC LIMIT ?) r
-LEFT JOIN audit_findings f USING (run_id) GROUP BY ALL ORDER BY r.run_id DESC
+WITH r AS (SELECT run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds, roots
+           FROM audit_runs ORDER BY run_id DESC LIMIT ?),
+f AS (SELECT run_id, {", ".join(f"count(*) FILTER (WHERE kind = '{k}') AS {k}" for k in FINDING_KINDS)}
+      FROM audit_findings WHERE run_id IN (SELECT run_id FROM r) GROUP BY run_id),
+e AS (SELECT run_id, count(*) FILTER (WHERE calls > propagated) AS broken_edges,
+             sum(propagated) FILTER (WHERE callee_instrumented)
+             / nullif(sum(calls) FILTER (WHERE callee_instrumented), 0) AS context_health
+      FROM audit_edges WHERE run_id IN (SELECT run_id FROM r) GROUP BY run_id)
+SELECT r.*, {", ".join(f"coalesce(f.{k}, 0) AS {k}" for k in FINDING_KINDS)},
+       coalesce(e.broken_edges, 0) AS broken_edges, e.context_health
+FROM r LEFT JOIN f USING (run_id) LEFT JOIN e USING (run_id) ORDER BY run_id DESC
 """
 # the saved findings in the engine's row shape (128-bit ids as halves), for finding_dict
 _FINDING_ROWS = """
@@ -94,6 +102,8 @@ FROM audit_findings
 class StoreReader:
     """Named queries over an open connection; each call runs on a cursor of its own, so calls
     from several threads do not share one (the read API serves them concurrently)."""
+
+    live = False  # a file: no ingestion to report, no audits to request (RemoteReader's are)
 
     def __init__(self, con: duckdb.DuckDBPyConnection, path: str):
         self.path = path
@@ -188,20 +198,26 @@ class StoreReader:
         return bool(self._query("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'audit_runs'")[0][0])
 
     def audit_runs(self, limit: int = 100) -> list[dict]:
-        """The newest audit runs first, with their finding counts per kind (for trends)."""
+        """The newest audit runs first, for trends: finding counts per kind, broken edges, context
+        health (propagated / calls between instrumented services) and the orphan rate (orphan
+        roots / all roots)."""
         if not self._has_runs():
             return []
         runs = self._dicts(_RUNS, [limit])
         for run in runs:
             run["counts"] = {kind: run.pop(kind) for kind in FINDING_KINDS}
+            roots = json.loads(run.pop("roots")).values()
+            orphans, entries = sum(r.get("orphan", 0) for r in roots), sum(r.get("entry", 0) for r in roots)
+            run["orphan_rate"] = orphans / (orphans + entries) if orphans + entries else None
         return runs
 
     def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
                  caller: str | None = None, callee: str | None = None, protocol: str | None = None,
-                 cause: str | None = None, trace_id: int | None = None, limit: int = 100,
-                 offset: int = 0) -> dict:  # fmt: skip
+                 cause: str | None = None, trace_id: int | None = None, since_ns: int | None = None,
+                 until_ns: int | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
         """One page of a run's findings (the last run by default), filtered on any of the given
-        fields, in start order, as the result document renders them; `total` counts them all."""
+        fields and on the span's start (in [since_ns, until_ns)), in start order, as the result
+        document renders them; `total` counts them all."""
         if not self._has_runs():
             return {"run_id": None, "total": 0, "findings": []}
         if run_id is None:
@@ -213,6 +229,10 @@ class StoreReader:
         if trace_id is not None:
             where += " AND trace_id = ?::UHUGEINT"
             params.append(str(trace_id))
+        for bound, op in ((since_ns, ">="), (until_ns, "<")):
+            if bound is not None:
+                where += f" AND start_ns {op} ?"
+                params.append(bound)
         (total,) = self._query(f"SELECT count(*) FROM audit_findings WHERE {where}", params)[0]
         rows = self._dicts(f"{_FINDING_ROWS} WHERE {where} ORDER BY start_ns, kind, span_id LIMIT ? OFFSET ?",
                            params + [limit, offset])  # fmt: skip

@@ -3,13 +3,18 @@ and results as `LocalReader`, for a store file that the server holds open."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import BinaryIO
 
 from .errors import StoreError
 from .reader import ServiceCount, StoreStats
+
+AUDIT_TIMEOUT_S = 3600.0  # an audit of tens of millions of spans takes minutes
 
 
 class RemoteReader:
@@ -21,12 +26,20 @@ class RemoteReader:
         self.path = self.url  # where the data is, for messages (a LocalReader's is its file)
         self.timeout = timeout
 
+    live = True  # a running server: it also reports ingestion and runs audits
+
     def _get(self, name: str, **params) -> object:
+        with self._open(name, params) as response:
+            return json.load(response)
+
+    def _open(self, name: str, params: dict, body: dict | None = None, timeout: float | None = None):
+        """The response to GET (or, with a body, POST) /v1/<name>; StoreError for what went wrong."""
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url = f"{self.url}/v1/{name}" + (f"?{query}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:
-                return json.load(response)
+            return urllib.request.urlopen(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:
             try:
                 message = json.load(e).get("error", e.reason)
@@ -37,6 +50,28 @@ class RemoteReader:
             reason = getattr(e, "reason", e)
             raise StoreError(f"cannot reach ctxaudit serve's read API at {self.url} ({reason}); is the server "
                              "running, with --api at that address?") from None  # fmt: skip
+
+    def ingest(self) -> dict:
+        """The server's ingest figures now (collector_ext/ingest_health.py)."""
+        return self._get("ingest")
+
+    def audit(self, request: dict, *, timeout: float = AUDIT_TIMEOUT_S) -> dict:
+        """Run an audit in the server (`request`: settings, since_ns, until_ns, all, save); the
+        result document without findings, plus `summary` (text lines). `run` is None when there
+        was nothing new to audit."""
+        try:
+            with self._open("audit", {}, request, timeout) as response:
+                return json.load(response)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # the answer broke after it started
+            raise StoreError(f"the audit answer from {self.url} was cut off: {e}") from None
+
+    def write_audit_document(self, request: dict, out: BinaryIO, *, timeout: float = AUDIT_TIMEOUT_S) -> None:
+        """Run an audit in the server and copy its whole document, findings included, to `out`."""
+        try:
+            with self._open("audit", {"findings": "true"}, request, timeout) as response:
+                shutil.copyfileobj(response, out, 1 << 20)
+        except (OSError, http.client.HTTPException) as e:  # the stream broke after it started
+            raise StoreError(f"the audit document from {self.url} was cut off: {e}") from None
 
     def stats(self) -> StoreStats:
         d = self._get("stats")
@@ -63,10 +98,11 @@ class RemoteReader:
 
     def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
                  caller: str | None = None, callee: str | None = None, protocol: str | None = None,
-                 cause: str | None = None, trace_id: int | None = None, limit: int = 100,
-                 offset: int = 0) -> dict:  # fmt: skip
+                 cause: str | None = None, trace_id: int | None = None, since_ns: int | None = None,
+                 until_ns: int | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
         return self._get("findings", run_id=run_id, kind=kind, service=service, caller=caller, callee=callee,
-                         protocol=protocol, cause=cause, limit=limit, offset=offset,
+                         protocol=protocol, cause=cause, since_ns=since_ns, until_ns=until_ns, limit=limit,
+                         offset=offset,
                          trace_id=None if trace_id is None else f"{trace_id:032x}")  # fmt: skip
 
     def close(self) -> None:

@@ -23,8 +23,8 @@ spans = data.trace(trace_id)
 if not spans:
     st.warning("No span of this trace is stored.")
     st.stop()
-run = data.audit_run()
-found = data.findings(None, trace_id=trace_id, limit=50)["findings"] if run else []
+run = data.audit_run(st.session_state.get("trace_run_id"))  # the run it was opened from, else the last
+found = data.findings(run["run_id"], trace_id=trace_id, limit=50)["findings"] if run else []
 parent = next((f["probable_parent"] for f in found if f["probable_parent"]), None)
 rows = [dict(s, fragment="this trace") for s in spans]
 if parent:

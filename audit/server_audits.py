@@ -1,0 +1,118 @@
+"""The audits `ctxaudit serve` runs itself: on its own schedule (every so often, the newest
+settled window from where the last run ended) and on request through the read API (`ctxaudit
+audit --server`, the UI's "Audit now"). Each reads on a cursor of its own next to the writer, so
+ingestion goes on meanwhile (DuckDB's MVCC); one runs at a time, so windows never overlap; a
+failed scheduled run is logged and the next one tries again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from .audit_job import AuditSettings, AuditSettingsError, audit_connection, summary_lines
+from .engine import AuditResult
+from .store.errors import StoreError
+from .store.writer import SpanStore
+
+log = logging.getLogger(__name__)
+
+# what an audit request (POST /v1/audit) may say, as `ctxaudit audit`'s options
+REQUEST_KEYS = {"settings", "since_ns", "until_ns", "all", "save"}
+
+
+class AuditRequestError(ValueError):
+    """The request itself is wrong (HTTP 400); nothing ran."""
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    settings: AuditSettings
+    since_ns: int | None
+    until_ns: int | None
+    resume: bool
+    save: bool
+
+
+class ServerAudits:
+    def __init__(self, store: SpanStore, settings: AuditSettings, every_s: float = 0.0):
+        self.store, self.settings, self.every_s = store, settings, every_s
+        self._one_at_a_time = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="periodic-audit", daemon=True)
+        self.runs = 0
+
+    def start(self) -> None:
+        if self.every_s:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """No new scheduled run starts; one in progress finishes (and is saved)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.audit_once()
+
+    def audit_once(self) -> None:
+        try:
+            result = self._audit(self.settings)
+        except StoreError as e:
+            log.error("periodic audit failed: %s; the next run tries again", e)
+            return
+        except Exception:  # the server goes on whatever an audit meets
+            log.exception("periodic audit failed; the next run tries again")
+            return
+        if result is not None:
+            self._log(result, "periodic")
+
+    @staticmethod
+    def parse_request(body: object) -> AuditRequest:
+        """An audit request from the read API's JSON body; AuditRequestError if it is wrong."""
+        if not isinstance(body, dict):
+            raise AuditRequestError("the body must be a JSON object")
+        unknown = set(body) - REQUEST_KEYS
+        if unknown:
+            raise AuditRequestError(f"unknown key(s) {sorted(unknown)}; known: {sorted(REQUEST_KEYS)}")
+        for key in ("since_ns", "until_ns"):
+            if body.get(key) is not None and (not isinstance(body[key], int) or isinstance(body[key], bool)):
+                raise AuditRequestError(f"{key} must be Unix nanoseconds (an integer)")
+        for key in ("all", "save"):
+            if not isinstance(body.get(key, False), bool):
+                raise AuditRequestError(f"{key} must be true or false")
+        if not isinstance(body.get("settings", {}), dict):
+            raise AuditRequestError("settings must be an object (the keys of `ctxaudit audit --config`)")
+        try:
+            settings = AuditSettings.load(None, **body.get("settings", {}))
+        except AuditSettingsError as e:
+            raise AuditRequestError(str(e)) from None
+        since = body.get("since_ns")
+        return AuditRequest(settings, since, body.get("until_ns"), resume=not body.get("all", False) and since is None,
+                            save=body.get("save", True))  # fmt: skip
+
+    def run_request(self, request: AuditRequest) -> tuple[AuditResult | None, list[str]]:
+        """Run a requested audit (after any in progress): its result and text summary, or
+        (None, []) when there is nothing new to audit. StoreError when the store fails."""
+        result = self._audit(request.settings, since_ns=request.since_ns, until_ns=request.until_ns,
+                             resume=request.resume, save=request.save)  # fmt: skip
+        if result is None:
+            return None, []
+        self._log(result, "requested")
+        return result, summary_lines(result)
+
+    def _audit(self, settings: AuditSettings, **window) -> AuditResult | None:
+        with self._one_at_a_time:
+            con = self.store.connection.cursor()
+            try:
+                return audit_connection(con, self.store.path, settings, **window)
+            finally:
+                con.close()  # its temp tables go with it
+
+    def _log(self, result: AuditResult, how: str) -> None:
+        self.runs += 1
+        c = result.counts()
+        log.info("%s audit %s: %d spans, %d orphan roots (%d with a probable parent), %d broken edges, %.1f s",
+                 how, f"run {result.run_id}" if result.run_id else "(not saved)", result.spans, c["orphan_root"],
+                 result.stitched(), sum(e.broken for e in result.edges), result.seconds)  # fmt: skip
