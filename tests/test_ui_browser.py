@@ -2,6 +2,7 @@
 reading through its API, and a person's path through the pages: every page opens, and an edge
 leads to its findings and a finding to its trace. Screenshots go to test-artifacts/ui/."""
 
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from audit.serve_process import start_server, stop_server
-from tests.audit_helpers import audited_store
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -34,9 +34,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def explorer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    # a saved audit run first (serve's own audit runs every --audit-every); then serve and ingest
-    db = audited_store(tmp)
-    server, port, _ = start_server(db)
+    # an empty store: the spans arrive over OTLP, and the audit is asked for in the browser
+    server, port, _ = start_server(str(tmp / "live.duckdb"), "--audit-every", "0")
     ui = None
     try:
         _ctxaudit("simulate", "--scenario", "shop-small", "--seed", "2", "--otlp", f"grpc://127.0.0.1:{port}",
@@ -79,12 +78,16 @@ def _open(page, link: str, heading: str) -> None:
     page.get_by_role("heading", name=heading).wait_for(timeout=30_000)
 
 
-def test_every_page_and_the_path_from_an_edge_to_a_trace(explorer, browser):
+def test_audit_now_then_every_page_and_the_path_from_an_edge_to_a_trace(explorer, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(explorer)
     page.get_by_role("heading", name="Context health").wait_for(timeout=60_000)
+    page.get_by_text("spans/s (last minute)").wait_for(timeout=30_000)  # the live server's ingest figures
+    page.get_by_text("No audit run").wait_for(timeout=30_000)
+    _shot(page, "overview-before-audit")
+    page.get_by_role("button", name="Audit now").click()
+    page.get_by_text("audit run 1:").wait_for(timeout=120_000)  # the server's summary of its run
     page.get_by_text("Worst hops").wait_for(timeout=30_000)
-    page.get_by_text("context health").first.wait_for()
     page.get_by_text("gateway → recommendations").first.wait_for(state="attached", timeout=30_000)  # a grid cell
     _shot(page, "overview")
 
@@ -92,11 +95,14 @@ def test_every_page_and_the_path_from_an_edge_to_a_trace(explorer, browser):
     graph = page.locator("[data-testid='stGraphVizChart'] svg").first  # rendered by Graphviz in the page
     graph.wait_for(timeout=30_000)
     assert "recommendations" in graph.inner_html() and "gateway" in graph.inner_html()
-    page.get_by_text("findings on this edge").wait_for(timeout=30_000)
+    caption = page.get_by_text(re.compile(r"^[\d,]+ findings on this edge"))
+    caption.wait_for(timeout=30_000)
+    on_edge = caption.inner_text().split()[0]  # the chosen (worst) edge's findings
     _shot(page, "service-graph")
+    page.get_by_role("button", name="All findings on this edge").click()
 
-    _open(page, "Findings", "Findings")
-    page.get_by_text("findings in run").wait_for(timeout=30_000)
+    page.get_by_role("heading", name="Findings").wait_for(timeout=30_000)
+    page.get_by_text(f"{on_edge} findings in run 1").wait_for(timeout=30_000)  # the edge's filters came along
     _shot(page, "findings")
     page.get_by_role("button", name="Open trace").click()
     page.get_by_role("heading", name="Trace view").wait_for(timeout=30_000)
