@@ -27,6 +27,8 @@ def pages(reader) -> dict[str, callable]:
 
     def overview():
         reader.store_counts()
+        if reader.live:
+            reader.ingest()
         reader.audit_run()
         reader.audit_runs(200)
 
@@ -35,12 +37,15 @@ def pages(reader) -> dict[str, callable]:
         to_dot(build_graphs(run["edges"], run["roots"])[0])
         edge = next(e for e in run["edges"] if e["broken"])
         reader.findings(run["run_id"], caller=edge["caller"], callee=edge["callee"], protocol=edge["protocol"],
-                        limit=200)  # fmt: skip
+                        limit=20)  # fmt: skip
 
     def findings():
+        reader.audit_runs(200)
         run = reader.audit_run()
         reader.findings(run["run_id"], limit=100)
         reader.findings(run["run_id"], kind="orphan_root", limit=100, offset=1000)
+        middle = (run["window_start_ns"] + run["window_end_ns"]) // 2  # the time filter
+        reader.findings(run["run_id"], since_ns=middle, until_ns=run["window_end_ns"], limit=100)
 
     def trace():
         reader.audit_run()
