@@ -20,14 +20,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 /usr/bin/chromium:
 	apt-get update -qq && apt-get install -y -qq chromium
 
-install: $(STAMP)
+# Graphviz's dot draws the report's service graph
+/usr/bin/dot:
+	apt-get update -qq && apt-get install -y -qq graphviz
+
+install: $(STAMP) /usr/bin/dot
 
 ## make demo: start ctxaudit serve on a DuckDB file, send it spans through the OTel SDK, show what was stored
-demo: $(STAMP)
+demo: $(STAMP) /usr/bin/dot
 	$(BIN)/ctxaudit demo
 
 ## make test: lint, the import contracts, and the whole suite (with the UI in real Chromium)
-test: $(STAMP) /usr/bin/chromium
+test: $(STAMP) /usr/bin/chromium /usr/bin/dot
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest

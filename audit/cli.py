@@ -436,6 +436,99 @@ def ui(db, server, port, host) -> None:
     os.execve(sys.executable, command, env)
 
 
+class _Duration(click.ParamType):
+    """A length of time: 90s, 45m, 24h, 7d, 2w (a bare number is seconds)."""
+
+    name = "DURATION"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = value.strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        try:
+            n = float(text[:-1] if unit else text)
+        except ValueError:
+            n = -1
+        if n <= 0:
+            self.fail(f"{value!r} is not a duration such as 24h, 90m or 7d", param, ctx)
+        return n * (unit or 1)
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="The store (no server may hold it).")
+@click.option("--server", metavar="URL", help="Report through a running `ctxaudit serve` (its read API) instead of --db.")
+@click.option("--since", "since_s", type=_Duration(), default="24h", show_default=True,
+              help="How far back from the newest settled span the report reaches.")  # fmt: skip
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Write report.html, report.md and report.json here, and add to DIR/history.jsonl.")  # fmt: skip
+@click.option("--fail-on", "fail_on", multiple=True, metavar="EXPR",
+              help="Exit 3 if EXPR holds, e.g. orphan_rate>0.01, new_broken_hops>0, "
+                   "propagation_rate[orders->inventory]<0.99 (repeatable; docs/report.md). "
+                   "Exit 4 if one cannot be evaluated and none failed.")  # fmt: skip
+@click.option("--previous", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="Compare with this report.json [default: the newest report in the history].")  # fmt: skip
+@click.option("--history", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The history file, for trends and the comparison [default: DIR/history.jsonl].")  # fmt: skip
+@click.option("--settle", type=click.FloatRange(min=0), help="Leave spans this recent for later (seconds) [default: 60].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The audit's YAML settings, as for `ctxaudit audit --config`.")  # fmt: skip
+@click.option("--memory-limit", default="2GB", show_default=True, help="DuckDB memory limit for the audit (--db only).")
+def report(db, server, since_s, out_dir, fail_on, previous, history, settle, config_file, memory_limit) -> None:
+    """Audit the last --since of the store and write a report: the broken hops with cause and
+    fix, what changed since the previous report, trends, the service graph and the sampling
+    figures, as self-contained HTML, Markdown and JSON.
+
+    As a CI gate, --fail-on thresholds set the exit code: 0 all passed, 3 one failed, 4 one
+    could not be evaluated (1: runtime error, 2: bad usage).
+    """
+    from pathlib import Path
+
+    from .audit_job import AuditSettings, AuditSettingsError
+    from .report.command import ReportRequest, report_from_file, report_from_server
+    from .report.gate import GateError, Threshold
+
+    ctx = click.get_current_context()
+    if server and ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --db or --server, not both")
+    try:
+        thresholds = [Threshold.parse(t) for t in fail_on]
+    except GateError as e:
+        raise click.BadParameter(str(e), param_hint="--fail-on") from None
+    try:
+        settings = AuditSettings.load(config_file, settle_s=settle)
+    except AuditSettingsError as e:
+        raise click.BadParameter(str(e), param_hint="--config") from None
+    request = ReportRequest(Path(out_dir), since_s, settings, thresholds, Path(history) if history else None, previous)
+    started = time.monotonic()
+
+    def progress(step: str) -> None:
+        click.echo(f"report: {step} ({time.monotonic() - started:.1f} s)", err=True)
+
+    try:
+        if server:
+            click.echo(f"report: the server at {server} audits the last {since_s / 3600:g} h", err=True)
+            result, written, code = report_from_server(request, server)
+        else:
+            result, written, code = report_from_file(request, db, memory_limit, progress)
+    except (StoreError, ValueError, OSError) as e:
+        _fail(str(e))
+    f = result["figures"]
+    health = "n/a" if f["context_health"] is None else f"{f['context_health']:.1%}"
+    click.echo(f"report: {f['broken_hops']} broken hops, context health {health}, {f['findings']:,} findings; "
+               f"wrote {', '.join(str(p) for p in written)}")  # fmt: skip
+    if result["comparison"]:
+        n = result["comparison"]["counts"]
+        click.echo(f"report: since the previous report: {n['new_broken_hops']} newly broken, {n['fixed_hops']} fixed, "
+                   f"{n['worse_hops']} worse, {n['better_hops']} better")  # fmt: skip
+    from .report.build import verdicts
+
+    for verdict in verdicts(result):
+        click.echo(f"gate: {verdict.line()}")
+    sys.exit(code)
+
+
 @main.command()
 @click.option(
     "--scenario", required=True, metavar="NAME|FILE",

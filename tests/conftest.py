@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -68,3 +69,13 @@ def make_server(tmp_path):
 @pytest.fixture
 def rng():
     return random.Random(42)
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest runs a page as `__main__` and leaves it there; processes started
+    later with multiprocessing's spawn would then re-run that page. Put pytest's back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main

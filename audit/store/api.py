@@ -92,6 +92,7 @@ class Query:
 QUERIES: dict[str, Query] = {
     "stats": Query("stats", {}, "spans, traces, services, links and the time range"),
     "store_counts": Query("store_counts", {}, "spans, traces (approximate) and services: cheap on a large store"),
+    "time_range": Query("time_range", {}, "the first and the newest span start"),
     "protocol_summary": Query("protocol_summary", {}, "spans and roots per service, protocol and kind"),
     "trace": Query("span_rows_of_trace", {"trace_id": (_hex_id(128), True)}, "every span of one trace"),
     "links": Query("links_of_span", {"trace_id": (_hex_id(128), True), "span_id": (_hex_id(64), True)},

@@ -133,6 +133,12 @@ class StoreReader:
             "SELECT count(*), approx_count_distinct(trace_id), count(DISTINCT service_name) FROM spans")[0]
         return {"spans": spans, "traces_approx": traces, "services": services}
 
+    def time_range(self) -> dict:
+        """The first and the newest span start (None, None on an empty store): where a window
+        measured back from the newest data ends (the report's --since)."""
+        first, last = self._query("SELECT min(start_ns), max(start_ns) FROM spans")[0]
+        return {"first_start_ns": first, "last_start_ns": last}
+
     def _dicts(self, sql: str, params: list) -> list[dict]:
         cur = self._con.cursor()
         try:

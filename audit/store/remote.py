@@ -81,6 +81,9 @@ class RemoteReader:
     def store_counts(self) -> dict:
         return self._get("store_counts")
 
+    def time_range(self) -> dict:
+        return self._get("time_range")
+
     def span_rows_of_trace(self, trace_id: int) -> list[dict]:
         return self._get("trace", trace_id=f"{trace_id:032x}")
 

@@ -1,0 +1,128 @@
+"""report.html and report.md from a report (build.py). The HTML is one self-contained file:
+styles inline, the service graph drawn by Graphviz and the charts by Vega-Lite (Altair and
+vl-convert), all as inline SVG, so it opens offline and in mail, with no script."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from graph.service_graph import build_graphs, to_dot
+
+from .figures import HEADLINE
+from .gate import COMPARISON
+
+log = logging.getLogger(__name__)
+
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _env() -> Environment:
+    env = Environment(loader=FileSystemLoader(_TEMPLATES), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env.filters |= {"pct": _pct, "num": _num, "when": _when, "ratio": _ratio}
+    return env
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}%}"
+
+
+def _num(x: float | int | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,}" if isinstance(x, int) else f"{x:,.3f}"
+
+
+def _ratio(figure: dict | None) -> str:
+    """A sampling figure with its interval: 0.93 (0.90-0.95)."""
+    if not figure or figure.get("value") is None:
+        return "n/a"
+    if figure.get("ci_low") is None:
+        return f"{figure['value']:.3f}"
+    return f"{figure['value']:.3f} ({figure['ci_low']:.3f}-{figure['ci_high']:.3f})"
+
+
+def _when(ns_or_iso: int | str) -> str:
+    if isinstance(ns_or_iso, str):
+        return ns_or_iso.replace("T", " ").replace("Z", " UTC")
+    return datetime.fromtimestamp(ns_or_iso / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def graph_svg(report: dict) -> str | None:
+    """The repaired service graph, broken hops in red; None (and a log line) without Graphviz."""
+    import graphviz
+
+    audit = report["audit"]
+    repaired = build_graphs(audit["edges"], audit["run"]["roots"])[1]
+    try:
+        svg = graphviz.Source(to_dot(repaired)).pipe(format="svg").decode()
+    except graphviz.ExecutableNotFound:
+        log.warning("Graphviz's dot is not installed (apt-get install graphviz): the report has no graph image")
+        return None
+    return svg[svg.index("<svg"):]  # inline: no XML prolog or doctype
+
+
+def _svg(chart: alt.TopLevelMixin) -> str:
+    import vl_convert
+
+    return vl_convert.vegalite_to_svg(chart.to_dict())
+
+
+def trend_svg(report: dict) -> str:
+    points = report["history"] + [{"window_end": report["window"]["end"], "figures": report["figures"]}]
+    frame = pd.DataFrame([{"window end": pd.to_datetime(p["window_end"], unit="ns", utc=True),
+                           "context health": p["figures"]["context_health"],
+                           "orphan roots / roots": p["figures"]["orphan_rate"],
+                           "broken hops": p["figures"]["broken_hops"]} for p in points])  # fmt: skip
+    shares = frame.melt(id_vars="window end", value_vars=["context health", "orphan roots / roots"], var_name="figure")
+    left = alt.Chart(shares, width=380, height=180, title="Context health and orphan rate").mark_line(point=True).encode(
+        x=alt.X("window end:T", title=None), y=alt.Y("value:Q", title=None, axis=alt.Axis(format="%")),
+        color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)))  # fmt: skip
+    right = alt.Chart(frame, width=300, height=180, title="Broken hops").mark_bar(color="#c0392b").encode(
+        x=alt.X("window end:T", title=None), y=alt.Y("broken hops:Q", title=None, axis=alt.Axis(tickMinStep=1)))  # fmt: skip
+    return _svg(alt.hconcat(left, right))
+
+
+def sampling_svg(report: dict) -> str | None:
+    """Per hop whose callee side is not always stored: the propagation and capture rates with
+    their 95% intervals."""
+    rows = []
+    for e in (report["audit"].get("sampling") or {}).get("edges", []):
+        for key, label in (("propagation_rate", "propagation rate"), ("conditional_capture_rate", "callee stored")):
+            f = e[key]
+            if f["value"] is not None and f["ci_low"] is not None and (f["value"] < 1 or f["ci_low"] < 0.99):
+                rows.append({"hop": f"{e['caller']} → {e['callee']} ({e['protocol']})", "figure": label,
+                             "value": f["value"], "low": f["ci_low"], "high": f["ci_high"]})  # fmt: skip
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    base = alt.Chart(frame).encode(y=alt.Y("hop:N", title=None, sort=None), yOffset="figure:N",
+                                   color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)))  # fmt: skip
+    bars = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title="95% interval", axis=alt.Axis(format="%"),
+                                                        scale=alt.Scale(domain=[0, 1])), x2="high:Q")  # fmt: skip
+    dots = base.mark_point(filled=True, size=50).encode(x="value:Q")
+    return _svg((bars + dots).properties(width=520, height=alt.Step(14), title="Sampling: per hop"))
+
+
+def _context(report: dict) -> dict:
+    broken = [h for h in report["hops"] if h["broken"]]
+    sampling = report["audit"].get("sampling") or {}
+    return {"r": report, "broken": broken, "headline": HEADLINE, "comparison_names": COMPARISON,
+            "overall": sampling.get("overall") or {}, "sampling_edges": sampling.get("edges", []),
+            "sampling_services": sampling.get("services", [])}  # fmt: skip
+
+
+def render_html(report: dict) -> str:
+    ctx = _context(report) | {"graph": graph_svg(report), "trend": trend_svg(report),
+                              "sampling_chart": sampling_svg(report)}  # fmt: skip
+    return _env().get_template("report.html.j2").render(**ctx)
+
+
+def render_markdown(report: dict) -> str:
+    return _env().get_template("report.md.j2").render(**_context(report))
