@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from audit.cli import DbSink, main
@@ -10,7 +12,8 @@ from audit.scenarios.output import read_truth
 
 
 def simulated_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> tuple[str, list[dict]]:
-    db, truth = str(tmp_path / f"{scenario}.duckdb"), str(tmp_path / f"{scenario}-truth.jsonl")
+    name = Path(scenario).stem  # a bundled name, or a scenario file
+    db, truth = str(tmp_path / f"{name}.duckdb"), str(tmp_path / f"{name}-truth.jsonl")
     result = CliRunner().invoke(main, ["simulate", "--scenario", scenario, "--db", db, "--truth", truth,
                                        "--seed", str(seed)])  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -20,6 +20,7 @@ from .gate import COMPARISON
 log = logging.getLogger(__name__)
 
 _TEMPLATES = Path(__file__).parent / "templates"
+_TIME_AXIS = alt.Axis(format="%m-%d %H:%M", labelAngle=-30)
 
 
 def _env() -> Environment:
@@ -82,21 +83,28 @@ def trend_svg(report: dict) -> str:
                            "broken hops": p["figures"]["broken_hops"]} for p in points])  # fmt: skip
     shares = frame.melt(id_vars="window end", value_vars=["context health", "orphan roots / roots"], var_name="figure")
     left = alt.Chart(shares, width=380, height=180, title="Context health and orphan rate").mark_line(point=True).encode(
-        x=alt.X("window end:T", title=None), y=alt.Y("value:Q", title=None, axis=alt.Axis(format="%")),
+        x=alt.X("window end:T", title=None, axis=_TIME_AXIS), y=alt.Y("value:Q", title=None, axis=alt.Axis(format="%")),
         color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)))  # fmt: skip
     right = alt.Chart(frame, width=300, height=180, title="Broken hops").mark_bar(color="#c0392b").encode(
-        x=alt.X("window end:T", title=None), y=alt.Y("broken hops:Q", title=None, axis=alt.Axis(tickMinStep=1)))  # fmt: skip
+        x=alt.X("window end:T", title=None, axis=_TIME_AXIS), y=alt.Y("broken hops:Q", title=None, axis=alt.Axis(tickMinStep=1)))  # fmt: skip
     return _svg(alt.hconcat(left, right))
+
+
+def distorted_edges(report: dict) -> list[dict]:
+    """The sampled hops whose callee side is not always stored with the caller's."""
+    return [e for e in (report["audit"].get("sampling") or {}).get("edges", [])
+            if any((e[k]["value"] is not None and e[k]["value"] < 1)
+                   for k in ("propagation_rate", "conditional_capture_rate"))]  # fmt: skip
 
 
 def sampling_svg(report: dict) -> str | None:
     """Per hop whose callee side is not always stored: the propagation and capture rates with
     their 95% intervals."""
     rows = []
-    for e in (report["audit"].get("sampling") or {}).get("edges", []):
+    for e in distorted_edges(report):
         for key, label in (("propagation_rate", "propagation rate"), ("conditional_capture_rate", "callee stored")):
             f = e[key]
-            if f["value"] is not None and f["ci_low"] is not None and (f["value"] < 1 or f["ci_low"] < 0.99):
+            if f["value"] is not None and f["ci_low"] is not None:
                 rows.append({"hop": f"{e['caller']} → {e['callee']} ({e['protocol']})", "figure": label,
                              "value": f["value"], "low": f["ci_low"], "high": f["ci_high"]})  # fmt: skip
     if not rows:
@@ -114,7 +122,7 @@ def _context(report: dict) -> dict:
     broken = [h for h in report["hops"] if h["broken"]]
     sampling = report["audit"].get("sampling") or {}
     return {"r": report, "broken": broken, "headline": HEADLINE, "comparison_names": COMPARISON,
-            "overall": sampling.get("overall") or {}, "sampling_edges": sampling.get("edges", []),
+            "overall": sampling.get("overall") or {}, "sampling_edges": distorted_edges(report),
             "sampling_services": sampling.get("services", [])}  # fmt: skip
 
 
