@@ -57,6 +57,58 @@ def main(verbose: bool) -> None:
     )
 
 
+class _Duration(click.ParamType):
+    """A length of time: 90s, 45m, 24h, 7d, 2w (a bare number is seconds)."""
+
+    name = "DURATION"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = value.strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        try:
+            n = float(text[:-1] if unit else text)
+        except ValueError:
+            n = -1
+        if n <= 0:
+            self.fail(f"{value!r} is not a duration such as 24h, 90m or 7d", param, ctx)
+        return n * (unit or 1)
+
+
+class _TimeOfDay(click.ParamType):
+    """HH:MM or HH:MM:SS, as a datetime.time."""
+
+    name = "HH:MM"
+
+    def convert(self, value, param, ctx):
+        from datetime import time as time_of_day
+
+        if isinstance(value, time_of_day):
+            return value
+        try:
+            return time_of_day.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a time of day such as 06:30", param, ctx)
+
+
+class _Zone(click.ParamType):
+    """An IANA time zone name, as a ZoneInfo."""
+
+    name = "ZONE"
+
+    def convert(self, value, param, ctx):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if isinstance(value, ZoneInfo):
+            return value
+        try:
+            return ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail(f"{value!r} is not a time zone such as UTC or Europe/Paris", param, ctx)
+
+
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to create or append to.")
 @click.option(
@@ -108,8 +160,19 @@ def main(verbose: bool) -> None:
     "--log-interval", type=click.FloatRange(min=0), default=10, show_default=True,
     help="Seconds between ingest progress lines on stderr; 0 for none.",
 )
+@click.option("--report-at", type=_TimeOfDay(), metavar="HH:MM[:SS]",
+              help="Write a report (as `ctxaudit report`) every day at this time [default: never].")  # fmt: skip
+@click.option("--report-tz", type=_Zone(), default="UTC", show_default=True, metavar="ZONE",
+              help="The time zone of --report-at and of the reports' folder names (e.g. Europe/Paris).")  # fmt: skip
+@click.option("--report-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Where the daily reports go, one folder per day [default: DB's name + '-reports'].")  # fmt: skip
+@click.option("--report-keep-days", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Days of reports kept; older ones are removed.")  # fmt: skip
+@click.option("--report-since", type=_Duration(), default="24h", show_default=True, metavar="DURATION",
+              help="How far back each daily report reaches.")  # fmt: skip
 def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle, max_body_mib, queue_spans,
-          inflight_mib, decoders, memory_limit, checkpoint_mib, drain_timeout, log_interval) -> None:  # fmt: skip
+          inflight_mib, decoders, memory_limit, checkpoint_mib, drain_timeout, log_interval, report_at, report_tz,
+          report_dir, report_keep_days, report_since) -> None:  # fmt: skip
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
     Spans are acknowledged only after they are committed. SIGTERM or SIGINT stops
@@ -153,9 +216,10 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
     )
     health = IngestHealth(ingestor, writer)
     audits = ServerAudits(store, AuditSettings.load(None, settle_s=audit_settle), audit_every)
-    # the API reads on a connection of its own to the same database: the writer's is not shared
-    api = ReadApi(StoreReader(store.connection.cursor(), db), *parse_hostport(api_address),
-                  ingest_health=health.snapshot, auditor=audits) if api_address else None  # fmt: skip
+    # the API and the daily report read on a connection of their own to the same database
+    reader = StoreReader(store.connection.cursor(), db)
+    api = ReadApi(reader, *parse_hostport(api_address), ingest_health=health.snapshot,
+                  auditor=audits) if api_address else None  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -183,6 +247,16 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
     sys.stdout.flush()
 
     audits.start()
+    nightly = None
+    if report_at:
+        from pathlib import Path
+
+        from .report.nightly import NightlyReports
+
+        nightly = NightlyReports(Path(report_dir or f"{os.path.splitext(db)[0]}-reports"), report_at, report_tz,
+                                 report_keep_days, report_since, audits.settings,
+                                 reader.time_range, audits.audit, db)  # fmt: skip
+        nightly.start()
     while not stop.wait(log_interval or None):
         h = health.snapshot()
         log.info(
@@ -192,6 +266,8 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
         )  # fmt: skip
 
     click.echo("ctxaudit serve: stopping: draining requests in flight", err=True)
+    if nightly:
+        nightly.stop()
     audits.stop()
     if api:
         api.stop()
@@ -434,26 +510,6 @@ def ui(db, server, port, host) -> None:
     sys.stderr.flush()
     # become Streamlit: a signal to this process then reaches the server itself, and no child is left behind
     os.execve(sys.executable, command, env)
-
-
-class _Duration(click.ParamType):
-    """A length of time: 90s, 45m, 24h, 7d, 2w (a bare number is seconds)."""
-
-    name = "DURATION"
-    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return float(value)
-        text = value.strip().lower()
-        unit = self._UNITS.get(text[-1:], None)
-        try:
-            n = float(text[:-1] if unit else text)
-        except ValueError:
-            n = -1
-        if n <= 0:
-            self.fail(f"{value!r} is not a duration such as 24h, 90m or 7d", param, ctx)
-        return n * (unit or 1)
 
 
 @main.command()

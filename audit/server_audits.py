@@ -58,7 +58,7 @@ class ServerAudits:
 
     def audit_once(self) -> None:
         try:
-            result = self._audit(self.settings)
+            result = self.audit(self.settings)
         except StoreError as e:
             log.error("periodic audit failed: %s; the next run tries again", e)
             return
@@ -95,14 +95,15 @@ class ServerAudits:
     def run_request(self, request: AuditRequest) -> tuple[AuditResult | None, list[str]]:
         """Run a requested audit (after any in progress): its result and text summary, or
         (None, []) when there is nothing new to audit. StoreError when the store fails."""
-        result = self._audit(request.settings, since_ns=request.since_ns, until_ns=request.until_ns,
+        result = self.audit(request.settings, since_ns=request.since_ns, until_ns=request.until_ns,
                              resume=request.resume, save=request.save)  # fmt: skip
         if result is None:
             return None, []
         self._log(result, "requested")
         return result, summary_lines(result)
 
-    def _audit(self, settings: AuditSettings, **window) -> AuditResult | None:
+    def audit(self, settings: AuditSettings, **window) -> AuditResult | None:
+        """One audit (after any in progress), on a cursor of its own; `window`: audit_connection's."""
         with self._one_at_a_time:
             con = self.store.connection.cursor()
             try:
