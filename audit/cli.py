@@ -663,6 +663,8 @@ class DbSink:
 @click.option("--rate", type=click.FloatRange(min=0.1), default=10, show_default=True, help="Requests/s to the frontend.")
 def demo(db: str, truth: str, seconds: float, rate: float) -> None:
     """Run `ctxaudit serve` and the demo fleet against it, then audit what was stored."""
+    from pathlib import Path
+
     from .audit_job import AuditSettings, audit_store, summary_lines
     from .demo import run_demo
 
@@ -679,8 +681,17 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
     click.echo("")
     for line in summary_lines(result) if result else ["audit: no spans were stored"]:
         click.echo(line)
-    click.echo(f"\nnext: ctxaudit ui --db {db};  ctxaudit audit --db {db} --all --json | less;  "
-               f"ctxaudit graph --db {db} --format dot")
+    out = Path(db).parent / "report"
+    try:
+        from .report.command import ReportRequest, report_from_file
+
+        settings = AuditSettings.load(None, settle_s=0)
+        report_from_file(ReportRequest(out, 86400, settings, []), db, "2GB", lambda step: None)
+        click.echo(f"\nreport: {out / 'report.html'} (and report.md, report.json)")
+    except (StoreError, OSError) as e:
+        click.echo(f"report: not written: {e}", err=True)
+    click.echo(f"\nnext: ctxaudit ui --db {db};  ctxaudit report --db {db} --out {out};  "
+               f"ctxaudit audit --db {db} --all --json | less")
 
 
 if __name__ == "__main__":
