@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .audit_job import AuditSettings, AuditSettingsError, audit_connection, summary_lines
 from .engine import AuditResult
+from .periodic import Periodic
 from .store.errors import StoreError
 from .store.writer import SpanStore
 
@@ -38,23 +39,16 @@ class ServerAudits:
     def __init__(self, store: SpanStore, settings: AuditSettings, every_s: float = 0.0):
         self.store, self.settings, self.every_s = store, settings, every_s
         self._one_at_a_time = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="periodic-audit", daemon=True)
+        self._schedule = Periodic("periodic-audit", lambda: every_s, self.audit_once)
         self.runs = 0
 
     def start(self) -> None:
         if self.every_s:
-            self._thread.start()
+            self._schedule.start()
 
     def stop(self) -> None:
         """No new scheduled run starts; one in progress finishes (and is saved)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.audit_once()
+        self._schedule.stop()
 
     def audit_once(self) -> None:
         try:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from ..audit_job import AuditSettings
+from ..periodic import Periodic
 from . import sources
 from .build import build_report, read_history, write_report
 
@@ -39,27 +39,20 @@ class NightlyReports:
                  clock: Callable[[], datetime] = lambda: datetime.now().astimezone()):  # fmt: skip
         self.out_dir, self.at, self.tz, self.keep_days, self.since_s = out_dir, at, tz, keep_days, since_s
         self.settings, self.time_range, self.audit, self.source, self.clock = settings, time_range, audit, source, clock
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nightly-report", daemon=True)
+        self._schedule = Periodic("nightly-report", self._until_next, self.report_once)
         self.reports = 0
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log.info("nightly report at %s %s into %s (next %s)", self.at.isoformat("seconds"), self.tz.key,
                  self.out_dir, next_run(self.at, self.tz, self.clock()).isoformat(timespec="seconds"))  # fmt: skip
-        self._thread.start()
+        self._schedule.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._schedule.stop()
 
-    def _run(self) -> None:
-        while True:
-            wait = (next_run(self.at, self.tz, self.clock()) - self.clock()).total_seconds()
-            if self._stop.wait(max(wait, 0.0)):
-                return
-            self.report_once()
+    def _until_next(self) -> float:
+        return (next_run(self.at, self.tz, self.clock()) - self.clock()).total_seconds()
 
     def report_once(self) -> Path | None:
         today = self.clock().astimezone(self.tz).date()
