@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -170,116 +168,70 @@ class _Zone(click.ParamType):
               help="Days of reports kept; older ones are removed.")  # fmt: skip
 @click.option("--report-since", type=_Duration(), default="24h", show_default=True, metavar="DURATION",
               help="How far back each daily report reaches.")  # fmt: skip
+@click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Require this token (the file's first line) on every request to the receivers and the read "
+                   "API, as Authorization: Bearer <token> [default: $CTXAUDIT_TOKEN, else none].")  # fmt: skip
+@click.option("--token-header", metavar="NAME", help="Also accept the token in this header (e.g. x-api-key).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Serve TLS with this certificate chain (PEM), on the receivers and the read API.")  # fmt: skip
+@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="FILE", help="The certificate's private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Mutual TLS: the receivers require a client certificate signed by this CA (PEM).")  # fmt: skip
 def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle, max_body_mib, queue_spans,
           inflight_mib, decoders, memory_limit, checkpoint_mib, drain_timeout, log_interval, report_at, report_tz,
-          report_dir, report_keep_days, report_since) -> None:  # fmt: skip
+          report_dir, report_keep_days, report_since, token_file, token_header, tls_cert, tls_key,
+          tls_client_ca) -> None:  # fmt: skip
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
     Spans are acknowledged only after they are committed. SIGTERM or SIGINT stops
     accepting, lets requests in flight finish, commits, and exits 0.
     """
-    import os
-
     from collector_ext.addresses import is_loopback, parse_hostport
-    from collector_ext.ingest import Ingestor
-    from collector_ext.ingest_health import IngestHealth
-    from collector_ext.receivers import OtlpReceivers
 
-    from .audit_job import AuditSettings
-    from .server_audits import ServerAudits
-    from .store.api import ReadApi
-    from .store.reader import StoreReader
-    from .store.writer import SpanStore, SpanWriter
+    from .access import Access, AccessError, TlsFiles, TokenAuth
+    from .serve import DailyReport, ServeConfig, ServeError, run
 
     if not grpc_address and not http_address:
         raise click.UsageError("both receivers are off: enable --grpc or --http")
-    if api_address and not is_loopback(parse_hostport(api_address)[0]):
-        raise click.BadParameter("the read API has no authentication yet: it listens on loopback only "
-                                 "(127.0.0.1, ::1 or localhost)", param_hint="--api")  # fmt: skip
-    for address in (grpc_address, http_address):
+    try:
+        auth = TokenAuth.load(token_file, token_header)
+    except AccessError as e:
+        raise click.BadParameter(str(e), param_hint="--token-file") from None
+    if token_header and not auth:
+        raise click.UsageError("--token-header needs a token: --token-file or $CTXAUDIT_TOKEN")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("give --tls-cert and --tls-key together")
+    if tls_client_ca and not tls_cert:
+        raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert else None
+    try:
+        if tls:
+            tls.ssl_context()  # unreadable or mismatched files: say so now, not at the first connection
+    except AccessError as e:
+        raise click.BadParameter(str(e), param_hint="--tls-cert") from None
+    if api_address and not is_loopback(parse_hostport(api_address)[0]) and not auth:
+        raise click.BadParameter("the read API listens beyond loopback only with a token (--token-file or "
+                                 "$CTXAUDIT_TOKEN)", param_hint="--api")  # fmt: skip
+    for address in (grpc_address, http_address, api_address):
         if address and not is_loopback(parse_hostport(address)[0]):
-            log.warning("listening on %s beyond loopback: anyone who can reach it can write spans", address)
-
+            if not auth:
+                log.warning("listening on %s beyond loopback without a token: anyone who can reach it can write "
+                            "spans; set --token-file", address)  # fmt: skip
+            elif not tls:
+                log.warning("listening on %s beyond loopback without TLS: the token and the spans cross the "
+                            "network in clear; set --tls-cert and --tls-key", address)  # fmt: skip
+    config = ServeConfig(
+        db, grpc_address, http_address, api_address, audit_every=audit_every, audit_settle=audit_settle,
+        max_body_bytes=int(max_body_mib * (1 << 20)), queue_spans=queue_spans,
+        inflight_bytes=int(inflight_mib * (1 << 20)), decoders=decoders, memory_limit=memory_limit,
+        checkpoint_mib=checkpoint_mib, drain_timeout=drain_timeout, log_interval=log_interval,
+        report=DailyReport(report_at, report_tz, report_dir, report_keep_days, report_since) if report_at else None,
+        access=Access(auth, tls),
+    )  # fmt: skip
     try:
-        store = SpanStore(db, memory_limit=memory_limit, checkpoint_mib=checkpoint_mib)
-    except StoreError as e:
+        run(config, lambda line: click.echo(line, err=True))
+    except ServeError as e:
         _fail(str(e))
-    writer = SpanWriter(store, max_queued_spans=queue_spans)
-    ingestor = Ingestor(
-        writer,
-        decoders=(os.cpu_count() or 1) if decoders is None else decoders,
-        max_body_bytes=int(max_body_mib * (1 << 20)),
-        max_inflight_bytes=int(inflight_mib * (1 << 20)),
-    )
-    receivers = OtlpReceivers(
-        ingestor, grpc_address=grpc_address, http_address=http_address, drain_timeout=drain_timeout
-    )
-    health = IngestHealth(ingestor, writer)
-    audits = ServerAudits(store, AuditSettings.load(None, settle_s=audit_settle), audit_every)
-    # the API and the daily report read on a connection of their own to the same database
-    reader = StoreReader(store.connection.cursor(), db)
-    api = ReadApi(reader, *parse_hostport(api_address), ingest_health=health.snapshot,
-                  auditor=audits) if api_address else None  # fmt: skip
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        receivers.start()
-    except OSError as e:
-        writer.close()
-        _fail(str(e))
-    try:
-        if api:
-            api.start()
-    except OSError as e:
-        receivers.stop()
-        writer.close()
-        _fail(str(e))
-
-    listening = []
-    if receivers.grpc:
-        listening.append(f"OTLP/gRPC {parse_hostport(grpc_address)[0]}:{receivers.grpc.port}")
-    if receivers.http:
-        listening.append(f"OTLP/HTTP http://{parse_hostport(http_address)[0]}:{receivers.http.port}/v1/traces")
-    if api:
-        listening.append(f"read API {api.url}")
-    click.echo(f"ctxaudit serve: ready: {', '.join(listening)}; store {db}", err=False)
-    sys.stdout.flush()
-
-    audits.start()
-    nightly = None
-    if report_at:
-        from pathlib import Path
-
-        from .report.nightly import NightlyReports
-
-        nightly = NightlyReports(Path(report_dir or f"{os.path.splitext(db)[0]}-reports"), report_at, report_tz,
-                                 report_keep_days, report_since, audits.settings,
-                                 reader.time_range, audits.audit, db)  # fmt: skip
-        nightly.start()
-    while not stop.wait(log_interval or None):
-        h = health.snapshot()
-        log.info(
-            "stored %d spans (%.0f/s over the last minute), %d rejected, %d requests refused (retryable), "
-            "%d invalid, %d queued", h["committed_spans"], h["spans_per_s"], h["rejected_spans"],
-            h["refused_requests"], h["invalid_requests"], h["queued_spans"],
-        )  # fmt: skip
-
-    click.echo("ctxaudit serve: stopping: draining requests in flight", err=True)
-    if nightly:
-        nightly.stop()
-    audits.stop()
-    if api:
-        api.stop()
-    receivers.stop()
-    writer.close()
-    s = ingestor.stats
-    click.echo(
-        f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed "
-        f"in {writer.stats.commits} transactions, "
-        f"{s.rejected_spans} rejected, {s.end_before_start} ending before they start",
-        err=True,
-    )
 
 
 _SERVER = click.option("--server", metavar="URL",

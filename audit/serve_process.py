@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 
-_READY = re.compile(r"OTLP/gRPC [^:]+:(\d+), OTLP/HTTP (http://\S+/v1/traces)")
-_API = re.compile(r"read API (http://[^;,\s]+)")
+_READY = re.compile(r"OTLP/gRPC [^:]+:(\d+)(?: \(TLS\))?, OTLP/HTTP (https?://\S+/v1/traces)")
+_API = re.compile(r"read API (https?://[^;,\s]+)")
 
 
 def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:

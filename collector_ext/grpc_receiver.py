@@ -15,6 +15,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 
+from audit.access import OPEN, UNAUTHENTICATED, Access
+
 from .addresses import parse_hostport
 from .decode import PROTOBUF, encode_response, response_for
 from .ingest import Ingestor, Refused
@@ -25,9 +27,10 @@ SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
 class GrpcReceiver:
-    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16):
+    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16, access: Access = OPEN):
         self.ingestor = ingestor
         self.address = address
+        self.access = access
         max_bytes = ingestor.max_body_bytes
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=threads, thread_name_prefix="otlp-grpc"),
@@ -48,7 +51,10 @@ class GrpcReceiver:
         host, port = parse_hostport(self.address)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self.port = self._server.add_insecure_port(target)
+            if self.access.tls:
+                self.port = self._server.add_secure_port(target, self.access.tls.grpc_credentials())
+            else:
+                self.port = self._server.add_insecure_port(target)
         except RuntimeError as e:
             raise OSError(f"cannot listen for OTLP/gRPC on {self.address}: {e}") from None
         self._server.start()
@@ -59,6 +65,9 @@ class GrpcReceiver:
         return self._server.stop(grace)
 
     def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if self.access.auth and not self.access.auth.allows(context.invocation_metadata()):
+            self.ingestor.count_unauthenticated()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
         try:
             result = self.ingestor.export(request, PROTOBUF)
         except Refused as e:

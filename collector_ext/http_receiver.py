@@ -14,11 +14,12 @@ import grpc
 from aiohttp import web
 from google.rpc.status_pb2 import Status
 
+from audit.access import OPEN, UNAUTHENTICATED, Access
 from audit.store.aio_server import ThreadedAioServer
 
 from .addresses import parse_hostport
 from .decode import JSON, PROTOBUF, encode_response, response_for
-from .ingest import CONTENT_TYPES, Ingestor, PayloadTooLarge, Refused, UnsupportedMediaType
+from .ingest import CONTENT_TYPES, Ingestor, PayloadTooLarge, Refused, Unauthenticated, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ def _status_body(e: Refused, content_type: str) -> bytes:
 
 
 class HttpReceiver:
-    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16, drain_timeout: float = 30.0):
+    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16, drain_timeout: float = 30.0,
+                 access: Access = OPEN):  # fmt: skip
         self.ingestor = ingestor
+        self.access = access
         self.drain_timeout = drain_timeout
         self.address = address
         self.port: int | None = None
@@ -42,7 +45,8 @@ class HttpReceiver:
     def start(self) -> int:
         app = web.Application(client_max_size=self.ingestor.max_body_bytes)
         app.router.add_post(TRACES_PATH, self._handle)
-        self.port = self._server.start(app, "OTLP/HTTP", auto_decompress=False, shutdown_timeout=self.drain_timeout)
+        self.port = self._server.start(app, "OTLP/HTTP", ssl_context=self.access.tls.ssl_context() if self.access.tls
+                                       else None, auto_decompress=False, shutdown_timeout=self.drain_timeout)  # fmt: skip
         return self.port
 
     def stop(self) -> None:
@@ -53,6 +57,9 @@ class HttpReceiver:
         content_type = request.content_type
         answer_type = content_type if content_type in CONTENT_TYPES else PROTOBUF
         try:
+            if self.access.auth and not self.access.auth.allows(request.headers.items()):
+                self.ingestor.count_unauthenticated()
+                raise Unauthenticated(UNAUTHENTICATED)  # before the body is read
             if content_type not in CONTENT_TYPES:
                 raise UnsupportedMediaType(
                     f"unsupported Content-Type {content_type!r}: use {PROTOBUF} or {JSON}"
@@ -63,7 +70,9 @@ class HttpReceiver:
             body = await self._read_body(request)
             result = await self._server.run_blocking(self.ingestor.export, body, content_type, encoding == "gzip")
         except Refused as e:
-            headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+            headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else {}
+            if isinstance(e, Unauthenticated):
+                headers["WWW-Authenticate"] = 'Bearer realm="ctxaudit"'
             return web.Response(
                 status=e.http_status, body=_status_body(e, answer_type), content_type=answer_type, headers=headers
             )

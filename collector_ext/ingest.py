@@ -55,6 +55,11 @@ class UnsupportedMediaType(Refused):  # permanent; only HTTP can send one
     grpc_status = "INVALID_ARGUMENT"
 
 
+class Unauthenticated(Refused):  # permanent until the client sends the token
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
 class Unavailable(Refused):  # transient: queue full, store busy, worker restarting
     http_status = 503
     grpc_status = "UNAVAILABLE"
@@ -75,6 +80,7 @@ class IngestStats:
     rejected_spans: int = 0
     invalid_requests: int = 0
     refused_requests: int = 0
+    unauthenticated_requests: int = 0
     end_before_start: int = 0
 
 
@@ -174,6 +180,12 @@ class Ingestor:
             s.rejected_spans += batch.rejected
             s.end_before_start += batch.end_before_start
         return ExportResult(batch.accepted, batch.rejected, batch.rejection_message())
+
+    def count_unauthenticated(self) -> None:
+        """A request turned away for want of the token (the receivers check it, before decoding)."""
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.unauthenticated_requests += 1
 
     def _count(self, *, invalid: bool = False, refused: bool = False) -> None:
         with self._lock:

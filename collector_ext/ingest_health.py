@@ -42,6 +42,7 @@ class IngestHealth:
             "rejected_spans": s.rejected_spans,
             "invalid_requests": s.invalid_requests,
             "refused_requests": s.refused_requests,
+            "unauthenticated_requests": s.unauthenticated_requests,
             "queued_spans": w.queued_spans,
             "queue_capacity_spans": self.writer.max_queued_spans,
             "inflight_bytes": self.ingestor.inflight_bytes,

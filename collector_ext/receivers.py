@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from audit.access import OPEN, Access
+
 from .grpc_receiver import GrpcReceiver
 from .http_receiver import HttpReceiver
 from .ingest import Ingestor
@@ -15,11 +17,13 @@ class OtlpReceivers:
         grpc_address: str | None,
         http_address: str | None,
         drain_timeout: float = 30.0,
+        access: Access = OPEN,
     ):
         self.ingestor = ingestor
         self.drain_timeout = drain_timeout
-        self.grpc = GrpcReceiver(ingestor, grpc_address) if grpc_address else None
-        self.http = HttpReceiver(ingestor, http_address, drain_timeout=drain_timeout) if http_address else None
+        self.grpc = GrpcReceiver(ingestor, grpc_address, access=access) if grpc_address else None
+        self.http = (HttpReceiver(ingestor, http_address, drain_timeout=drain_timeout, access=access)
+                     if http_address else None)  # fmt: skip
 
     def start(self) -> None:
         self.ingestor.start()

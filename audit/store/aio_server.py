@@ -21,8 +21,9 @@ class ThreadedAioServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{name}-loop", daemon=True)
         self._runner: web.AppRunner | None = None
 
-    def start(self, app: web.Application, what: str, **runner_options) -> int:
-        """Bind, then serve `app` (`what` names it in errors); return the port bound."""
+    def start(self, app: web.Application, what: str, ssl_context=None, **runner_options) -> int:
+        """Bind, then serve `app` (`what` names it in errors), over TLS with `ssl_context`;
+        return the port bound."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -33,13 +34,13 @@ class ThreadedAioServer:
             raise OSError(f"cannot listen for {what} on {self.host}:{self.port}: {e.strerror}") from None
         self.port = sock.getsockname()[1]
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(app, sock, runner_options), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._serve(app, sock, ssl_context, runner_options), self._loop).result()
         return self.port
 
-    async def _serve(self, app: web.Application, sock: socket.socket, runner_options: dict) -> None:
+    async def _serve(self, app: web.Application, sock: socket.socket, ssl_context, runner_options: dict) -> None:
         self._runner = web.AppRunner(app, access_log=None, **runner_options)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
 
     async def run_blocking(self, fn: Callable, *args):
         """Run `fn(*args)` on the pool, from a handler."""

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from ..access import OPEN, TOKEN_ENV, Access
 from ..engine.result import FINDING_KINDS, SCHEMA_VERSION, AuditResult
 from .aio_server import ThreadedAioServer
 from .errors import StoreError
@@ -127,21 +128,29 @@ class ReadApi:
     (a snapshot function) and `auditor`, also the live server's ingest figures and audits."""
 
     def __init__(self, reader: StoreReader, host: str, port: int, *, ingest_health: Callable[[], dict] | None = None,
-                 auditor: Auditor | None = None, threads: int = 4):  # fmt: skip
-        self.reader, self.ingest_health, self.auditor = reader, ingest_health, auditor
+                 auditor: Auditor | None = None, access: Access = OPEN, threads: int = 4):  # fmt: skip
+        self.reader, self.ingest_health, self.auditor, self.access = reader, ingest_health, auditor, access
         self._server = ThreadedAioServer("read-api", host, port, threads=threads)
 
     @property
     def url(self) -> str:
         host = self._server.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self._server.port}"
+        scheme = "https" if self.access.tls else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self._server.port}"
 
     def start(self) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self._authenticate] if self.access.auth else [])
         app.router.add_route("*", "/{version}/{name}", self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
-        self._server.start(app, "the read API")
+        self._server.start(app, "the read API", ssl_context=self.access.tls.ssl_context() if self.access.tls else None)
         return self.url
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler):
+        if not self.access.auth.allows(request.headers.items()):  # every path, before anything is looked at
+            return _error(401, "missing or wrong token: send Authorization: Bearer <token> (clients read "
+                               f"${TOKEN_ENV})", {"WWW-Authenticate": 'Bearer realm="ctxaudit"'})  # fmt: skip
+        return await handler(request)
 
     def stop(self) -> None:
         self._server.stop()

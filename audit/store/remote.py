@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import BinaryIO
 
+from ..access import CA_ENV, TOKEN_ENV
 from .errors import StoreError
 from .reader import ServiceCount, StoreStats
 
@@ -18,13 +21,19 @@ AUDIT_TIMEOUT_S = 3600.0  # an audit of tens of millions of spans takes minutes
 
 
 class RemoteReader:
-    def __init__(self, url: str, *, timeout: float = 60.0):
+    def __init__(self, url: str, *, timeout: float = 60.0, token: str | None = None):
+        """`token` (default: $CTXAUDIT_TOKEN) goes with every request; an https:// server's
+        certificate is checked against $CTXAUDIT_CA_FILE, or the system's CAs."""
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StoreError(f"--server {url!r} is not a URL such as http://127.0.0.1:4319")
         self.url = url.rstrip("/")
         self.path = self.url  # where the data is, for messages (a LocalReader's is its file)
         self.timeout = timeout
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "").strip()
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        ca = os.environ.get(CA_ENV)
+        self._tls = ssl.create_default_context(cafile=ca) if parsed.scheme == "https" else None
 
     live = True  # a running server: it also reports ingestion and runs audits
 
@@ -37,14 +46,17 @@ class RemoteReader:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url = f"{self.url}/v1/{name}" + (f"?{query}" if query else "")
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+        headers = self._headers | ({"Content-Type": "application/json"} if data else {})
+        request = urllib.request.Request(url, data=data, headers=headers)
         try:
-            return urllib.request.urlopen(request, timeout=timeout or self.timeout)
+            return urllib.request.urlopen(request, timeout=timeout or self.timeout, context=self._tls)
         except urllib.error.HTTPError as e:
             try:
                 message = json.load(e).get("error", e.reason)
             except (ValueError, AttributeError):
                 message = e.reason
+            if e.code == 401:
+                message += "" if self._headers else f" (set ${TOKEN_ENV} to the server's token)"
             raise StoreError(f"the server at {self.url} answered {e.code}: {message}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)

@@ -1,0 +1,144 @@
+"""`ctxaudit serve` put together: the store and its one writer, the ingestor and both OTLP
+receivers, the read API, the server's own audits and its daily report; then the progress log
+until SIGTERM or SIGINT, and an orderly stop (requests in flight finish, everything commits).
+The composition root of the server: the CLI parses options into a ServeConfig and calls run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import time as time_of_day
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from collector_ext.addresses import parse_hostport
+from collector_ext.ingest import Ingestor
+from collector_ext.ingest_health import IngestHealth
+from collector_ext.receivers import OtlpReceivers
+
+from .access import OPEN, Access
+from .audit_job import AuditSettings
+from .server_audits import ServerAudits
+from .store.api import ReadApi
+from .store.errors import StoreError
+from .store.reader import StoreReader
+from .store.writer import SpanStore, SpanWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DailyReport:
+    at: time_of_day
+    tz: ZoneInfo
+    out_dir: str | None
+    keep_days: int
+    since_s: float
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    db: str
+    grpc_address: str | None
+    http_address: str | None
+    api_address: str | None
+    audit_every: float = 300.0
+    audit_settle: float = 60.0
+    max_body_bytes: int = 16 << 20
+    queue_spans: int = 200_000
+    inflight_bytes: int = 256 << 20
+    decoders: int | None = None
+    memory_limit: str = "512MB"
+    checkpoint_mib: int = 128
+    drain_timeout: float = 30.0
+    log_interval: float = 10.0
+    report: DailyReport | None = None
+    access: Access = OPEN
+
+
+class ServeError(Exception):
+    """serve could not start (the store or a port); the message says what to do."""
+
+
+def run(c: ServeConfig, say: Callable[[str], None]) -> None:
+    """Serve until SIGTERM or SIGINT. `say` prints the ready and stop lines (stderr)."""
+    try:
+        store = SpanStore(c.db, memory_limit=c.memory_limit, checkpoint_mib=c.checkpoint_mib)
+    except StoreError as e:
+        raise ServeError(str(e)) from None
+    writer = SpanWriter(store, max_queued_spans=c.queue_spans)
+    ingestor = Ingestor(writer, decoders=(os.cpu_count() or 1) if c.decoders is None else c.decoders,
+                        max_body_bytes=c.max_body_bytes, max_inflight_bytes=c.inflight_bytes)  # fmt: skip
+    receivers = OtlpReceivers(ingestor, grpc_address=c.grpc_address, http_address=c.http_address,
+                              drain_timeout=c.drain_timeout, access=c.access)  # fmt: skip
+    health = IngestHealth(ingestor, writer)
+    audits = ServerAudits(store, AuditSettings.load(None, settle_s=c.audit_settle), c.audit_every)
+    # the API and the daily report read on a connection of their own to the same database
+    reader = StoreReader(store.connection.cursor(), c.db)
+    api = ReadApi(reader, *parse_hostport(c.api_address), ingest_health=health.snapshot, auditor=audits,
+                  access=c.access) if c.api_address else None  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        receivers.start()
+        if api:
+            api.start()
+    except OSError as e:
+        receivers.stop()
+        writer.close()
+        raise ServeError(str(e)) from None
+
+    print(f"ctxaudit serve: ready: {', '.join(_listening(c, receivers, api))}; store {c.db}", flush=True)
+    sys.stdout.flush()
+    audits.start()
+    nightly = _daily_report(c, audits, reader)
+    while not stop.wait(c.log_interval or None):
+        h = health.snapshot()
+        log.info(
+            "stored %d spans (%.0f/s over the last minute), %d rejected, %d requests refused (retryable), "
+            "%d invalid, %d unauthenticated, %d queued", h["committed_spans"], h["spans_per_s"], h["rejected_spans"],
+            h["refused_requests"], h["invalid_requests"], h["unauthenticated_requests"], h["queued_spans"],
+        )  # fmt: skip
+
+    say("ctxaudit serve: stopping: draining requests in flight")
+    if nightly:
+        nightly.stop()
+    audits.stop()
+    if api:
+        api.stop()
+    receivers.stop()
+    writer.close()
+    s = ingestor.stats
+    say(f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed in {writer.stats.commits} "
+        f"transactions, {s.rejected_spans} rejected, {s.end_before_start} ending before they start")  # fmt: skip
+
+
+def _listening(c: ServeConfig, receivers: OtlpReceivers, api: ReadApi | None) -> list[str]:
+    scheme = "https" if c.access.tls else "http"
+    out = []
+    if receivers.grpc:
+        tls = " (TLS)" if c.access.tls else ""
+        out.append(f"OTLP/gRPC {parse_hostport(c.grpc_address)[0]}:{receivers.grpc.port}{tls}")
+    if receivers.http:
+        out.append(f"OTLP/HTTP {scheme}://{parse_hostport(c.http_address)[0]}:{receivers.http.port}/v1/traces")
+    if api:
+        out.append(f"read API {api.url}")
+    return out
+
+
+def _daily_report(c: ServeConfig, audits: ServerAudits, reader: StoreReader):
+    if c.report is None:
+        return None
+    from .report.nightly import NightlyReports
+
+    r = c.report
+    nightly = NightlyReports(Path(r.out_dir or f"{os.path.splitext(c.db)[0]}-reports"), r.at, r.tz, r.keep_days,
+                             r.since_s, audits.settings, reader.time_range, audits.audit, c.db)  # fmt: skip
+    nightly.start()
+    return nightly

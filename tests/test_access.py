@@ -1,0 +1,213 @@
+"""Who may talk to `ctxaudit serve`: a token on every request (gRPC UNAUTHENTICATED, HTTP 401,
+nothing stored, nothing read), TLS and mutual TLS on both receivers, the token on the read API;
+all through the real OpenTelemetry SDK exporters against a real server."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+import trustme
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+from audit.access import TokenAuth
+from audit.serve_process import start_server, stop_server
+from audit.store.errors import StoreError
+from audit.store.reader import LocalReader
+from audit.store.remote import RemoteReader
+from tests.test_roundtrip_sdk import emit
+
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def _ctxaudit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120,
+                          env=env)  # fmt: skip
+
+
+def _stored(db: str) -> set[str]:
+    reader = LocalReader(db)
+    try:
+        return {row.service for row in reader.stats().by_service}
+    finally:
+        reader.close()
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return str(path)
+
+
+def test_the_token_is_required_on_both_receivers(tmp_path, token_file):
+    db = str(tmp_path / "auth.duckdb")
+    proc, grpc_port, http_url = start_server(db, "--token-file", token_file, "--token-header", "x-api-key",
+                                             "--audit-every", "0")  # fmt: skip
+    try:
+        bearer = {"authorization": f"Bearer {TOKEN}"}
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, headers=bearer), "grpc-ok")
+        emit(HttpExporter(endpoint=http_url, headers=bearer), "http-ok")
+        emit(HttpExporter(endpoint=http_url, headers={"x-api-key": TOKEN}), "api-key-ok")
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True), "grpc-none")
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True,
+                          headers={"authorization": f"Bearer {TOKEN[:-1]}x"}), "grpc-wrong")  # fmt: skip
+        emit(HttpExporter(endpoint=http_url), "http-none")
+        # what a client without the token is told
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            call = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            with pytest.raises(grpc.RpcError) as e:
+                call(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in e.value.details()
+        request = urllib.request.Request(http_url, data=b"", headers={"Content-Type": "application/x-protobuf"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 401 and e.value.headers["WWW-Authenticate"].startswith("Bearer")
+        health = RemoteReader(proc.api_url, token=TOKEN).ingest()
+        assert health["unauthenticated_requests"] == 5  # three exporters and two probes
+    finally:
+        assert stop_server(proc) == 0
+    assert _stored(db) == {"grpc-ok", "http-ok", "api-key-ok"}
+
+
+def test_the_read_api_requires_the_token(tmp_path, token_file):
+    db = str(tmp_path / "api.duckdb")
+    proc, _, _ = start_server(db, "--token-file", token_file, "--audit-every", "0")
+    try:
+        with pytest.raises(StoreError, match="401.*CTXAUDIT_TOKEN"):
+            RemoteReader(proc.api_url, token="").stats()
+        with pytest.raises(StoreError, match="401"):
+            RemoteReader(proc.api_url, token="not-the-token-at-all").stats()
+        for path in ("/v1/stats", "/v1/queries", "/nowhere"):  # every path, known or not
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(proc.api_url + path, timeout=10)
+            assert e.value.code == 401, path
+        assert RemoteReader(proc.api_url, token=TOKEN).stats().spans == 0
+        env = {k: v for k, v in os.environ.items() if k != "CTXAUDIT_TOKEN"}
+        denied = _ctxaudit("stats", "--server", proc.api_url, env=env)
+        assert denied.returncode == 1 and "CTXAUDIT_TOKEN" in denied.stderr
+        allowed = _ctxaudit("stats", "--server", proc.api_url, "--json", env=env | {"CTXAUDIT_TOKEN": TOKEN})
+        assert allowed.returncode == 0 and json.loads(allowed.stdout)["spans"] == 0
+    finally:
+        assert stop_server(proc) == 0
+
+
+@pytest.fixture(autouse=True)
+def _exporters_use_their_own_ca(monkeypatch):
+    """requests lets $REQUESTS_CA_BUNDLE override a session's own CA (psf/requests#3829), which
+    the HTTP exporter's certificate_file is: unset it, as on a machine without it."""
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("exporter@example.test")
+    paths = {name: tmp / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    ca.cert_pem.write_to_path(paths["ca.pem"])
+    server.cert_chain_pems[0].write_to_path(paths["server.pem"])
+    server.private_key_pem.write_to_path(paths["server.key"])
+    client.cert_chain_pems[0].write_to_path(paths["client.pem"])
+    client.private_key_pem.write_to_path(paths["client.key"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _grpc_credentials(pki: dict, client_cert: bool) -> grpc.ChannelCredentials:
+    read = lambda name: open(pki[name], "rb").read()  # noqa: E731
+    if client_cert:
+        return grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+    return grpc.ssl_channel_credentials(read("ca.pem"))
+
+
+def test_tls_on_both_receivers_and_the_read_api(tmp_path, pki, token_file, monkeypatch):
+    db = str(tmp_path / "tls.duckdb")
+    proc, grpc_port, http_url = start_server(db, "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
+                                             "--token-file", token_file, "--audit-every", "0")  # fmt: skip
+    try:
+        assert http_url.startswith("https://") and proc.api_url.startswith("https://")
+        bearer = {"authorization": f"Bearer {TOKEN}"}
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, False),
+                          headers=bearer), "grpc-tls")  # fmt: skip
+        emit(HttpExporter(endpoint=http_url, certificate_file=pki["ca.pem"], headers=bearer), "http-tls")
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, headers=bearer, timeout=3), "grpc-plain")
+        emit(HttpExporter(endpoint=http_url.replace("https", "http"), headers=bearer, timeout=3), "http-plain")
+        with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):  # not a CA it trusts: refused
+            RemoteReader(proc.api_url, token=TOKEN).stats()
+        monkeypatch.setenv("CTXAUDIT_CA_FILE", pki["ca.pem"])
+        monkeypatch.setenv("CTXAUDIT_TOKEN", TOKEN)
+        assert RemoteReader(proc.api_url).stats().spans == 2
+    finally:
+        assert stop_server(proc) == 0
+    assert _stored(db) == {"grpc-tls", "http-tls"}
+
+
+def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
+    db = str(tmp_path / "mtls.duckdb")
+    proc, grpc_port, http_url = start_server(db, "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
+                                             "--tls-client-ca", pki["ca.pem"], "--audit-every", "0")  # fmt: skip
+    try:
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, True)), "grpc-mtls")
+        emit(HttpExporter(endpoint=http_url, certificate_file=pki["ca.pem"], client_key_file=pki["client.key"],
+                          client_certificate_file=pki["client.pem"]), "http-mtls")  # fmt: skip
+        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, False), timeout=3), "grpc-nocert")
+        emit(HttpExporter(endpoint=http_url, certificate_file=pki["ca.pem"], timeout=3), "http-nocert")
+    finally:
+        assert stop_server(proc) == 0
+    assert _stored(db) == {"grpc-mtls", "http-mtls"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tls-cert", "x.pem"], "--tls-cert and --tls-key together"),
+    (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
+    (["--token-header", "x-api-key"], "needs a token"),
+    (["--api", "0.0.0.0:4319"], "loopback only with a token"),
+])  # fmt: skip
+def test_access_settings_are_checked_before_listening(tmp_path, args, message):
+    env = {k: v for k, v in os.environ.items() if k != "CTXAUDIT_TOKEN"}
+    r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), *args, env=env)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_bad_token_and_tls_files_are_usage_errors(tmp_path, pki):
+    short = tmp_path / "short"
+    short.write_text("abc")
+    r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), "--token-file", str(short))
+    assert r.returncode == 2 and "at least 16 characters" in r.stderr
+    r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), "--token-file", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "cannot read the token file" in r.stderr
+    r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), "--tls-cert", pki["client.pem"], "--tls-key",
+                  pki["server.key"])  # fmt: skip
+    assert r.returncode == 2 and "cannot use the TLS files" in r.stderr  # a key that is not the certificate's
+    assert not (tmp_path / "x.duckdb").exists()  # nothing started
+
+
+def test_beyond_loopback_without_a_token_warns(tmp_path, token_file):
+    proc = subprocess.Popen([sys.executable, "-m", "audit", "serve", "--db", str(tmp_path / "w.duckdb"), "--grpc",
+                             "0.0.0.0:0", "--http", "off", "--api", "off", "--audit-every", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "CTXAUDIT_TOKEN"})  # fmt: skip
+    try:
+        assert "ready" in proc.stdout.readline()
+    finally:
+        assert stop_server(proc) == 0
+    assert "without a token: anyone who can reach it can write spans" in proc.stderr.read()
+
+
+def test_token_checks():
+    auth = TokenAuth.load(None, "X-API-Key", env={"CTXAUDIT_TOKEN": TOKEN})
+    assert auth.allows([("Authorization", f"Bearer {TOKEN}")]) and auth.allows([("authorization", f"bearer {TOKEN}")])
+    assert auth.allows([("x-api-key", TOKEN)])
+    assert not auth.allows([("authorization", TOKEN)])  # not a bearer token
+    assert not auth.allows([("authorization", f"Bearer {TOKEN[:-1]}")]) and not auth.allows([])
+    assert not auth.allows([("authorization", f"Bearer {TOKEN}x")])
+    assert not auth.allows([("x-other", TOKEN)])
+    assert auth.allows([("authorization", "Bearer wrong-one-000000000"), ("x-api-key", TOKEN)])  # either may carry it
+    assert TokenAuth.load(None, env={}) is None
