@@ -168,6 +168,10 @@ class _Zone(click.ParamType):
               help="Days of reports kept; older ones are removed.")  # fmt: skip
 @click.option("--report-since", type=_Duration(), default="24h", show_default=True, metavar="DURATION",
               help="How far back each daily report reaches.")  # fmt: skip
+@click.option("--retain-days", type=click.FloatRange(min=0, min_open=True), metavar="DAYS",
+              help="Delete spans that started more than DAYS ago, in the background [default: keep all].")  # fmt: skip
+@click.option("--retain-gib", type=click.FloatRange(min=0, min_open=True), metavar="GIB",
+              help="Delete the oldest spans once the stored data exceed GIB [default: no limit].")  # fmt: skip
 @click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Require this token (the file's first line) on every request to the receivers and the read "
                    "API, as Authorization: Bearer <token> [default: $CTXAUDIT_TOKEN, else none].")  # fmt: skip
@@ -179,8 +183,8 @@ class _Zone(click.ParamType):
               help="Mutual TLS: the receivers require a client certificate signed by this CA (PEM).")  # fmt: skip
 def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle, max_body_mib, queue_spans,
           inflight_mib, decoders, memory_limit, checkpoint_mib, drain_timeout, log_interval, report_at, report_tz,
-          report_dir, report_keep_days, report_since, token_file, token_header, tls_cert, tls_key,
-          tls_client_ca) -> None:  # fmt: skip
+          report_dir, report_keep_days, report_since, retain_days, retain_gib, token_file, token_header, tls_cert,
+          tls_key, tls_client_ca) -> None:  # fmt: skip
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
     Spans are acknowledged only after they are committed. SIGTERM or SIGINT stops
@@ -226,7 +230,8 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
         inflight_bytes=int(inflight_mib * (1 << 20)), decoders=decoders, memory_limit=memory_limit,
         checkpoint_mib=checkpoint_mib, drain_timeout=drain_timeout, log_interval=log_interval,
         report=DailyReport(report_at, report_tz, report_dir, report_keep_days, report_since) if report_at else None,
-        access=Access(auth, tls),
+        access=Access(auth, tls), retain_days=retain_days,
+        retain_bytes=int(retain_gib * (1 << 30)) if retain_gib else None,
     )  # fmt: skip
     try:
         run(config, lambda line: click.echo(line, err=True))

@@ -23,10 +23,12 @@ from collector_ext.receivers import OtlpReceivers
 
 from .access import OPEN, Access
 from .audit_job import AuditSettings
+from .periodic import Periodic
 from .server_audits import ServerAudits
 from .store.api import ReadApi
 from .store.errors import StoreError
 from .store.reader import StoreReader
+from .store.retention import Retention
 from .store.writer import SpanStore, SpanWriter
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ class ServeConfig:
     log_interval: float = 10.0
     report: DailyReport | None = None
     access: Access = OPEN
+    retain_days: float | None = None
+    retain_bytes: int | None = None
 
 
 class ServeError(Exception):
@@ -98,6 +102,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     sys.stdout.flush()
     audits.start()
     nightly = _daily_report(c, audits, reader)
+    retention = _retention(c, store)
     while not stop.wait(c.log_interval or None):
         h = health.snapshot()
         log.info(
@@ -107,8 +112,9 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         )  # fmt: skip
 
     say("ctxaudit serve: stopping: draining requests in flight")
-    if nightly:
-        nightly.stop()
+    for background in (nightly, retention):
+        if background:
+            background.stop()
     audits.stop()
     if api:
         api.stop()
@@ -142,3 +148,27 @@ def _daily_report(c: ServeConfig, audits: ServerAudits, reader: StoreReader):
                              r.since_s, audits.settings, reader.time_range, audits.audit, c.db)  # fmt: skip
     nightly.start()
     return nightly
+
+
+RETENTION_EVERY_S = 60.0
+
+
+def _retention(c: ServeConfig, store: SpanStore) -> Periodic | None:
+    """A pass soon after the start, then every minute."""
+    if c.retain_days is None and c.retain_bytes is None:
+        return None
+    retention = Retention(store.connection.cursor(), c.db, days=c.retain_days, max_bytes=c.retain_bytes)
+    delays = iter([1.0])
+
+    def prune() -> None:
+        try:
+            pruned = retention.prune_once()
+        except StoreError as e:
+            log.error("retention pass failed: %s; the next one tries again", e)
+            return
+        if pruned.spans:
+            log.info("retention: deleted %d spans and %d links in %.1f s", pruned.spans, pruned.links, pruned.seconds)
+
+    background = Periodic("retention", lambda: next(delays, RETENTION_EVERY_S), prune)
+    background.start()
+    return background
