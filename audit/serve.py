@@ -83,7 +83,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     health = IngestHealth(ingestor, writer)
     audits = ServerAudits(store, AuditSettings.load(None, settle_s=c.audit_settle), c.audit_every)
     # the API and the daily report read on a connection of their own to the same database
-    reader = StoreReader(store.connection.cursor(), c.db)
+    reader = StoreReader(store, c.db)
     api = ReadApi(reader, *parse_hostport(c.api_address), ingest_health=health.snapshot, auditor=audits,
                   access=c.access) if c.api_address else None  # fmt: skip
     stop = threading.Event()
@@ -157,7 +157,7 @@ def _retention(c: ServeConfig, store: SpanStore) -> Periodic | None:
     """A pass soon after the start, then every minute."""
     if c.retain_days is None and c.retain_bytes is None:
         return None
-    retention = Retention(store.connection.cursor(), c.db, days=c.retain_days, max_bytes=c.retain_bytes)
+    retention = Retention(store, c.db, days=c.retain_days, max_bytes=c.retain_bytes)
     delays = iter([1.0])
 
     def prune() -> None:

@@ -99,7 +99,7 @@ class ServerAudits:
     def audit(self, settings: AuditSettings, **window) -> AuditResult | None:
         """One audit (after any in progress), on a cursor of its own; `window`: audit_connection's."""
         with self._one_at_a_time:
-            con = self.store.connection.cursor()
+            con = self.store.cursor()
             try:
                 return audit_connection(con, self.store.path, settings, **window)
             finally:

@@ -99,18 +99,27 @@ FROM audit_findings
 """
 
 
+def _register_functions(con: duckdb.DuckDBPyConnection) -> None:
+    # "special": a span without attributes (or events) gives NULL, which DuckDB's default refuses
+    con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON", null_handling="special")
+    con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON", null_handling="special")
+
+
 class StoreReader:
     """Named queries over an open connection; each call runs on a cursor of its own, so calls
     from several threads do not share one (the read API serves them concurrently)."""
 
     live = False  # a file: no ingestion to report, no audits to request (RemoteReader's are)
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, path: str):
+    def __init__(self, con, path: str):
+        """`con`: a DuckDB connection, or a SpanStore (a server's: it may reopen its connection,
+        so each query takes a fresh cursor from it)."""
         self.path = path
         self._con = con
-        # "special": a span without attributes (or events) gives NULL, which DuckDB's default refuses
-        con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON", null_handling="special")
-        con.create_function("otlp_events", otlp_events, ["BLOB"], "JSON", null_handling="special")
+        if hasattr(con, "on_open"):
+            con.on_open(_register_functions)
+        else:
+            _register_functions(con)
 
     def _query(self, sql: str, params: list | None = None) -> list[tuple]:
         try:

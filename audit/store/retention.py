@@ -33,9 +33,11 @@ class Pruned:
 
 
 class Retention:
-    def __init__(self, con: duckdb.DuckDBPyConnection, path: str, *, days: float | None = None,
-                 max_bytes: int | None = None, clock=time.time_ns):  # fmt: skip
-        self.con, self.path, self.days, self.max_bytes, self.clock = con, path, days, max_bytes, clock
+    def __init__(self, source, path: str, *, days: float | None = None, max_bytes: int | None = None,
+                 clock=time.time_ns):  # fmt: skip
+        """`source`: a DuckDB connection or a SpanStore; each pass takes a fresh cursor from it."""
+        self.source, self.path, self.days, self.max_bytes, self.clock = source, path, days, max_bytes, clock
+        self.con = None
         self._size_after_last_delete: tuple[int, int] | None = None
 
     def cutoff_ns(self) -> int | None:
@@ -68,6 +70,7 @@ class Retention:
         """One pass: delete what the limits say, a slice at a time; then the links of deleted spans."""
         started, pruned = time.monotonic(), Pruned()
         try:
+            self.con = self.source.cursor()
             cutoff = self.cutoff_ns()
             if cutoff is None:
                 return pruned
@@ -87,6 +90,9 @@ class Retention:
                     self._size_after_last_delete = self._used()
         except duckdb.Error as e:
             raise translate(e, self.path, writing=True) from None
+        finally:
+            if self.con is not None:
+                self.con.close()
         pruned.seconds = time.monotonic() - started
         return pruned
 

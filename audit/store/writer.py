@@ -12,6 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from .batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch
-from .errors import StoreError, translate
+from .errors import StoreError, StoreUnavailable, translate
 from .migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -50,24 +51,85 @@ def _insert_sql(table: str, schema: pa.Schema) -> str:
 _INSERT_SPANS = _insert_sql("spans", SPAN_SCHEMA)
 _INSERT_LINKS = _insert_sql("span_links", LINK_SCHEMA)
 _COMMIT_WITH_LINKS = f"BEGIN TRANSACTION; {_INSERT_SPANS}; {_INSERT_LINKS}; COMMIT"
+_INVALIDATED = "database has been invalidated"
 
 
 class SpanStore:
-    """The DuckDB file opened read-write, migrated, with `duckdb.Error` translated."""
+    """The DuckDB file opened read-write, migrated, with `duckdb.Error` translated.
+
+    A failed write to the file (disk full, an I/O error) makes DuckDB invalidate the database:
+    every later call fails. The store then reopens it (DuckDB replays its WAL: nothing
+    committed is lost) before the next append, at most once a second, so writes resume by
+    themselves once the cause has passed. Whoever reads beside the writer takes a fresh cursor
+    from `cursor()` for each piece of work, and registers what it needs with `on_open`."""
+
+    REOPEN_EVERY_S = 1.0
 
     def __init__(self, path: str, *, memory_limit: str = "512MB", checkpoint_mib: int = 128):
         self.path = path
+        # DuckDB checkpoints when the WAL passes this size. Its default (16 MiB) rewrites the
+        # growing row group so often that commits cost 3x more (bench: docs/performance.md).
+        self._config = {"memory_limit": memory_limit, "checkpoint_threshold": f"{int(checkpoint_mib)}MiB"}
+        self._hooks: list = []
+        self._invalidated = False  # DuckDB refuses every call: reopen before the next write
+        self._failing_since: float | None = None
+        self._last_reopen = 0.0
+        self._con = self._open()
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
         try:
-            # DuckDB checkpoints when the WAL passes this size. Its default (16 MiB) rewrites the
-            # growing row group so often that commits cost 3x more (bench: docs/performance.md).
-            config = {"memory_limit": memory_limit, "checkpoint_threshold": f"{int(checkpoint_mib)}MiB"}
-            self._con = duckdb.connect(path, config=config)
-            apply_migrations(self._con)
+            con = duckdb.connect(self.path, config=self._config)
+            apply_migrations(con)
+            for hook in self._hooks:
+                hook(con)
         except duckdb.Error as e:
-            raise translate(e, path, writing=True) from None
+            raise translate(e, self.path, writing=True) from None
+        return con
+
+    def on_open(self, hook) -> None:
+        """Call `hook(connection)` now and after every reopen (e.g. to register functions)."""
+        self._hooks.append(hook)
+        hook(self._con)
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        return self._con.cursor()
+
+    @property
+    def failing(self) -> bool:
+        """Writes fail since a fatal error, and have not succeeded again yet."""
+        return self._failing_since is not None
+
+    def _reopen_if_invalidated(self) -> None:
+        if not self._invalidated:
+            return
+        now = time.monotonic()
+        if now - self._last_reopen < self.REOPEN_EVERY_S:
+            raise StoreUnavailable(f"cannot write to {self.path} since a failed write; it is reopened once a second")
+        self._last_reopen = now
+        with contextlib.suppress(duckdb.Error):
+            self._con.close()
+        self._con = self._open()  # raises (retryably) while the cause lasts
+        self._invalidated = False
+
+    def _failed(self, error: duckdb.Error) -> StoreError:
+        if _INVALIDATED in str(error) or "FATAL" in str(error):
+            self._invalidated = True
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.error("writing %s failed (%s): refusing spans, retryably, until writes succeed again", self.path,
+                          error)  # fmt: skip
+            return StoreUnavailable(f"cannot write to {self.path} ({error}); free disk space or fix the I/O error: "
+                                    "writes resume by themselves")  # fmt: skip
+        return translate(error, self.path, writing=True)
+
+    def _succeeded(self) -> None:
+        if self._failing_since is not None:
+            log.warning("writes to %s resumed after %.0f s", self.path, time.monotonic() - self._failing_since)
+            self._failing_since = None
 
     def append(self, batches: list[SpanBatch]) -> None:
         """Append batches in one transaction: all of them are committed, or none."""
+        self._reopen_if_invalidated()
         spans = pa.concat_tables([b.spans for b in batches], promote_options="permissive")
         links = [b.links for b in batches if b.links.num_rows]
         con = self._con
@@ -85,7 +147,8 @@ class SpanStore:
                     con.execute("ROLLBACK")
                 raise
         except duckdb.Error as e:
-            raise translate(e, self.path, writing=True) from None
+            raise self._failed(e) from None
+        self._succeeded()
 
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:

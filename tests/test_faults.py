@@ -1,0 +1,101 @@
+"""Faults a long-running server meets: the disk filling up (here: the file-size limit of the
+process, RLIMIT_FSIZE, which fails writes the same way, with EFBIG), and kill -9 during its own
+audits. Acknowledged spans are never lost; refusals are retryable; writes resume by themselves."""
+
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from audit.serve_process import start_server, stop_server
+from audit.store.reader import LocalReader
+from audit.store.remote import RemoteReader
+from tests.otlp_builders import request, spans
+from tests.test_lifecycle import EXPORT, Sender, stored_traces
+
+LIMIT = 3 << 20
+
+
+def _limited_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, resource.RLIM_INFINITY))  # soft: it can be raised again
+
+
+def test_disk_full_refuses_retryably_and_recovers_when_space_returns(tmp_path):
+    db = str(tmp_path / "full.duckdb")
+    proc = subprocess.Popen([sys.executable, "-m", "audit", "serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "off",
+                             "--api", "127.0.0.1:0", "--audit-every", "0", "--log-interval", "0", "--checkpoint-mib", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limited_file_size)  # fmt: skip
+    line = proc.stdout.readline()
+    port = int(re.search(r"gRPC [^:]+:(\d+)", line).group(1))
+    api = RemoteReader(re.search(r"read API (\S+?);", line).group(1))
+    rng = random.Random(4)
+    acked, refusals = set(), []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        export = channel.unary_unary(EXPORT)
+
+        def send() -> bool:
+            tid = rng.randbytes(16)
+            try:
+                export(request(spans(200, rng, tid)).SerializeToString(), timeout=30)
+            except grpc.RpcError as e:
+                refusals.append((e.code(), e.details()))
+                return False
+            acked.add(int.from_bytes(tid, "big"))
+            return True
+
+        for _ in range(3000):  # until the file cannot grow
+            if not send() and len(refusals) >= 5:
+                break
+        assert refusals, "the size limit was never reached"
+        codes = {code for code, _ in refusals}
+        assert codes == {grpc.StatusCode.UNAVAILABLE}, codes  # retryable: exporters keep the spans and retry
+        assert any("free disk space" in details for _, details in refusals)
+        assert api.ingest()["committed_spans"] > 0  # the read API still answers meanwhile
+        before = len(acked)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        deadline = time.monotonic() + 30
+        while not send():  # space is back: writes resume without a restart
+            assert time.monotonic() < deadline, refusals[-1]
+            time.sleep(0.5)
+        for _ in range(10):
+            assert send()
+        assert len(acked) >= before + 11
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    stderr = proc.stderr.read()
+    assert "refusing spans, retryably" in stderr and "resumed after" in stderr
+    stored = stored_traces(db)
+    assert all(stored.get(t) == 200 for t in acked), "an acknowledged trace was lost"
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_kill_9_during_audits_loses_nothing_and_keeps_the_runs(tmp_path, rng, rounds):
+    db = str(tmp_path / "k.duckdb")
+    acked: set[int] = set()
+    for _ in range(rounds):
+        proc, grpc_port, _ = start_server(db, "--audit-every", "0.5", "--audit-settle", "0")
+        with Sender(f"127.0.0.1:{grpc_port}", rng) as sender:
+            time.sleep(rng.uniform(1.0, 3.0))  # audits run meanwhile, every half second
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        acked |= sender.acked
+    proc, _, _ = start_server(db, "--audit-every", "0")
+    assert stop_server(proc) == 0  # the file reopens, after every kill
+    stored = stored_traces(db)
+    assert acked and all(stored.get(t) == 50 for t in acked), "an acknowledged trace was lost"
+    reader = LocalReader(db)
+    try:
+        runs = reader.audit_runs(1000)
+        assert runs, "no audit run was saved before the kills"
+        for run in runs:  # every saved run is whole: its edges and findings are there
+            assert reader.audit_run(run["run_id"]) is not None
+    finally:
+        reader.close()
