@@ -99,3 +99,62 @@ def test_kill_9_during_audits_loses_nothing_and_keeps_the_runs(tmp_path, rng, ro
             assert reader.audit_run(run["run_id"]) is not None
     finally:
         reader.close()
+
+
+def test_a_slow_writer_gives_backpressure_not_unbounded_memory(make_server):
+    """The writer stalls (a slow disk); clients keep sending. The queue and the bytes in flight
+    stay within their bounds, memory stays flat, clients are told to retry, and what was
+    acknowledged is stored once the writer moves again."""
+    import threading
+
+    import psutil
+
+    from bench.payloads import encoded_requests
+
+    server = make_server(queue_spans=10_000, inflight_bytes=16 << 20)
+    senders = 32  # more requests than the queue holds: some wait for their commit, the rest are refused
+    bodies = encoded_requests(8, 1000)  # about 450 KB each
+    me = psutil.Process()
+    rss_before = me.memory_info().rss
+    server.writer.pause()
+    stop, acked, refused, peaks = threading.Event(), [0], [0], {"queued": 0, "inflight": 0, "rss": 0}
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            export = channel.unary_unary(EXPORT)
+            k = i
+            while not stop.is_set():
+                try:
+                    export(bodies[k % len(bodies)], timeout=60)
+                    with lock:
+                        acked[0] += 1000
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.code()
+                    with lock:
+                        refused[0] += 1
+                    time.sleep(0.01)
+                k += senders
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(senders)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        peaks["queued"] = max(peaks["queued"], server.writer.stats.queued_spans)
+        peaks["inflight"] = max(peaks["inflight"], server.ingestor.inflight_bytes)
+        peaks["rss"] = max(peaks["rss"], me.memory_info().rss)
+        time.sleep(0.01)
+    server.writer.resume()
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert refused[0] > 50  # the clients were told, many times, to come back later
+    assert peaks["queued"] <= 10_000 + 1000  # the bound (an empty queue takes one batch whatever its size)
+    assert peaks["inflight"] <= (16 << 20) + max(map(len, bodies))
+    assert peaks["rss"] - rss_before < 300 << 20, (peaks["rss"] - rss_before) >> 20  # bounded, whatever was sent
+    reader = server.reader()
+    try:
+        assert reader.stats().spans == acked[0]  # everything acknowledged, and nothing else, was stored
+    finally:
+        reader.close()
