@@ -15,23 +15,12 @@ from datetime import UTC, datetime
 import click
 
 from . import __version__
+from .cli_params import Duration, Time, TimeOfDay, Zone, hostport
 from .store.errors import StoreError
 
 log = logging.getLogger("ctxaudit")
 
 DEFAULT_DB = "ctxaudit.duckdb"
-
-
-def _hostport(ctx, param, value):
-    if value in (None, "", "off"):
-        return None
-    from collector_ext.addresses import parse_hostport
-
-    try:
-        parse_hostport(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
 
 
 def _fail(message: str) -> None:
@@ -55,70 +44,18 @@ def main(verbose: bool) -> None:
     )
 
 
-class _Duration(click.ParamType):
-    """A length of time: 90s, 45m, 24h, 7d, 2w (a bare number is seconds)."""
-
-    name = "DURATION"
-    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return float(value)
-        text = value.strip().lower()
-        unit = self._UNITS.get(text[-1:], None)
-        try:
-            n = float(text[:-1] if unit else text)
-        except ValueError:
-            n = -1
-        if n <= 0:
-            self.fail(f"{value!r} is not a duration such as 24h, 90m or 7d", param, ctx)
-        return n * (unit or 1)
-
-
-class _TimeOfDay(click.ParamType):
-    """HH:MM or HH:MM:SS, as a datetime.time."""
-
-    name = "HH:MM"
-
-    def convert(self, value, param, ctx):
-        from datetime import time as time_of_day
-
-        if isinstance(value, time_of_day):
-            return value
-        try:
-            return time_of_day.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a time of day such as 06:30", param, ctx)
-
-
-class _Zone(click.ParamType):
-    """An IANA time zone name, as a ZoneInfo."""
-
-    name = "ZONE"
-
-    def convert(self, value, param, ctx):
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        if isinstance(value, ZoneInfo):
-            return value
-        try:
-            return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            self.fail(f"{value!r} is not a time zone such as UTC or Europe/Paris", param, ctx)
-
-
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to create or append to.")
 @click.option(
-    "--grpc", "grpc_address", default="127.0.0.1:4317", show_default=True, callback=_hostport, metavar="HOST:PORT",
+    "--grpc", "grpc_address", default="127.0.0.1:4317", show_default=True, callback=hostport, metavar="HOST:PORT",
     help="OTLP/gRPC listen address, HOST:PORT; 'off' to disable.",
 )
 @click.option(
-    "--http", "http_address", default="127.0.0.1:4318", show_default=True, callback=_hostport, metavar="HOST:PORT",
+    "--http", "http_address", default="127.0.0.1:4318", show_default=True, callback=hostport, metavar="HOST:PORT",
     help="OTLP/HTTP listen address, HOST:PORT; 'off' to disable.",
 )
 @click.option(
-    "--api", "api_address", default="127.0.0.1:4319", show_default=True, callback=_hostport, metavar="HOST:PORT",
+    "--api", "api_address", default="127.0.0.1:4319", show_default=True, callback=hostport, metavar="HOST:PORT",
     help="Read API listen address (loopback only): the UI and `--server` commands read through it; 'off' to disable.",
 )
 @click.option(
@@ -158,15 +95,15 @@ class _Zone(click.ParamType):
     "--log-interval", type=click.FloatRange(min=0), default=10, show_default=True,
     help="Seconds between ingest progress lines on stderr; 0 for none.",
 )
-@click.option("--report-at", type=_TimeOfDay(), metavar="HH:MM[:SS]",
+@click.option("--report-at", type=TimeOfDay(), metavar="HH:MM[:SS]",
               help="Write a report (as `ctxaudit report`) every day at this time [default: never].")  # fmt: skip
-@click.option("--report-tz", type=_Zone(), default="UTC", show_default=True, metavar="ZONE",
+@click.option("--report-tz", type=Zone(), default="UTC", show_default=True, metavar="ZONE",
               help="The time zone of --report-at and of the reports' folder names (e.g. Europe/Paris).")  # fmt: skip
 @click.option("--report-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Where the daily reports go, one folder per day [default: DB's name + '-reports'].")  # fmt: skip
 @click.option("--report-keep-days", type=click.IntRange(min=1), default=30, show_default=True,
               help="Days of reports kept; older ones are removed.")  # fmt: skip
-@click.option("--report-since", type=_Duration(), default="24h", show_default=True, metavar="DURATION",
+@click.option("--report-since", type=Duration(), default="24h", show_default=True, metavar="DURATION",
               help="How far back each daily report reaches.")  # fmt: skip
 @click.option("--retain-days", type=click.FloatRange(min=0, min_open=True), metavar="DAYS",
               help="Delete spans that started more than DAYS ago, in the background [default: keep all].")  # fmt: skip
@@ -292,27 +229,10 @@ def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")
 
 
-class _Time(click.ParamType):
-    """An ISO 8601 time (UTC unless it says otherwise), as Unix nanoseconds."""
-
-    name = "TIME"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            t = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time such as 2025-11-26T00:00:00Z", param, ctx)
-        if t.tzinfo is None:
-            t = t.replace(tzinfo=UTC)
-        return int(t.timestamp() * 1e9)
-
-
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file written by `ctxaudit serve`.")
-@click.option("--since", type=_Time(), help="Window start, ISO 8601 [default: where the last run ended, else the first span].")
-@click.option("--until", type=_Time(), help="Window end, ISO 8601 [default: now minus --settle, at most the newest span].")
+@click.option("--since", type=Time(), help="Window start, ISO 8601 [default: where the last run ended, else the first span].")
+@click.option("--until", type=Time(), help="Window end, ISO 8601 [default: now minus --settle, at most the newest span].")
 @click.option("--all", "from_first", is_flag=True, help="Start at the first span, not where the last run ended.")
 @click.option("--settle", type=click.FloatRange(min=0), help="Seconds to wait for late spans before auditing them [default: 60].")
 @click.option("--context", type=click.FloatRange(min=0),
@@ -472,7 +392,7 @@ def ui(db, server, port, host) -> None:
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="The store (no server may hold it).")
 @click.option("--server", metavar="URL", help="Report through a running `ctxaudit serve` (its read API) instead of --db.")
-@click.option("--since", "since_s", type=_Duration(), default="24h", show_default=True,
+@click.option("--since", "since_s", type=Duration(), default="24h", show_default=True,
               help="How far back from the newest settled span the report reaches.")  # fmt: skip
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Write report.html, report.md and report.json here, and add to DIR/history.jsonl.")  # fmt: skip

@@ -1,0 +1,90 @@
+"""The command line's own value types: listen addresses, times, durations, times of day,
+time zones. Each says what it expects when given something else (a usage error, exit 2)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import click
+
+
+def hostport(ctx, param, value):
+    """A HOST:PORT listen address, or None for `off`."""
+    if value in (None, "", "off"):
+        return None
+    from collector_ext.addresses import parse_hostport
+
+    try:
+        parse_hostport(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+class Duration(click.ParamType):
+    """A length of time: 90s, 45m, 24h, 7d, 2w (a bare number is seconds)."""
+
+    name = "DURATION"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = value.strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        try:
+            n = float(text[:-1] if unit else text)
+        except ValueError:
+            n = -1
+        if n <= 0:
+            self.fail(f"{value!r} is not a duration such as 24h, 90m or 7d", param, ctx)
+        return n * (unit or 1)
+
+
+class TimeOfDay(click.ParamType):
+    """HH:MM or HH:MM:SS, as a datetime.time."""
+
+    name = "HH:MM"
+
+    def convert(self, value, param, ctx):
+        from datetime import time as time_of_day
+
+        if isinstance(value, time_of_day):
+            return value
+        try:
+            return time_of_day.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a time of day such as 06:30", param, ctx)
+
+
+class Zone(click.ParamType):
+    """An IANA time zone name, as a ZoneInfo."""
+
+    name = "ZONE"
+
+    def convert(self, value, param, ctx):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if isinstance(value, ZoneInfo):
+            return value
+        try:
+            return ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail(f"{value!r} is not a time zone such as UTC or Europe/Paris", param, ctx)
+
+
+class Time(click.ParamType):
+    """An ISO 8601 time (UTC unless it says otherwise), as Unix nanoseconds."""
+
+    name = "TIME"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            t = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time such as 2025-11-26T00:00:00Z", param, ctx)
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=UTC)
+        return int(t.timestamp() * 1e9)
