@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,7 +89,11 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        receivers.start()
+        receivers.start()  # on failure it has stopped what it started
+    except OSError as e:
+        writer.close()
+        raise ServeError(str(e)) from None
+    try:
         if api:
             api.start()
     except OSError as e:
@@ -99,7 +102,6 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         raise ServeError(str(e)) from None
 
     print(f"ctxaudit serve: ready: {', '.join(_listening(c, receivers, api))}; store {c.db}", flush=True)
-    sys.stdout.flush()
     audits.start()
     nightly = _daily_report(c, audits, reader)
     retention = _retention(c, store)

@@ -40,7 +40,6 @@ class ServerAudits:
         self.store, self.settings, self.every_s = store, settings, every_s
         self._one_at_a_time = threading.Lock()
         self._schedule = Periodic("periodic-audit", lambda: every_s, self.audit_once)
-        self.runs = 0
 
     def start(self) -> None:
         if self.every_s:
@@ -106,7 +105,6 @@ class ServerAudits:
                 con.close()  # its temp tables go with it
 
     def _log(self, result: AuditResult, how: str) -> None:
-        self.runs += 1
         c = result.counts()
         log.info("%s audit %s: %d spans, %d orphan roots (%d with a probable parent), %d broken edges, %.1f s",
                  how, f"run {result.run_id}" if result.run_id else "(not saved)", result.spans, c["orphan_root"],

@@ -4,7 +4,9 @@ Longer by hand: `python -m bench.fuzz_otlp` (atheris, libFuzzer) on the decoders
 
 import gzip
 import http.client
+import importlib.util
 import os
+import random
 import subprocess
 import sys
 from urllib.parse import urlparse
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from tests.otlp_builders import request, spans
 
 PB, JS = "application/x-protobuf", "application/json"
-GOOD = request(spans(3, __import__("random").Random(3))).SerializeToString()
+GOOD = request(spans(3, random.Random(3))).SerializeToString()
 
 
 def _send(url: str, method: str, path: str, headers: dict, body: bytes) -> int:
@@ -70,7 +72,7 @@ def test_good_requests_still_stored_after_the_fuzzing(server):
     assert _send(server, "POST", "/v1/traces", {"Content-Type": PB}, GOOD) == 200
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("atheris") is None, reason="atheris is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 def test_atheris_on_the_decoders_for_a_bounded_time(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.fuzz_otlp", "-runs=4000", "-max_total_time=60",
                         f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True, timeout=180,

@@ -3,7 +3,6 @@ write the report into a folder, compare it with the previous one, and judge the 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,6 @@ from ..audit_job import AuditSettings
 from . import sources
 from .build import build_report, read_history, read_previous, verdicts, write_report
 from .gate import Threshold, exit_code
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ class NightlyReports:
         self.out_dir, self.at, self.tz, self.keep_days, self.since_s = out_dir, at, tz, keep_days, since_s
         self.settings, self.time_range, self.audit, self.source, self.clock = settings, time_range, audit, source, clock
         self._schedule = Periodic("nightly-report", self._until_next, self.report_once)
-        self.reports = 0
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +64,6 @@ class NightlyReports:
         except Exception:  # the server goes on whatever a report meets
             log.exception("the nightly report failed; the next one tries again")
             return None
-        self.reports += 1
         log.info("nightly report written to %s: %d broken hops", out / "report.html", report["figures"]["broken_hops"])
         self.prune(today)
         return out

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from ..audit_job import AuditSettings, audit_store, summary_lines
 from ..engine import AuditResult
@@ -40,8 +41,13 @@ def document(result: AuditResult) -> dict:
 
 def _require(doc: dict | None, window: Window) -> dict:
     if doc is None or doc.get("run") is None:
-        raise StoreError("no spans in the report's window (after the settle time): nothing to report")
+        raise StoreError(f"no spans start between {_when(window.start_ns)} and {_when(window.end_ns)} (the report's "
+                         "window, after the settle time): nothing to report")  # fmt: skip
     return doc
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="seconds")
 
 
 def from_file(db: str, settings: AuditSettings, since_s: float, memory_limit: str = "2GB",

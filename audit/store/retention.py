@@ -37,69 +37,72 @@ class Retention:
                  clock=time.time_ns):  # fmt: skip
         """`source`: a DuckDB connection or a SpanStore; each pass takes a fresh cursor from it."""
         self.source, self.path, self.days, self.max_bytes, self.clock = source, path, days, max_bytes, clock
-        self.con = None
         self._size_after_last_delete: tuple[int, int] | None = None
 
-    def cutoff_ns(self) -> int | None:
+    def _cutoff_ns(self, con: duckdb.DuckDBPyConnection) -> int | None:
         """Spans starting before this go: the older of the age and the size limits' cutoffs."""
         cutoffs = []
         if self.days is not None:
             cutoffs.append(self.clock() - int(self.days * _NS_PER_DAY))
         if self.max_bytes is not None:
-            by_size = self._size_cutoff()
+            by_size = self._size_cutoff(con)
             if by_size is not None:
                 cutoffs.append(by_size)
         return max(cutoffs) if cutoffs else None
 
-    def _used(self) -> tuple[int, int]:
-        block_size, used, total = self.con.execute(
+    @staticmethod
+    def _used(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+        block_size, used, total = con.execute(
             "SELECT block_size, used_blocks, total_blocks FROM pragma_database_size()").fetchone()
         return used * block_size, total
 
-    def _size_cutoff(self) -> int | None:
-        used, total = self._used()
+    def _size_cutoff(self, con: duckdb.DuckDBPyConnection) -> int | None:
+        used, total = self._used(con)
         if used <= self.max_bytes:
             return None
         if self._size_after_last_delete == (used, total):
             return None  # what the last pass freed is not counted before a checkpoint: do not delete twice
         share = 1 - self.max_bytes * _SIZE_HEADROOM / used  # the oldest share of spans to delete
-        (cutoff,) = self.con.execute("SELECT approx_quantile(start_ns::BIGINT, ?::FLOAT) FROM spans", [min(share, 1.0)]).fetchone()
+        (cutoff,) = con.execute("SELECT approx_quantile(start_ns::BIGINT, ?::FLOAT) FROM spans",
+                                [min(share, 1.0)]).fetchone()  # fmt: skip
         return None if cutoff is None else int(cutoff)
 
     def prune_once(self) -> Pruned:
         """One pass: delete what the limits say, a slice at a time; then the links of deleted spans."""
         started, pruned = time.monotonic(), Pruned()
+        con = None
         try:
-            self.con = self.source.cursor()
-            cutoff = self.cutoff_ns()
+            con = self.source.cursor()
+            cutoff = self._cutoff_ns(con)
             if cutoff is None:
                 return pruned
             while True:
-                (oldest,) = self.con.execute("SELECT min(start_ns) FROM spans").fetchone()
+                (oldest,) = con.execute("SELECT min(start_ns) FROM spans").fetchone()
                 if oldest is None or oldest >= cutoff:
                     break
                 end = min(oldest + _SLICE_NS, cutoff)
-                (n,) = self.con.execute("DELETE FROM spans WHERE start_ns < ?", [end]).fetchone()
+                (n,) = con.execute("DELETE FROM spans WHERE start_ns < ?", [end]).fetchone()
                 pruned.spans += n
             if pruned.spans:
-                (pruned.links,) = self.con.execute("""
+                (pruned.links,) = con.execute("""
                     DELETE FROM span_links l WHERE NOT EXISTS
                       (SELECT 1 FROM spans s WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()
-                self._checkpoint()
+                self._checkpoint(con)
                 if self.max_bytes is not None:
-                    self._size_after_last_delete = self._used()
+                    self._size_after_last_delete = self._used(con)
         except duckdb.Error as e:
             raise translate(e, self.path, writing=True) from None
         finally:
-            if self.con is not None:
-                self.con.close()
+            if con is not None:
+                con.close()
         pruned.seconds = time.monotonic() - started
         return pruned
 
-    def _checkpoint(self) -> None:
+    @staticmethod
+    def _checkpoint(con: duckdb.DuckDBPyConnection) -> None:
         """Make the freed blocks reusable now, if no transaction is in the way (else the writer's
         next automatic checkpoint does it)."""
         try:
-            self.con.execute("CHECKPOINT")
+            con.execute("CHECKPOINT")
         except duckdb.Error as e:
             log.debug("retention: no checkpoint now (%s); the next automatic one frees the space", e)

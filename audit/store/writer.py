@@ -94,11 +94,6 @@ class SpanStore:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self._con.cursor()
 
-    @property
-    def failing(self) -> bool:
-        """Writes fail since a fatal error, and have not succeeded again yet."""
-        return self._failing_since is not None
-
     def _reopen_if_invalidated(self) -> None:
         if not self._invalidated:
             return
