@@ -27,7 +27,9 @@ class TokenAuth:
     header: str | None = None  # an API-key header accepted besides Authorization: Bearer
 
     @classmethod
-    def load(cls, path: str | None, header: str | None = None, *, env: dict | None = None) -> TokenAuth | None:
+    def load(
+        cls, path: str | None, header: str | None = None, *, env: dict | None = None
+    ) -> TokenAuth | None:
         """From a file (its first line) or, without one, $CTXAUDIT_TOKEN; None if neither is set."""
         env = os.environ if env is None else env
         if path:
@@ -86,8 +88,10 @@ class TlsFiles:
                 ctx.load_verify_locations(self.client_ca)
                 ctx.verify_mode = ssl.CERT_REQUIRED
         except (OSError, ssl.SSLError) as e:
-            raise AccessError(f"cannot use the TLS files ({self.cert}, {self.key}"
-                              f"{', ' + self.client_ca if self.client_ca else ''}): {e}") from None  # fmt: skip
+            raise AccessError(
+                f"cannot use the TLS files ({self.cert}, {self.key}"
+                f"{', ' + self.client_ca if self.client_ca else ''}): {e}"
+            ) from None
         return ctx
 
     def grpc_credentials(self):
@@ -95,8 +99,11 @@ class TlsFiles:
 
         self.ssl_context()  # the same checks, with the same messages, before gRPC sees the files
         ca = self._read(self.client_ca) if self.client_ca else None
-        return grpc.ssl_server_credentials([(self._read(self.key), self._read(self.cert))], root_certificates=ca,
-                                           require_client_auth=ca is not None)  # fmt: skip
+        return grpc.ssl_server_credentials(
+            [(self._read(self.key), self._read(self.cert))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
 
 @dataclass(frozen=True)

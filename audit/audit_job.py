@@ -44,8 +44,16 @@ class AuditSettings:
             if not isinstance(doc, dict):
                 raise AuditSettingsError(f"{path}: expected a mapping of settings")
         doc |= {k: v for k, v in overrides.items() if v is not None}
-        known = {"entrypoints", "min_confidence", "assume_sampling_probability", "settle_s", "context_s",
-                 "default_skew_ms", "default_max_lag_s", "entry_candidate_share"}  # fmt: skip
+        known = {
+            "entrypoints",
+            "min_confidence",
+            "assume_sampling_probability",
+            "settle_s",
+            "context_s",
+            "default_skew_ms",
+            "default_max_lag_s",
+            "entry_candidate_share",
+        }
         unknown = set(doc) - known
         if unknown:
             raise AuditSettingsError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -66,21 +74,41 @@ class AuditSettings:
             raise AuditSettingsError("settle_s and context_s must not be negative")
         if assumed is not None and not (isinstance(assumed, (int, float)) and 0 < assumed <= 1):
             raise AuditSettingsError("assume_sampling_probability must be a number in (0, 1]")
-        return cls(AuditConfig(entrypoints=frozenset(entrypoints), assume_sampling_probability=assumed,
-                               **{k: float(v) for k, v in doc.items()}), settle, context)  # fmt: skip
+        return cls(
+            AuditConfig(
+                entrypoints=frozenset(entrypoints),
+                assume_sampling_probability=assumed,
+                **{k: float(v) for k, v in doc.items()},
+            ),
+            settle,
+            context,
+        )
 
     def to_dict(self) -> dict:
-        return asdict(self.config) | {"entrypoints": sorted(self.config.entrypoints), "settle_s": self.settle_s,
-                                      "context_s": self.context_s}  # fmt: skip
+        return asdict(self.config) | {
+            "entrypoints": sorted(self.config.entrypoints),
+            "settle_s": self.settle_s,
+            "context_s": self.context_s,
+        }
 
 
-def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None, until_ns: int | None = None,
-                resume: bool = True, save: bool = True, memory_limit: str = "2GB",
-                progress: Callable[[str], None] = lambda step: None) -> AuditResult | None:  # fmt: skip
+def audit_store(
+    db: str,
+    settings: AuditSettings,
+    *,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    resume: bool = True,
+    save: bool = True,
+    memory_limit: str = "2GB",
+    progress: Callable[[str], None] = lambda step: None,
+) -> AuditResult | None:
     """Audit the next window of `db` (None: nothing new); save the run unless `save` is False.
     `memory_limit` bounds DuckDB's memory; beyond it, its temp tables spill to disk."""
     if not Path(db).exists():
-        raise StoreError(f"{db} does not exist: run `ctxaudit serve --db {db}` (or `ctxaudit simulate --db`) first")
+        raise StoreError(
+            f"{db} does not exist: run `ctxaudit serve --db {db}` (or `ctxaudit simulate --db`) first"
+        )
     if save:
         store = SpanStore(db, memory_limit=memory_limit)
         con, close = store.connection, store.close
@@ -88,24 +116,46 @@ def audit_store(db: str, settings: AuditSettings, *, since_ns: int | None = None
         con = _read_only(db, memory_limit)
         close = con.close
     try:
-        return audit_connection(con, db, settings, since_ns=since_ns, until_ns=until_ns, resume=resume, save=save,
-                                progress=progress)  # fmt: skip
+        return audit_connection(
+            con,
+            db,
+            settings,
+            since_ns=since_ns,
+            until_ns=until_ns,
+            resume=resume,
+            save=save,
+            progress=progress,
+        )
     finally:
         close()
 
 
-def audit_connection(con: duckdb.DuckDBPyConnection, db: str, settings: AuditSettings, *, since_ns: int | None = None,
-                     until_ns: int | None = None, resume: bool = True, save: bool = True,
-                     progress: Callable[[str], None] = lambda step: None) -> AuditResult | None:  # fmt: skip
+def audit_connection(
+    con: duckdb.DuckDBPyConnection,
+    db: str,
+    settings: AuditSettings,
+    *,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    resume: bool = True,
+    save: bool = True,
+    progress: Callable[[str], None] = lambda step: None,
+) -> AuditResult | None:
     """Audit the next window over an open connection (`db` names it in errors): the command's
     own, or a cursor of a running server's (its periodic audit). Temp tables stay on `con`."""
     try:
         first, last = con.execute("SELECT min(start_ns), max(start_ns) FROM spans").fetchone()
         last_end = last_window_end(con) if resume else None
         window = choose_window(
-            first_start_ns=first, last_start_ns=last, last_run_end_ns=last_end, now_ns=time.time_ns(),
-            since_ns=since_ns, until_ns=until_ns, settle_s=settings.settle_s, context_s=settings.context_s,
-        )  # fmt: skip
+            first_start_ns=first,
+            last_start_ns=last,
+            last_run_end_ns=last_end,
+            now_ns=time.time_ns(),
+            since_ns=since_ns,
+            until_ns=until_ns,
+            settle_s=settings.settle_s,
+            context_s=settings.context_s,
+        )
         if window is None:
             return None
         result = run_audit(con, window, settings.config, progress)
@@ -115,10 +165,20 @@ def audit_connection(con: duckdb.DuckDBPyConnection, db: str, settings: AuditSet
         progress("saving the run")
         edges = pa.Table.from_pylist([e.to_dict() for e in result.edges]) if result.edges else _no_edges()
         result.run_id = save_run(
-            con, db, window_start_ns=window.start_ns, window_end_ns=window.end_ns, spans=result.spans,
-            traces=result.traces, seconds=result.seconds, entrypoints=result.entrypoints, roots=result.roots,
-            settings=settings.to_dict(), findings=result.findings, edges=edges, sampling=result.sampling,
-        )  # fmt: skip
+            con,
+            db,
+            window_start_ns=window.start_ns,
+            window_end_ns=window.end_ns,
+            spans=result.spans,
+            traces=result.traces,
+            seconds=result.seconds,
+            entrypoints=result.entrypoints,
+            roots=result.roots,
+            settings=settings.to_dict(),
+            findings=result.findings,
+            edges=edges,
+            sampling=result.sampling,
+        )
     return result
 
 
@@ -130,13 +190,19 @@ def _read_only(db: str, memory_limit: str) -> duckdb.DuckDBPyConnection:
 
 
 def _no_edges() -> pa.Table:
-    return pa.table({
-        "caller": pa.array([], pa.string()), "callee": pa.array([], pa.string()),
-        "protocol": pa.array([], pa.string()), "system": pa.array([], pa.string()),
-        "callee_instrumented": pa.array([], pa.bool_()), "calls": pa.array([], pa.int64()),
-        "propagated": pa.array([], pa.int64()), "stitched": pa.array([], pa.int64()),
-        "cause": pa.array([], pa.string()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "caller": pa.array([], pa.string()),
+            "callee": pa.array([], pa.string()),
+            "protocol": pa.array([], pa.string()),
+            "system": pa.array([], pa.string()),
+            "callee_instrumented": pa.array([], pa.bool_()),
+            "calls": pa.array([], pa.int64()),
+            "propagated": pa.array([], pa.int64()),
+            "stitched": pa.array([], pa.int64()),
+            "cause": pa.array([], pa.string()),
+        }
+    )
 
 
 def _when(ns: int) -> str:
@@ -163,12 +229,14 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
         system = f"/{e.system}" if e.system else ""
         lines.append(
             f"  {e.caller} -> {e.callee} ({e.protocol}{system}): {e.propagated:,}/{e.calls:,} stored calls propagated "
-            f"({e.propagation_rate:.1%}), {e.stitched:,} stitched" + (f"; likely cause: {e.cause}" if e.cause else "")
+            f"({e.propagation_rate:.1%}), {e.stitched:,} stitched"
+            + (f"; likely cause: {e.cause}" if e.cause else "")
         )
     lines += _sampling_lines(result.sampling)
     groups: dict[tuple, int] = {}
-    for kind, caller, callee, cause in zip(*(result.findings.column(k).to_pylist()
-                                            for k in ("kind", "caller", "callee", "cause"))):  # fmt: skip
+    for kind, caller, callee, cause in zip(
+        *(result.findings.column(k).to_pylist() for k in ("kind", "caller", "callee", "cause"))
+    ):
         groups[(kind, caller, callee, cause)] = groups.get((kind, caller, callee, cause), 0) + 1
     if groups:
         lines.append("commonest findings (kind, hop, cause):")
@@ -193,31 +261,47 @@ def _sampling_lines(sampling: dict) -> list[str]:
         if o["hidden_error_share"]["value"] is not None:
             parts.append(f"{_pct(o['hidden_error_share'])} of errors hidden in fragments")
         if o["latency_undercount"]["value"]:
-            parts.append(f"fragmented requests last {o['latency_undercount']['value']:.1%} longer than their "
-                         f"entry trace shows (median, {o['latency_undercount']['median_ms']:.1f} ms)")  # fmt: skip
+            parts.append(
+                f"fragmented requests last {o['latency_undercount']['value']:.1%} longer than their "
+                f"entry trace shows (median, {o['latency_undercount']['median_ms']:.1f} ms)"
+            )
         lines.append("sampling distortion (95% intervals): " + "; ".join(parts))
         if o["known_threshold_share"] is not None and o["known_threshold_share"] < 1:
             assumed = o["assumed_sampling_probability"]
-            lines.append(f"  {1 - o['known_threshold_share']:.1%} of spans carry no ot=th: "
-                         + (f"assumed sampled at p = {assumed}" if assumed else
-                            "left out of weighted figures (--assume-probability to weigh them)"))  # fmt: skip
-    distorted = [e for e in sampling.get("edges", [])
-                 if (e["propagation_rate"]["value"] is not None and e["propagation_rate"]["value"] < 1)
-                 or (e["conditional_capture_rate"]["value"] is not None and e["conditional_capture_rate"]["value"] < 1)]  # fmt: skip
+            lines.append(
+                f"  {1 - o['known_threshold_share']:.1%} of spans carry no ot=th: "
+                + (
+                    f"assumed sampled at p = {assumed}"
+                    if assumed
+                    else "left out of weighted figures (--assume-probability to weigh them)"
+                )
+            )
+    distorted = [
+        e
+        for e in sampling.get("edges", [])
+        if (e["propagation_rate"]["value"] is not None and e["propagation_rate"]["value"] < 1)
+        or (e["conditional_capture_rate"]["value"] is not None and e["conditional_capture_rate"]["value"] < 1)
+    ]
     if distorted:
         lines.append("edges whose callee side is not always stored with the caller's:")
         for e in distorted:
             parts = []
-            for key, label in (("propagation_rate", "propagates"), ("conditional_capture_rate", "callee stored"),
-                               ("upstream_missing_share", "orphans without a stored upstream")):  # fmt: skip
+            for key, label in (
+                ("propagation_rate", "propagates"),
+                ("conditional_capture_rate", "callee stored"),
+                ("upstream_missing_share", "orphans without a stored upstream"),
+            ):
                 if e[key]["value"] is not None:
                     parts.append(f"{label} {_pct(e[key])}")
             v = e["volume_ratio"]
             if v["value"] is not None and v["ci_low"] is not None:
                 parts.append(f"volume ratio {v['value']:.3f} ({v['ci_low']:.3f}-{v['ci_high']:.3f})")
             lines.append(f"  {e['caller']} -> {e['callee']} ({e['protocol']}): " + "; ".join(parts))
-    services = [s for s in sampling.get("services", [])
-                if s["parent_based"] is False or (s["root_inflation"]["value"] or 0) > 0]  # fmt: skip
+    services = [
+        s
+        for s in sampling.get("services", [])
+        if s["parent_based"] is False or (s["root_inflation"]["value"] or 0) > 0
+    ]
     if services:
         lines.append("services whose roots are inflated or that ignore their callers' decision:")
         for s in services:

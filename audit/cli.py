@@ -45,83 +45,199 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to create or append to.")
 @click.option(
-    "--grpc", "grpc_address", default="127.0.0.1:4317", show_default=True, callback=hostport, metavar="HOST:PORT",
+    "--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to create or append to."
+)
+@click.option(
+    "--grpc",
+    "grpc_address",
+    default="127.0.0.1:4317",
+    show_default=True,
+    callback=hostport,
+    metavar="HOST:PORT",
     help="OTLP/gRPC listen address, HOST:PORT; 'off' to disable.",
 )
 @click.option(
-    "--http", "http_address", default="127.0.0.1:4318", show_default=True, callback=hostport, metavar="HOST:PORT",
+    "--http",
+    "http_address",
+    default="127.0.0.1:4318",
+    show_default=True,
+    callback=hostport,
+    metavar="HOST:PORT",
     help="OTLP/HTTP listen address, HOST:PORT; 'off' to disable.",
 )
 @click.option(
-    "--api", "api_address", default="127.0.0.1:4319", show_default=True, callback=hostport, metavar="HOST:PORT",
+    "--api",
+    "api_address",
+    default="127.0.0.1:4319",
+    show_default=True,
+    callback=hostport,
+    metavar="HOST:PORT",
     help="Read API listen address (loopback only): the UI and `--server` commands read through it; 'off' to disable.",
 )
 @click.option(
-    "--audit-every", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+    "--audit-every",
+    type=click.FloatRange(min=0),
+    default=300,
+    show_default=True,
+    metavar="SECONDS",
     help="Audit the newest settled window this often, and save the run (the UI shows it); 0: never.",
 )
 @click.option(
-    "--audit-settle", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+    "--audit-settle",
+    type=click.FloatRange(min=0),
+    default=60,
+    show_default=True,
+    metavar="SECONDS",
     help="How long the periodic audit waits for late spans before a window counts as settled.",
 )
 @click.option(
-    "--max-body-mib", type=click.FloatRange(min=0.001), default=16, show_default=True,
+    "--max-body-mib",
+    type=click.FloatRange(min=0.001),
+    default=16,
+    show_default=True,
     help="Largest request accepted, after decompression (413 / RESOURCE_EXHAUSTED beyond).",
 )
 @click.option(
-    "--queue-spans", type=click.IntRange(min=1), default=200_000, show_default=True,
+    "--queue-spans",
+    type=click.IntRange(min=1),
+    default=200_000,
+    show_default=True,
     help="Spans waiting for commit before requests are refused with a retryable answer.",
 )
 @click.option(
-    "--inflight-mib", type=click.FloatRange(min=0.001), default=256, show_default=True,
+    "--inflight-mib",
+    type=click.FloatRange(min=0.001),
+    default=256,
+    show_default=True,
     help="Request bytes being decoded or committed before requests are refused (retryable).",
 )
 @click.option(
-    "--decoders", type=click.IntRange(min=0), default=None,
+    "--decoders",
+    type=click.IntRange(min=0),
+    default=None,
     help="Decode worker processes [default: CPU count]; 0 decodes in the server process.",
 )
 @click.option("--memory-limit", default="512MB", show_default=True, help="DuckDB memory limit.")
 @click.option(
-    "--checkpoint-mib", type=click.IntRange(min=1), default=128, show_default=True,
+    "--checkpoint-mib",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
     help="WAL size at which DuckDB checkpoints; larger is faster but replays longer after a crash.",
 )
 @click.option(
-    "--drain-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
     help="Seconds to let requests in flight finish on SIGTERM/SIGINT.",
 )
 @click.option(
-    "--log-interval", type=click.FloatRange(min=0), default=10, show_default=True,
+    "--log-interval",
+    type=click.FloatRange(min=0),
+    default=10,
+    show_default=True,
     help="Seconds between ingest progress lines on stderr; 0 for none.",
 )
-@click.option("--report-at", type=TimeOfDay(), metavar="HH:MM[:SS]",
-              help="Write a report (as `ctxaudit report`) every day at this time [default: never].")  # fmt: skip
-@click.option("--report-tz", type=Zone(), default="UTC", show_default=True, metavar="ZONE",
-              help="The time zone of --report-at and of the reports' folder names (e.g. Europe/Paris).")  # fmt: skip
-@click.option("--report-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Where the daily reports go, one folder per day [default: DB's name + '-reports'].")  # fmt: skip
-@click.option("--report-keep-days", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Days of reports kept; older ones are removed.")  # fmt: skip
-@click.option("--report-since", type=Duration(), default="24h", show_default=True, metavar="DURATION",
-              help="How far back each daily report reaches.")  # fmt: skip
-@click.option("--retain-days", type=click.FloatRange(min=0, min_open=True), metavar="DAYS",
-              help="Delete spans that started more than DAYS ago, in the background [default: keep all].")  # fmt: skip
-@click.option("--retain-gib", type=click.FloatRange(min=0, min_open=True), metavar="GIB",
-              help="Delete the oldest spans once the stored data exceed GIB [default: no limit].")  # fmt: skip
-@click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Require this token (the file's first line) on every request to the receivers and the read "
-                   "API, as Authorization: Bearer <token> [default: $CTXAUDIT_TOKEN, else none].")  # fmt: skip
+@click.option(
+    "--report-at",
+    type=TimeOfDay(),
+    metavar="HH:MM[:SS]",
+    help="Write a report (as `ctxaudit report`) every day at this time [default: never].",
+)
+@click.option(
+    "--report-tz",
+    type=Zone(),
+    default="UTC",
+    show_default=True,
+    metavar="ZONE",
+    help="The time zone of --report-at and of the reports' folder names (e.g. Europe/Paris).",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Where the daily reports go, one folder per day [default: DB's name + '-reports'].",
+)
+@click.option(
+    "--report-keep-days",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Days of reports kept; older ones are removed.",
+)
+@click.option(
+    "--report-since",
+    type=Duration(),
+    default="24h",
+    show_default=True,
+    metavar="DURATION",
+    help="How far back each daily report reaches.",
+)
+@click.option(
+    "--retain-days",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="DAYS",
+    help="Delete spans that started more than DAYS ago, in the background [default: keep all].",
+)
+@click.option(
+    "--retain-gib",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="GIB",
+    help="Delete the oldest spans once the stored data exceed GIB [default: no limit].",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Require this token (the file's first line) on every request to the receivers and the read "
+    "API, as Authorization: Bearer <token> [default: $CTXAUDIT_TOKEN, else none].",
+)
 @click.option("--token-header", metavar="NAME", help="Also accept the token in this header (e.g. x-api-key).")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Serve TLS with this certificate chain (PEM), on the receivers and the read API.")  # fmt: skip
-@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="FILE", help="The certificate's private key (PEM).")
-@click.option("--tls-client-ca", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Mutual TLS: the receivers require a client certificate signed by this CA (PEM).")  # fmt: skip
-def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle, max_body_mib, queue_spans,
-          inflight_mib, decoders, memory_limit, checkpoint_mib, drain_timeout, log_interval, report_at, report_tz,
-          report_dir, report_keep_days, report_since, retain_days, retain_gib, token_file, token_header, tls_cert,
-          tls_key, tls_client_ca) -> None:  # fmt: skip
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Serve TLS with this certificate chain (PEM), on the receivers and the read API.",
+)
+@click.option(
+    "--tls-key", type=click.Path(dir_okay=False), metavar="FILE", help="The certificate's private key (PEM)."
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Mutual TLS: the receivers require a client certificate signed by this CA (PEM).",
+)
+def serve(
+    db,
+    grpc_address,
+    http_address,
+    api_address,
+    audit_every,
+    audit_settle,
+    max_body_mib,
+    queue_spans,
+    inflight_mib,
+    decoders,
+    memory_limit,
+    checkpoint_mib,
+    drain_timeout,
+    log_interval,
+    report_at,
+    report_tz,
+    report_dir,
+    report_keep_days,
+    report_since,
+    retain_days,
+    retain_gib,
+    token_file,
+    token_header,
+    tls_cert,
+    tls_key,
+    tls_client_ca,
+) -> None:
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
     Spans are acknowledged only after they are committed. SIGTERM or SIGINT stops
@@ -151,34 +267,58 @@ def serve(db, grpc_address, http_address, api_address, audit_every, audit_settle
     except AccessError as e:
         raise click.BadParameter(str(e), param_hint="--tls-cert") from None
     if api_address and not is_loopback(parse_hostport(api_address)[0]) and not auth:
-        raise click.BadParameter("the read API listens beyond loopback only with a token (--token-file or "
-                                 "$CTXAUDIT_TOKEN)", param_hint="--api")  # fmt: skip
+        raise click.BadParameter(
+            "the read API listens beyond loopback only with a token (--token-file or $CTXAUDIT_TOKEN)",
+            param_hint="--api",
+        )
     for address in (grpc_address, http_address, api_address):
         if address and not is_loopback(parse_hostport(address)[0]):
             if not auth:
-                log.warning("listening on %s beyond loopback without a token: anyone who can reach it can write "
-                            "spans; set --token-file", address)  # fmt: skip
+                log.warning(
+                    "listening on %s beyond loopback without a token: anyone who can reach it can write "
+                    "spans; set --token-file",
+                    address,
+                )
             elif not tls:
-                log.warning("listening on %s beyond loopback without TLS: the token and the spans cross the "
-                            "network in clear; set --tls-cert and --tls-key", address)  # fmt: skip
+                log.warning(
+                    "listening on %s beyond loopback without TLS: the token and the spans cross the "
+                    "network in clear; set --tls-cert and --tls-key",
+                    address,
+                )
     config = ServeConfig(
-        db, grpc_address, http_address, api_address, audit_every=audit_every, audit_settle=audit_settle,
-        max_body_bytes=int(max_body_mib * (1 << 20)), queue_spans=queue_spans,
-        inflight_bytes=int(inflight_mib * (1 << 20)), decoders=decoders, memory_limit=memory_limit,
-        checkpoint_mib=checkpoint_mib, drain_timeout=drain_timeout, log_interval=log_interval,
-        report=DailyReport(report_at, report_tz, report_dir, report_keep_days, report_since) if report_at else None,
-        access=Access(auth, tls), retain_days=retain_days,
+        db,
+        grpc_address,
+        http_address,
+        api_address,
+        audit_every=audit_every,
+        audit_settle=audit_settle,
+        max_body_bytes=int(max_body_mib * (1 << 20)),
+        queue_spans=queue_spans,
+        inflight_bytes=int(inflight_mib * (1 << 20)),
+        decoders=decoders,
+        memory_limit=memory_limit,
+        checkpoint_mib=checkpoint_mib,
+        drain_timeout=drain_timeout,
+        log_interval=log_interval,
+        report=DailyReport(report_at, report_tz, report_dir, report_keep_days, report_since)
+        if report_at
+        else None,
+        access=Access(auth, tls),
+        retain_days=retain_days,
         retain_bytes=int(retain_gib * (1 << 30)) if retain_gib else None,
-    )  # fmt: skip
+    )
     try:
         run(config, lambda line: click.echo(line, err=True))
     except ServeError as e:
         _fail(str(e))
 
 
-_SERVER = click.option("--server", metavar="URL",
-                       help="Read through a running `ctxaudit serve`'s read API (e.g. http://127.0.0.1:4319) "
-                            "instead of opening --db; needed while a server holds the file.")  # fmt: skip
+_SERVER = click.option(
+    "--server",
+    metavar="URL",
+    help="Read through a running `ctxaudit serve`'s read API (e.g. http://127.0.0.1:4319) "
+    "instead of opening --db; needed while a server holds the file.",
+)
 
 
 def _reader(db: str, server: str | None):
@@ -196,7 +336,13 @@ def _reader(db: str, server: str | None):
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file written by `ctxaudit serve`.")
+@click.option(
+    "--db",
+    default=DEFAULT_DB,
+    show_default=True,
+    metavar="PATH",
+    help="DuckDB file written by `ctxaudit serve`.",
+)
 @_SERVER
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def stats(db: str, server: str | None, as_json: bool) -> None:
@@ -230,32 +376,94 @@ def _when(ns: int) -> str:
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file written by `ctxaudit serve`.")
-@click.option("--since", type=Time(), help="Window start, ISO 8601 [default: where the last run ended, else the first span].")
-@click.option("--until", type=Time(), help="Window end, ISO 8601 [default: now minus --settle, at most the newest span].")
-@click.option("--all", "from_first", is_flag=True, help="Start at the first span, not where the last run ended.")
-@click.option("--settle", type=click.FloatRange(min=0), help="Seconds to wait for late spans before auditing them [default: 60].")
-@click.option("--context", type=click.FloatRange(min=0),
-              help="Seconds read either side of the window for parents, children and candidates [default: 120].")  # fmt: skip
-@click.option("--entrypoints", multiple=True, metavar="SVC[:OPERATION],...",
-              help="Real entry points (their roots are not orphans), besides those learned; repeatable.")  # fmt: skip
-@click.option("--min-confidence", type=click.FloatRange(0, 1),
-              help="Name a probable parent only at this confidence or above [default: 0.6].")  # fmt: skip
-@click.option("--assume-probability", type=click.FloatRange(0, 1, min_open=True), metavar="P",
-              help="Sampling probability to assume for spans without ot=th in their tracestate "
-                   "[default: none; such spans are left out of the sampling figures and counted].")  # fmt: skip
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="YAML settings: entrypoints, min_confidence, assume_sampling_probability, settle_s, "
-                   "context_s, default_skew_ms, default_max_lag_s.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text.")
+@click.option(
+    "--db",
+    default=DEFAULT_DB,
+    show_default=True,
+    metavar="PATH",
+    help="DuckDB file written by `ctxaudit serve`.",
+)
+@click.option(
+    "--since",
+    type=Time(),
+    help="Window start, ISO 8601 [default: where the last run ended, else the first span].",
+)
+@click.option(
+    "--until",
+    type=Time(),
+    help="Window end, ISO 8601 [default: now minus --settle, at most the newest span].",
+)
+@click.option(
+    "--all", "from_first", is_flag=True, help="Start at the first span, not where the last run ended."
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for late spans before auditing them [default: 60].",
+)
+@click.option(
+    "--context",
+    type=click.FloatRange(min=0),
+    help="Seconds read either side of the window for parents, children and candidates [default: 120].",
+)
+@click.option(
+    "--entrypoints",
+    multiple=True,
+    metavar="SVC[:OPERATION],...",
+    help="Real entry points (their roots are not orphans), besides those learned; repeatable.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    help="Name a probable parent only at this confidence or above [default: 0.6].",
+)
+@click.option(
+    "--assume-probability",
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="P",
+    help="Sampling probability to assume for spans without ot=th in their tracestate "
+    "[default: none; such spans are left out of the sampling figures and counted].",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="YAML settings: entrypoints, min_confidence, assume_sampling_probability, settle_s, "
+    "context_s, default_skew_ms, default_max_lag_s.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text."
+)
 @click.option("--no-save", is_flag=True, help="Do not store the run (opens the file read-only).")
-@click.option("--memory-limit", default="2GB", show_default=True,
-              help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower). With --db only.")  # fmt: skip
-@click.option("--server", metavar="URL",
-              help="Have a running `ctxaudit serve` (its read API, e.g. http://127.0.0.1:4319) run the audit "
-                   "on its store, instead of opening --db.")  # fmt: skip
-def audit(db, since, until, from_first, settle, context, entrypoints, min_confidence, assume_probability,
-          config_file, as_json, no_save, memory_limit, server) -> None:  # fmt: skip
+@click.option(
+    "--memory-limit",
+    default="2GB",
+    show_default=True,
+    help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower). With --db only.",
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Have a running `ctxaudit serve` (its read API, e.g. http://127.0.0.1:4319) run the audit "
+    "on its store, instead of opening --db.",
+)
+def audit(
+    db,
+    since,
+    until,
+    from_first,
+    settle,
+    context,
+    entrypoints,
+    min_confidence,
+    assume_probability,
+    config_file,
+    as_json,
+    no_save,
+    memory_limit,
+    server,
+) -> None:
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
     parents, count every service edge, and save the run in DB.
 
@@ -266,14 +474,28 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
 
     listed = ",".join(entrypoints) if entrypoints else None
     try:
-        settings = AuditSettings.load(config_file, entrypoints=listed, min_confidence=min_confidence,
-                                      assume_sampling_probability=assume_probability, settle_s=settle,
-                                      context_s=context)  # fmt: skip
+        settings = AuditSettings.load(
+            config_file,
+            entrypoints=listed,
+            min_confidence=min_confidence,
+            assume_sampling_probability=assume_probability,
+            settle_s=settle,
+            context_s=context,
+        )
     except AuditSettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
     if server:
-        _audit_in_server(server, {"settings": settings.to_dict(), "since_ns": since, "until_ns": until,
-                                  "all": from_first, "save": not no_save}, as_json)  # fmt: skip
+        _audit_in_server(
+            server,
+            {
+                "settings": settings.to_dict(),
+                "since_ns": since,
+                "until_ns": until,
+                "all": from_first,
+                "save": not no_save,
+            },
+            as_json,
+        )
         return
     started = time.monotonic()
 
@@ -281,8 +503,16 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
         click.echo(f"audit: {step} ({time.monotonic() - started:.1f} s)", err=True)
 
     try:
-        result = audit_store(db, settings, since_ns=since, until_ns=until, resume=not from_first and since is None,
-                             save=not no_save, memory_limit=memory_limit, progress=progress)  # fmt: skip
+        result = audit_store(
+            db,
+            settings,
+            since_ns=since,
+            until_ns=until,
+            resume=not from_first and since is None,
+            save=not no_save,
+            memory_limit=memory_limit,
+            progress=progress,
+        )
     except StoreError as e:
         _fail(str(e))
     if result is None:
@@ -297,11 +527,16 @@ def audit(db, since, until, from_first, settle, context, entrypoints, min_confid
 
 
 def _nothing_new(as_json: bool) -> None:
-    click.echo("audit: nothing new to audit: no spans since the last run, or none older than the settle "
-               "delay (--settle). Use --all or --since to audit again, or --settle 0 if no more spans "
-               "will arrive.", err=True)  # fmt: skip
+    click.echo(
+        "audit: nothing new to audit: no spans since the last run, or none older than the settle "
+        "delay (--settle). Use --all or --since to audit again, or --settle 0 if no more spans "
+        "will arrive.",
+        err=True,
+    )
     if as_json:
-        click.echo(json.dumps({"schema_version": 1, "run": None, "edges": [], "sampling": {}, "findings": []}))
+        click.echo(
+            json.dumps({"schema_version": 1, "run": None, "edges": [], "sampling": {}, "findings": []})
+        )
 
 
 def _audit_in_server(server: str, request: dict, as_json: bool) -> None:
@@ -311,8 +546,9 @@ def _audit_in_server(server: str, request: dict, as_json: bool) -> None:
     ctx = click.get_current_context()
     for option in ("db", "memory_limit"):
         if ctx.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT:
-            raise click.UsageError(f"--{option.replace('_', '-')} is for a file; with --server the server audits "
-                                   "its own store")  # fmt: skip
+            raise click.UsageError(
+                f"--{option.replace('_', '-')} is for a file; with --server the server audits its own store"
+            )
     click.echo(f"audit: running in the server at {server} (its log shows the run)", err=True)
     try:
         remote = RemoteReader(server)
@@ -330,14 +566,29 @@ def _audit_in_server(server: str, request: dict, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file with audit runs.")
+@click.option(
+    "--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file with audit runs."
+)
 @_SERVER
 @click.option("--run", "run_id", type=int, help="Audit run id [default: the last run].")
-@click.option("--view", type=click.Choice(["repaired", "observed"]), default="repaired", show_default=True,
-              help="repaired: every real call, with drops and stitches; observed: what a trace backend shows.")  # fmt: skip
-@click.option("--format", "fmt", type=click.Choice(["json", "dot", "graphml"]), default="json", show_default=True,
-              help="node-link JSON, Graphviz DOT, or GraphML.")  # fmt: skip
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of stdout.")
+@click.option(
+    "--view",
+    type=click.Choice(["repaired", "observed"]),
+    default="repaired",
+    show_default=True,
+    help="repaired: every real call, with drops and stitches; observed: what a trace backend shows.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "dot", "graphml"]),
+    default="json",
+    show_default=True,
+    help="node-link JSON, Graphviz DOT, or GraphML.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here instead of stdout."
+)
 def graph(db, server, run_id, view, fmt, output) -> None:
     """Export the service graph of an audit run."""
     from graph.service_graph import build_graphs, to_dot, to_graphml, to_node_link_json
@@ -349,7 +600,11 @@ def graph(db, server, run_id, view, fmt, output) -> None:
     except StoreError as e:
         _fail(str(e))
     if run is None:
-        _fail(f"no audit run {run_id} in {db}" if run_id else f"no audit run in {db} yet: run `ctxaudit audit --db {db}`")
+        _fail(
+            f"no audit run {run_id} in {db}"
+            if run_id
+            else f"no audit run in {db} yet: run `ctxaudit audit --db {db}`"
+        )
     observed, repaired = build_graphs(run["edges"], run["roots"])
     g = repaired if view == "repaired" else observed
     text = {"json": to_node_link_json, "dot": to_dot, "graphml": to_graphml}[fmt](g)
@@ -361,9 +616,17 @@ def graph(db, server, run_id, view, fmt, output) -> None:
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to explore (no server may hold it).")
+@click.option(
+    "--db",
+    default=DEFAULT_DB,
+    show_default=True,
+    metavar="PATH",
+    help="DuckDB file to explore (no server may hold it).",
+)
 @_SERVER
-@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True, help="Port of the explorer.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8501, show_default=True, help="Port of the explorer."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the explorer listens on.")
 def ui(db, server, port, host) -> None:
     """Open the explorer (Streamlit) on a store: overview, service graph, findings, traces, sampling.
@@ -378,37 +641,96 @@ def ui(db, server, port, host) -> None:
         _reader(db, server).stats()  # fail here, with the reader's message, not in the browser
     except StoreError as e:
         _fail(str(e))
-    env = dict(os.environ, **({"CTXAUDIT_SERVER": server} if server else {"CTXAUDIT_DB": os.path.abspath(db)}))
+    env = dict(
+        os.environ, **({"CTXAUDIT_SERVER": server} if server else {"CTXAUDIT_DB": os.path.abspath(db)})
+    )
     env.pop("CTXAUDIT_DB" if server else "CTXAUDIT_SERVER", None)
     app = os.path.join(os.path.dirname(ui_package.__file__), "app.py")
     click.echo(f"ctxaudit ui: http://{host}:{port} on {server or db}", err=True)
-    command = [sys.executable, "-m", "streamlit", "run", app, "--server.port", str(port), "--server.address", host,
-               "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        app,
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     sys.stderr.flush()
     # become Streamlit: a signal to this process then reaches the server itself, and no child is left behind
     os.execve(sys.executable, command, env)
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="The store (no server may hold it).")
-@click.option("--server", metavar="URL", help="Report through a running `ctxaudit serve` (its read API) instead of --db.")
-@click.option("--since", "since_s", type=Duration(), default="24h", show_default=True,
-              help="How far back from the newest settled span the report reaches.")  # fmt: skip
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), metavar="DIR",
-              help="Write report.html, report.md and report.json here, and add to DIR/history.jsonl.")  # fmt: skip
-@click.option("--fail-on", "fail_on", multiple=True, metavar="EXPR",
-              help="Exit 3 if EXPR holds, e.g. orphan_rate>0.01, new_broken_hops>0, "
-                   "propagation_rate[orders->inventory]<0.99 (repeatable; docs/report.md). "
-                   "Exit 4 if one cannot be evaluated and none failed.")  # fmt: skip
-@click.option("--previous", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
-              help="Compare with this report.json [default: the newest report in the history].")  # fmt: skip
-@click.option("--history", type=click.Path(dir_okay=False), metavar="FILE",
-              help="The history file, for trends and the comparison [default: DIR/history.jsonl].")  # fmt: skip
-@click.option("--settle", type=click.FloatRange(min=0), help="Leave spans this recent for later (seconds) [default: 60].")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="The audit's YAML settings, as for `ctxaudit audit --config`.")  # fmt: skip
-@click.option("--memory-limit", default="2GB", show_default=True, help="DuckDB memory limit for the audit (--db only).")
-def report(db, server, since_s, out_dir, fail_on, previous, history, settle, config_file, memory_limit) -> None:
+@click.option(
+    "--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="The store (no server may hold it)."
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Report through a running `ctxaudit serve` (its read API) instead of --db.",
+)
+@click.option(
+    "--since",
+    "since_s",
+    type=Duration(),
+    default="24h",
+    show_default=True,
+    help="How far back from the newest settled span the report reaches.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Write report.html, report.md and report.json here, and add to DIR/history.jsonl.",
+)
+@click.option(
+    "--fail-on",
+    "fail_on",
+    multiple=True,
+    metavar="EXPR",
+    help="Exit 3 if EXPR holds, e.g. orphan_rate>0.01, new_broken_hops>0, "
+    "propagation_rate[orders->inventory]<0.99 (repeatable; docs/report.md). "
+    "Exit 4 if one cannot be evaluated and none failed.",
+)
+@click.option(
+    "--previous",
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="FILE",
+    help="Compare with this report.json [default: the newest report in the history].",
+)
+@click.option(
+    "--history",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="The history file, for trends and the comparison [default: DIR/history.jsonl].",
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    help="Leave spans this recent for later (seconds) [default: 60].",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="The audit's YAML settings, as for `ctxaudit audit --config`.",
+)
+@click.option(
+    "--memory-limit", default="2GB", show_default=True, help="DuckDB memory limit for the audit (--db only)."
+)
+def report(
+    db, server, since_s, out_dir, fail_on, previous, history, settle, config_file, memory_limit
+) -> None:
     """Audit the last --since of the store and write a report: the broken hops with cause and
     fix, what changed since the previous report, trends, the service graph and the sampling
     figures, as self-contained HTML, Markdown and JSON.
@@ -433,7 +755,9 @@ def report(db, server, since_s, out_dir, fail_on, previous, history, settle, con
         settings = AuditSettings.load(config_file, settle_s=settle)
     except AuditSettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
-    request = ReportRequest(Path(out_dir), since_s, settings, thresholds, Path(history) if history else None, previous)
+    request = ReportRequest(
+        Path(out_dir), since_s, settings, thresholds, Path(history) if history else None, previous
+    )
     started = time.monotonic()
 
     def progress(step: str) -> None:
@@ -449,12 +773,16 @@ def report(db, server, since_s, out_dir, fail_on, previous, history, settle, con
         _fail(str(e))
     f = result["figures"]
     health = "n/a" if f["context_health"] is None else f"{f['context_health']:.1%}"
-    click.echo(f"report: {f['broken_hops']} broken hops, context health {health}, {f['findings']:,} findings; "
-               f"wrote {', '.join(str(p) for p in written)}")  # fmt: skip
+    click.echo(
+        f"report: {f['broken_hops']} broken hops, context health {health}, {f['findings']:,} findings; "
+        f"wrote {', '.join(str(p) for p in written)}"
+    )
     if result["comparison"]:
         n = result["comparison"]["counts"]
-        click.echo(f"report: since the previous report: {n['new_broken_hops']} newly broken, {n['fixed_hops']} fixed, "
-                   f"{n['worse_hops']} worse, {n['better_hops']} better")  # fmt: skip
+        click.echo(
+            f"report: since the previous report: {n['new_broken_hops']} newly broken, {n['fixed_hops']} fixed, "
+            f"{n['worse_hops']} worse, {n['better_hops']} better"
+        )
     from .report.build import verdicts
 
     for verdict in verdicts(result):
@@ -464,14 +792,20 @@ def report(db, server, since_s, out_dir, fail_on, previous, history, settle, con
 
 @main.command()
 @click.option(
-    "--scenario", required=True, metavar="NAME|FILE",
+    "--scenario",
+    required=True,
+    metavar="NAME|FILE",
     help="A scenario YAML file, or a bundled one by name (shop-small, shop-large).",
 )
 @click.option("--otlp", metavar="grpc://HOST:PORT", help="Send to this OTLP/gRPC endpoint (a running serve).")
 @click.option("--db", metavar="PATH", help="Or write straight into this DuckDB file (no server may hold it).")
-@click.option("--truth", required=True, metavar="PATH", help="Ground truth, JSON Lines (gzip if it ends in .gz).")
+@click.option(
+    "--truth", required=True, metavar="PATH", help="Ground truth, JSON Lines (gzip if it ends in .gz)."
+)
 @click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same spans, same bytes.")
-@click.option("--spans", "max_spans", type=click.IntRange(min=1), help="Stop after exporting this many spans.")
+@click.option(
+    "--spans", "max_spans", type=click.IntRange(min=1), help="Stop after exporting this many spans."
+)
 def simulate(scenario, otlp, db, truth, seed, max_spans) -> None:
     """Generate OTLP traffic from a scenario, with the ground truth of every span."""
     from .scenarios.model import ScenarioError, load_scenario
@@ -495,7 +829,9 @@ def simulate(scenario, otlp, db, truth, seed, max_spans) -> None:
             truth_out.write(records)
             if time.monotonic() - last > 2:
                 last = time.monotonic()
-                click.echo(f"simulate: {sim.exported:,} spans exported of {sim.generated:,} generated", err=True)
+                click.echo(
+                    f"simulate: {sim.exported:,} spans exported of {sim.generated:,} generated", err=True
+                )
     except (SendError, StoreError) as e:
         _fail(str(e))
     finally:
@@ -529,15 +865,29 @@ class DbSink:
 
 @main.command()
 @click.option(
-    "--db", default="demo-data/ctxaudit-demo.duckdb", show_default=True, metavar="PATH",
+    "--db",
+    default="demo-data/ctxaudit-demo.duckdb",
+    show_default=True,
+    metavar="PATH",
     help="DuckDB file for the demo (created; an existing one is replaced).",
 )
 @click.option(
-    "--truth", default="demo-data/ground-truth.jsonl", show_default=True, metavar="PATH",
+    "--truth",
+    default="demo-data/ground-truth.jsonl",
+    show_default=True,
+    metavar="PATH",
     help="Where the fleet writes the ground truth (JSON Lines).",
 )
-@click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True, help="How long to drive load.")
-@click.option("--rate", type=click.FloatRange(min=0.1), default=10, show_default=True, help="Requests/s to the frontend.")
+@click.option(
+    "--seconds", type=click.FloatRange(min=1), default=60, show_default=True, help="How long to drive load."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=10,
+    show_default=True,
+    help="Requests/s to the frontend.",
+)
 def demo(db: str, truth: str, seconds: float, rate: float) -> None:
     """Run `ctxaudit serve` and the demo fleet against it, then audit what was stored."""
     from pathlib import Path
@@ -548,8 +898,11 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
     try:
         run_demo(db, truth, seconds, rate)
         # serve has stopped and drained: every span is in, nothing needs to settle
-        result = audit_store(db, AuditSettings.load(None, settle_s=0),
-                             progress=lambda step: click.echo(f"audit: {step}", err=True))  # fmt: skip
+        result = audit_store(
+            db,
+            AuditSettings.load(None, settle_s=0),
+            progress=lambda step: click.echo(f"audit: {step}", err=True),
+        )
     except (StoreError, RuntimeError) as e:
         _fail(str(e))
     click.echo("")
@@ -567,8 +920,10 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
         click.echo(f"\nreport: {out / 'report.html'} (and report.md, report.json)")
     except (StoreError, OSError) as e:
         click.echo(f"report: not written: {e}", err=True)
-    click.echo(f"\nnext: ctxaudit ui --db {db};  ctxaudit report --db {db} --out {out};  "
-               f"ctxaudit audit --db {db} --all --json | less")
+    click.echo(
+        f"\nnext: ctxaudit ui --db {db};  ctxaudit report --db {db} --out {out};  "
+        f"ctxaudit audit --db {db} --all --json | less"
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,18 @@ def run_demo(db: str, truth: str, seconds: float, rate: float) -> FleetRun:
     proc, grpc_port, _ = start_server(db)
     try:
         print(f"starting the fleet; {rate:g} requests/s to the frontend for {seconds:g}s", flush=True)
-        run = run_fleet(f"127.0.0.1:{grpc_port}", truth, seconds=seconds, rate=rate,
-                        progress=lambda line: print(line, flush=True))  # fmt: skip
+        run = run_fleet(
+            f"127.0.0.1:{grpc_port}",
+            truth,
+            seconds=seconds,
+            rate=rate,
+            progress=lambda line: print(line, flush=True),
+        )
     finally:
         code = stop_server(proc)
     if code != 0:
         raise RuntimeError(f"ctxaudit serve exited with {code}")
-    print(f"fleet: {run.requests} requests ({run.failed} failed); ground truth: {run.truth_records} spans in {truth}")
+    print(
+        f"fleet: {run.requests} requests ({run.failed} failed); ground truth: {run.truth_records} spans in {truth}"
+    )
     return run

@@ -75,16 +75,34 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     except StoreError as e:
         raise ServeError(str(e)) from None
     writer = SpanWriter(store, max_queued_spans=c.queue_spans)
-    ingestor = Ingestor(writer, decoders=(os.cpu_count() or 1) if c.decoders is None else c.decoders,
-                        max_body_bytes=c.max_body_bytes, max_inflight_bytes=c.inflight_bytes)  # fmt: skip
-    receivers = OtlpReceivers(ingestor, grpc_address=c.grpc_address, http_address=c.http_address,
-                              drain_timeout=c.drain_timeout, access=c.access)  # fmt: skip
+    ingestor = Ingestor(
+        writer,
+        decoders=(os.cpu_count() or 1) if c.decoders is None else c.decoders,
+        max_body_bytes=c.max_body_bytes,
+        max_inflight_bytes=c.inflight_bytes,
+    )
+    receivers = OtlpReceivers(
+        ingestor,
+        grpc_address=c.grpc_address,
+        http_address=c.http_address,
+        drain_timeout=c.drain_timeout,
+        access=c.access,
+    )
     health = IngestHealth(ingestor, writer)
     audits = ServerAudits(store, AuditSettings.load(None, settle_s=c.audit_settle), c.audit_every)
     # the API and the daily report read on a connection of their own to the same database
     reader = StoreReader(store, c.db)
-    api = ReadApi(reader, *parse_hostport(c.api_address), ingest_health=health.snapshot, auditor=audits,
-                  access=c.access) if c.api_address else None  # fmt: skip
+    api = (
+        ReadApi(
+            reader,
+            *parse_hostport(c.api_address),
+            ingest_health=health.snapshot,
+            auditor=audits,
+            access=c.access,
+        )
+        if c.api_address
+        else None
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -109,9 +127,15 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         h = health.snapshot()
         log.info(
             "stored %d spans (%.0f/s over the last minute), %d rejected, %d requests refused (retryable), "
-            "%d invalid, %d unauthenticated, %d queued", h["committed_spans"], h["spans_per_s"], h["rejected_spans"],
-            h["refused_requests"], h["invalid_requests"], h["unauthenticated_requests"], h["queued_spans"],
-        )  # fmt: skip
+            "%d invalid, %d unauthenticated, %d queued",
+            h["committed_spans"],
+            h["spans_per_s"],
+            h["rejected_spans"],
+            h["refused_requests"],
+            h["invalid_requests"],
+            h["unauthenticated_requests"],
+            h["queued_spans"],
+        )
 
     say("ctxaudit serve: stopping: draining requests in flight")
     for background in (nightly, retention):
@@ -123,8 +147,10 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     receivers.stop()
     writer.close()
     s = ingestor.stats
-    say(f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed in {writer.stats.commits} "
-        f"transactions, {s.rejected_spans} rejected, {s.end_before_start} ending before they start")  # fmt: skip
+    say(
+        f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed in {writer.stats.commits} "
+        f"transactions, {s.rejected_spans} rejected, {s.end_before_start} ending before they start"
+    )
 
 
 def _listening(c: ServeConfig, receivers: OtlpReceivers, api: ReadApi | None) -> list[str]:
@@ -134,7 +160,9 @@ def _listening(c: ServeConfig, receivers: OtlpReceivers, api: ReadApi | None) ->
         tls = " (TLS)" if c.access.tls else ""
         out.append(f"OTLP/gRPC {parse_hostport(c.grpc_address)[0]}:{receivers.grpc.port}{tls}")
     if receivers.http:
-        out.append(f"OTLP/HTTP {scheme}://{parse_hostport(c.http_address)[0]}:{receivers.http.port}/v1/traces")
+        out.append(
+            f"OTLP/HTTP {scheme}://{parse_hostport(c.http_address)[0]}:{receivers.http.port}/v1/traces"
+        )
     if api:
         out.append(f"read API {api.url}")
     return out
@@ -146,8 +174,17 @@ def _daily_report(c: ServeConfig, audits: ServerAudits, reader: StoreReader):
     from .report.nightly import NightlyReports
 
     r = c.report
-    nightly = NightlyReports(Path(r.out_dir or f"{os.path.splitext(c.db)[0]}-reports"), r.at, r.tz, r.keep_days,
-                             r.since_s, audits.settings, reader.time_range, audits.audit, c.db)  # fmt: skip
+    nightly = NightlyReports(
+        Path(r.out_dir or f"{os.path.splitext(c.db)[0]}-reports"),
+        r.at,
+        r.tz,
+        r.keep_days,
+        r.since_s,
+        audits.settings,
+        reader.time_range,
+        audits.audit,
+        c.db,
+    )
     nightly.start()
     return nightly
 
@@ -169,7 +206,12 @@ def _retention(c: ServeConfig, store: SpanStore) -> Periodic | None:
             log.error("retention pass failed: %s; the next one tries again", e)
             return
         if pruned.spans:
-            log.info("retention: deleted %d spans and %d links in %.1f s", pruned.spans, pruned.links, pruned.seconds)
+            log.info(
+                "retention: deleted %d spans and %d links in %.1f s",
+                pruned.spans,
+                pruned.links,
+                pruned.seconds,
+            )
 
     background = Periodic("retention", lambda: next(delays, RETENTION_EVERY_S), prune)
     background.start()

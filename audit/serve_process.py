@@ -16,10 +16,25 @@ def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
     read API's URL, when it is on, is `process.api_url`."""
     api = () if "--api" in extra else ("--api", "127.0.0.1:0")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "audit", "serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
-         "--log-interval", "0", *api, *extra],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "audit",
+            "serve",
+            "--db",
+            db,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--log-interval",
+            "0",
+            *api,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     m = _READY.search(line)
     if not m:

@@ -82,14 +82,24 @@ class ServerAudits:
         except AuditSettingsError as e:
             raise AuditRequestError(str(e)) from None
         since = body.get("since_ns")
-        return AuditRequest(settings, since, body.get("until_ns"), resume=not body.get("all", False) and since is None,
-                            save=body.get("save", True))  # fmt: skip
+        return AuditRequest(
+            settings,
+            since,
+            body.get("until_ns"),
+            resume=not body.get("all", False) and since is None,
+            save=body.get("save", True),
+        )
 
     def run_request(self, request: AuditRequest) -> tuple[AuditResult | None, list[str]]:
         """Run a requested audit (after any in progress): its result and text summary, or
         (None, []) when there is nothing new to audit. StoreError when the store fails."""
-        result = self.audit(request.settings, since_ns=request.since_ns, until_ns=request.until_ns,
-                             resume=request.resume, save=request.save)  # fmt: skip
+        result = self.audit(
+            request.settings,
+            since_ns=request.since_ns,
+            until_ns=request.until_ns,
+            resume=request.resume,
+            save=request.save,
+        )
         if result is None:
             return None, []
         self._log(result, "requested")
@@ -106,6 +116,13 @@ class ServerAudits:
 
     def _log(self, result: AuditResult, how: str) -> None:
         c = result.counts()
-        log.info("%s audit %s: %d spans, %d orphan roots (%d with a probable parent), %d broken edges, %.1f s",
-                 how, f"run {result.run_id}" if result.run_id else "(not saved)", result.spans, c["orphan_root"],
-                 result.stitched(), sum(e.broken for e in result.edges), result.seconds)  # fmt: skip
+        log.info(
+            "%s audit %s: %d spans, %d orphan roots (%d with a probable parent), %d broken edges, %.1f s",
+            how,
+            f"run {result.run_id}" if result.run_id else "(not saved)",
+            result.spans,
+            c["orphan_root"],
+            result.stitched(),
+            sum(e.broken for e in result.edges),
+            result.seconds,
+        )

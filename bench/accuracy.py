@@ -72,21 +72,35 @@ def report(label: str, result: dict, summary: dict, in_flight: list) -> None:
     busiest = ", ".join(f"{c}->{t} {n:.0f}" for c, t, n in in_flight[:6])
     print(f"   calls in flight (busiest edges): {busiest}")
     for kind, d in summary["detection"].items():
-        print(f"   detect {kind:<17} precision {_fmt(d['precision'])} recall {_fmt(d['recall'])} (n={d['n']})")
+        print(
+            f"   detect {kind:<17} precision {_fmt(d['precision'])} recall {_fmt(d['recall'])} (n={d['n']})"
+        )
     for group, s in sorted(summary["stitching"].items()):
-        print(f"   stitch {group:<17} precision {_fmt(s['precision'])} recall {_fmt(s['recall'])} "
-              f"(n={s['orphans_parent_stored']})  abstention {_fmt(s['abstention'])} "
-              f"(n={s['orphans_parent_not_stored']})")  # fmt: skip
+        print(
+            f"   stitch {group:<17} precision {_fmt(s['precision'])} recall {_fmt(s['recall'])} "
+            f"(n={s['orphans_parent_stored']})  abstention {_fmt(s['abstention'])} "
+            f"(n={s['orphans_parent_not_stored']})"
+        )
     print(f"   cause codes right: {_fmt(summary['cause_accuracy'])}")
-    worst = max((abs(e["true_rate"] - e["found_rate"]) for e in summary["edges"] if e["found_rate"] is not None),
-                default=0.0)  # fmt: skip
-    missed = [f"{e['caller']}->{e['callee']}" for e in summary["edges"] if e["broken"] and not e["found_broken"]]
-    false = [f"{e['caller']}->{e['callee']}" for e in summary["edges"] if e["found_broken"] and not e["broken"]]
-    print(f"   edges: {sum(e['broken'] for e in summary['edges'])} broken in truth; missed {missed or 'none'}; "
-          f"false {false or 'none'}; worst propagation-rate error {worst:.4f}")  # fmt: skip
+    worst = max(
+        (abs(e["true_rate"] - e["found_rate"]) for e in summary["edges"] if e["found_rate"] is not None),
+        default=0.0,
+    )
+    missed = [
+        f"{e['caller']}->{e['callee']}" for e in summary["edges"] if e["broken"] and not e["found_broken"]
+    ]
+    false = [
+        f"{e['caller']}->{e['callee']}" for e in summary["edges"] if e["found_broken"] and not e["broken"]
+    ]
+    print(
+        f"   edges: {sum(e['broken'] for e in summary['edges'])} broken in truth; missed {missed or 'none'}; "
+        f"false {false or 'none'}; worst propagation-rate error {worst:.4f}"
+    )
     for e in summary["edges"]:
         if e["broken"] or e["found_broken"]:
-            print(f"     {e['caller']:>14} -> {e['callee']:<24} truth {e['true_rate']:.4f} found {_fmt(e['found_rate'])}")
+            print(
+                f"     {e['caller']:>14} -> {e['callee']:<24} truth {e['true_rate']:.4f} found {_fmt(e['found_rate'])}"
+            )
 
 
 def main() -> None:
@@ -102,9 +116,14 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scale in (float(s) for s in args.scales.split(",")):
-            scenario = base.model_copy(update={"entrypoints": [
-                e.model_copy(update={"rate_per_s": e.rate_per_s * scale}) if e.rate_per_s else e
-                for e in base.entrypoints]})  # fmt: skip
+            scenario = base.model_copy(
+                update={
+                    "entrypoints": [
+                        e.model_copy(update={"rate_per_s": e.rate_per_s * scale}) if e.rate_per_s else e
+                        for e in base.entrypoints
+                    ]
+                }
+            )
             path = os.path.join(tmp, f"scale-{scale}.duckdb")
             t = time.perf_counter()
             truth = simulate_into(path, scenario, args.seed)

@@ -44,7 +44,9 @@ def _generate(args: tuple) -> str:
     base = load_scenario("shop-large")
     per_second = 6_000  # exported spans per second of shop-large, roughly
     seconds = spans / parts / per_second * 1.3
-    scenario = base.model_copy(update={"start_unix_s": base.start_unix_s + part * seconds, "duration_s": seconds})
+    scenario = base.model_copy(
+        update={"start_unix_s": base.start_unix_s + part * seconds, "duration_s": seconds}
+    )
     sink = DbSink(path)
     for request, _ in Simulator(scenario, seed=100 + part).run(spans // parts):
         sink.send(request.SerializeToString())
@@ -77,8 +79,12 @@ def build(db: str, spans: int) -> None:
 
 
 def audit_once(db: str, start: int, end: int, context: int, memory: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, db, str(start), str(end), str(context), memory],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, db, str(start), str(end), str(context), memory],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,7 +93,9 @@ def main() -> None:
     ap.add_argument("--db", default="bench-data/scale.duckdb")
     ap.add_argument("--spans", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit for the audit (the CLI's default)")
+    ap.add_argument(
+        "--memory-limit", default="2GB", help="DuckDB memory_limit for the audit (the CLI's default)"
+    )
     ap.add_argument("--fractions", default="0.1,0.2,0.5,1.0", help="window lengths, as shares of the store")
     args = ap.parse_args()
     if not os.path.exists(args.db):
@@ -102,14 +110,18 @@ def main() -> None:
         end = first + int((last + 1 - first) * fraction)
         runs = [audit_once(args.db, first, end, context, args.memory_limit) for _ in range(args.runs)]
         med = statistics.median(r["seconds"] for r in runs)
-        print(f"{fraction:>8.0%} {runs[0]['spans']:>12,} {med:>9.1f} {str([round(r['seconds'], 1) for r in runs]):>24} "
-              f"{max(r['peak_rss_mib'] for r in runs):>13,.0f} {med / runs[0]['spans'] * 1e6:>8.2f}")  # fmt: skip
+        print(
+            f"{fraction:>8.0%} {runs[0]['spans']:>12,} {med:>9.1f} {str([round(r['seconds'], 1) for r in runs]):>24} "
+            f"{max(r['peak_rss_mib'] for r in runs):>13,.0f} {med / runs[0]['spans'] * 1e6:>8.2f}"
+        )
     # re-auditing only what is new: the newest 1% of the store, read with its context margin
     start = last + 1 - int((last + 1 - first) * 0.01)
     runs = [audit_once(args.db, start, last + 1, context, args.memory_limit) for _ in range(args.runs)]
     med = statistics.median(r["seconds"] for r in runs)
-    print(f"{'new 1%':>8} {runs[0]['spans']:>12,} {med:>9.1f} {str([round(r['seconds'], 1) for r in runs]):>24} "
-          f"{max(r['peak_rss_mib'] for r in runs):>13,.0f}")  # fmt: skip
+    print(
+        f"{'new 1%':>8} {runs[0]['spans']:>12,} {med:>9.1f} {str([round(r['seconds'], 1) for r in runs]):>24} "
+        f"{max(r['peak_rss_mib'] for r in runs):>13,.0f}"
+    )
 
 
 if __name__ == "__main__":

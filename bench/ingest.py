@@ -87,8 +87,9 @@ class Load:
                 if self.transport == "grpc":
                     export(body, timeout=60)
                 else:
-                    req = urllib.request.Request(self.target, data=body,
-                                                 headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+                    req = urllib.request.Request(
+                        self.target, data=body, headers={"Content-Type": "application/x-protobuf"}
+                    )
                     urllib.request.urlopen(req, timeout=60).read()
             except (grpc.RpcError, OSError):
                 with self.lock:
@@ -139,8 +140,15 @@ class Sampler:
         self.thread.join()
 
 
-def one_run(label: str, transport: str, bodies: list[bytes], per: int, seconds: float, streams: int,
-            server_args: list[str]) -> RunResult:  # fmt: skip
+def one_run(
+    label: str,
+    transport: str,
+    bodies: list[bytes],
+    per: int,
+    seconds: float,
+    streams: int,
+    server_args: list[str],
+) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="ctxaudit-bench-") as tmp:
         db = os.path.join(tmp, "bench.duckdb")
         proc, grpc_port, http_url = start_server(db, *server_args)
@@ -155,8 +163,18 @@ def one_run(label: str, transport: str, bodies: list[bytes], per: int, seconds: 
         stored = reader.stats().spans
         reader.close()
         size = os.path.getsize(db) + (os.path.getsize(db + ".wal") if os.path.exists(db + ".wal") else 0)
-        return RunResult(label, transport, elapsed, load.acked, stored, load.refused, sampler.cpu,
-                         sampler.peak_rss / 2**20, sampler.peak_total / 2**20, size / max(stored, 1))  # fmt: skip
+        return RunResult(
+            label,
+            transport,
+            elapsed,
+            load.acked,
+            stored,
+            load.refused,
+            sampler.cpu,
+            sampler.peak_rss / 2**20,
+            sampler.peak_total / 2**20,
+            size / max(stored, 1),
+        )
 
 
 def main() -> None:
@@ -167,14 +185,19 @@ def main() -> None:
     ap.add_argument("--transport", choices=["grpc", "http", "both"], default="both")
     ap.add_argument("--requests", type=int, default=32, help="distinct pre-encoded requests to cycle through")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--server-args", default="", help="extra `ctxaudit serve` options for the measured server")
+    ap.add_argument(
+        "--server-args", default="", help="extra `ctxaudit serve` options for the measured server"
+    )
     args = ap.parse_args()
 
     per = 1000
     print(f"encoding {args.requests} requests of {per} spans ...", flush=True)
     bodies = encoded_requests(args.requests, per)
-    print(f"{sum(map(len, bodies)) / len(bodies) / per:.0f} bytes/span on the wire; "
-          f"{os.cpu_count()} cores; {args.runs} runs of {args.seconds:.0f}s, {args.streams} streams", flush=True)  # fmt: skip
+    print(
+        f"{sum(map(len, bodies)) / len(bodies) / per:.0f} bytes/span on the wire; "
+        f"{os.cpu_count()} cores; {args.runs} runs of {args.seconds:.0f}s, {args.streams} streams",
+        flush=True,
+    )
 
     extra = args.server_args.split()
     configs = [(f"ctxaudit serve {args.server_args}".strip() if extra else "ctxaudit serve (default)", extra)]
@@ -188,11 +211,13 @@ def main() -> None:
                 r = one_run(label, transport, bodies, per, args.seconds, args.streams, server_args)
                 results.setdefault((label, transport), []).append(r)
                 lost = r.acked_spans - r.stored_spans
-                print(f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
-                      f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  rss {r.peak_rss_mib:5.0f} MiB "
-                      f"(pss with workers {r.peak_total_pss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
-                      f"refused {r.refused}  {'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
+                    f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  rss {r.peak_rss_mib:5.0f} MiB "
+                    f"(pss with workers {r.peak_total_pss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
+                    f"refused {r.refused}  {'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
+                    flush=True,
+                )
 
     print("\nmedians")
     for transport in transports:
@@ -201,9 +226,11 @@ def main() -> None:
             rs = results[(label, transport)]
             med = statistics.median(r.spans_per_s for r in rs)
             base = base or (med if label.startswith("baseline") else None)
-            print(f"  {transport:<4} {label:<26} {med:>9,.0f} spans/s  "
-                  f"{statistics.median(r.cpu_us_per_span for r in rs):4.1f} us CPU/span  peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
-                  f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs")  # fmt: skip
+            print(
+                f"  {transport:<4} {label:<26} {med:>9,.0f} spans/s  "
+                f"{statistics.median(r.cpu_us_per_span for r in rs):4.1f} us CPU/span  peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
+                f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs"
+            )
         if not args.no_baseline:
             default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
             baseline = statistics.median(r.spans_per_s for r in results[(configs[1][0], transport)])

@@ -23,8 +23,12 @@ def build_request(rng: random.Random, spans: int = 1000, per_trace: int = 10) ->
     for service in SERVICES:
         rs = request.resource_spans.add()
         rs.resource.attributes.extend(
-            [to_key_value("service.name", service), to_key_value("service.version", "1.4.2"), to_key_value("host.name", f"{service}-7f9c"),
-             to_key_value("telemetry.sdk.language", "python")]
+            [
+                to_key_value("service.name", service),
+                to_key_value("service.version", "1.4.2"),
+                to_key_value("host.name", f"{service}-7f9c"),
+                to_key_value("telemetry.sdk.language", "python"),
+            ]
         )
         ss = rs.scope_spans.add()
         ss.scope.name = "opentelemetry.instrumentation.requests"

@@ -48,9 +48,13 @@ def main() -> None:
         old_spans, newest = con.execute("SELECT count(*), max(start_ns) FROM spans").fetchone()
         con.close()
         days = (time.time_ns() - newest) / 86_400e9 - 1e-4  # every span of the copy is older
-        print(f"{old_spans:,} old spans to delete (--retain-days {days:.4f}); load {args.rate:,.0f} spans/s", flush=True)
-        proc, grpc_port, _ = start_server(db, "--retain-days", f"{days:.6f}", "--audit-every", "0",
-                                          "--memory-limit", "2GB")  # fmt: skip
+        print(
+            f"{old_spans:,} old spans to delete (--retain-days {days:.4f}); load {args.rate:,.0f} spans/s",
+            flush=True,
+        )
+        proc, grpc_port, _ = start_server(
+            db, "--retain-days", f"{days:.6f}", "--audit-every", "0", "--memory-limit", "2GB"
+        )
         remote = RemoteReader(proc.api_url)
         load = FreshLoad(f"127.0.0.1:{grpc_port}", args.rate)
         started = time.monotonic()
@@ -69,8 +73,10 @@ def main() -> None:
         print(f"deleted {old_spans:,} spans in {deleting:.1f} s while ingesting")
         print(f"latency while deleting: {_percentiles(during)}")
         print(f"latency after:          {_percentiles(after)}")
-        print(f"acknowledged {load.acked:,}, stored {stored:,}: "
-              f"{'nothing lost' if stored == load.acked else 'MISMATCH'}")  # fmt: skip
+        print(
+            f"acknowledged {load.acked:,}, stored {stored:,}: "
+            f"{'nothing lost' if stored == load.acked else 'MISMATCH'}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,18 @@ def main() -> None:
             truth.write(records)
             if sim.exported >= next_mark:
                 rss.append(proc.memory_info().rss / 2**20)
-                print(f"{sim.exported:>11,} exported {sim.generated:>11,} generated  "
-                      f"{sim.generated / (time.perf_counter() - start):>8,.0f} spans/s generated  "
-                      f"rss {rss[-1]:6.0f} MiB", flush=True)  # fmt: skip
+                print(
+                    f"{sim.exported:>11,} exported {sim.generated:>11,} generated  "
+                    f"{sim.generated / (time.perf_counter() - start):>8,.0f} spans/s generated  "
+                    f"rss {rss[-1]:6.0f} MiB",
+                    flush=True,
+                )
                 next_mark += args.spans // 10
         truth.close()
-    print(f"rss after 10%: {rss[0]:.0f} MiB, at the end: {rss[-1]:.0f} MiB "
-          f"({(rss[-1] - rss[0]) / rss[0] * 100:+.1f}%); {encoded / sim.exported:.0f} bytes/span encoded")  # fmt: skip
+    print(
+        f"rss after 10%: {rss[0]:.0f} MiB, at the end: {rss[-1]:.0f} MiB "
+        f"({(rss[-1] - rss[0]) / rss[0] * 100:+.1f}%); {encoded / sim.exported:.0f} bytes/span encoded"
+    )
 
 
 if __name__ == "__main__":

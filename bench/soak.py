@@ -71,14 +71,16 @@ class FreshLoad:
         trace_of: dict[bytes, bytes] = {}
         request = ExportTraceServiceRequest()
         request.CopyFrom(template)
-        first = min(s.start_time_unix_nano for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+        first = min(
+            s.start_time_unix_nano for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans
+        )
         k = 0
         for rs in request.resource_spans:
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     new = trace_of.get(span.trace_id)
                     if new is None:
-                        new = trace_of[span.trace_id] = ids[16 * k:16 * k + 16]
+                        new = trace_of[span.trace_id] = ids[16 * k : 16 * k + 16]
                         k += 1
                     shift = now - first
                     span.trace_id = new
@@ -138,7 +140,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--rate", type=float, help="spans/s [default: half the capacity measured first]")
     ap.add_argument("--audit-every", type=float, default=300)
-    ap.add_argument("--memory-limit", default="2GB", help="the server's DuckDB memory limit (its audits share it)")
+    ap.add_argument(
+        "--memory-limit", default="2GB", help="the server's DuckDB memory limit (its audits share it)"
+    )
     ap.add_argument("--out", default="bench-data/soak.jsonl", help="one JSON line per 10 s sample")
     ap.add_argument("--db", help="the store [default: a temporary file, removed after]")
     args = ap.parse_args()
@@ -151,8 +155,15 @@ def main() -> None:
     tmp = None if args.db else tempfile.TemporaryDirectory(prefix="ctxaudit-soak-")
     db = args.db or os.path.join(tmp.name, "soak.duckdb")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    proc, grpc_port, _ = start_server(db, "--audit-every", str(args.audit_every), "--audit-settle", "30",
-                                      "--memory-limit", args.memory_limit)  # fmt: skip
+    proc, grpc_port, _ = start_server(
+        db,
+        "--audit-every",
+        str(args.audit_every),
+        "--audit-settle",
+        "30",
+        "--memory-limit",
+        args.memory_limit,
+    )
     server = psutil.Process(proc.pid)
     remote = RemoteReader(proc.api_url)
     load = FreshLoad(f"127.0.0.1:{grpc_port}", args.rate)
@@ -170,13 +181,18 @@ def main() -> None:
                 health = remote.ingest()
                 runs = remote.audit_runs(1000)
                 sample = {
-                    "t_s": round(now - started), "acked": load.acked, "rate": round((load.acked - last_acked) / (now - last_t)),
+                    "t_s": round(now - started),
+                    "acked": load.acked,
+                    "rate": round((load.acked - last_acked) / (now - last_t)),
                     "p50_ms": round(1000 * lat[len(lat) // 2], 1) if lat else None,
                     "p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1) if lat else None,
-                    "rss_mib": round(rss), "pss_mib": round(pss), "queued": health["queued_spans"],
-                    "refused": load.refused, "audit_runs": len(runs),
+                    "rss_mib": round(rss),
+                    "pss_mib": round(pss),
+                    "queued": health["queued_spans"],
+                    "refused": load.refused,
+                    "audit_runs": len(runs),
                     "audit_s": round(runs[0]["seconds"], 1) if runs else None,
-                }  # fmt: skip
+                }
                 last_acked, last_t = load.acked, now
                 samples.append(sample)
                 out.write(json.dumps(sample) + "\n")
@@ -197,11 +213,17 @@ def main() -> None:
         return statistics.median(values) if values else float("nan")
 
     print(f"\n{args.minutes:g} min at {args.rate:,.0f} spans/s target; server exit {code}")
-    print(f"acknowledged {load.acked:,} spans, stored {stored:,}: {'nothing lost' if stored >= load.acked else 'LOST ' + str(load.acked - stored)}")
-    print(f"audit runs: {len(runs)}; their durations (s): {[round(r['seconds'], 1) for r in sorted(runs, key=lambda r: r['run_id'])]}")
+    print(
+        f"acknowledged {load.acked:,} spans, stored {stored:,}: {'nothing lost' if stored >= load.acked else 'LOST ' + str(load.acked - stored)}"
+    )
+    print(
+        f"audit runs: {len(runs)}; their durations (s): {[round(r['seconds'], 1) for r in sorted(runs, key=lambda r: r['run_id'])]}"
+    )
     for key in ("rate", "rss_mib", "pss_mib", "p50_ms", "p99_ms", "queued"):
-        print(f"{key:>8}: first fifth median {med(first, key):>10,.1f}   last fifth median {med(last, key):>10,.1f}   "
-              f"max {max((r[key] for r in samples if r[key] is not None), default=float('nan')):>10,.1f}")  # fmt: skip
+        print(
+            f"{key:>8}: first fifth median {med(first, key):>10,.1f}   last fifth median {med(last, key):>10,.1f}   "
+            f"max {max((r[key] for r in samples if r[key] is not None), default=float('nan')):>10,.1f}"
+        )
     if tmp:
         tmp.cleanup()
 

@@ -36,8 +36,9 @@ def pages(reader) -> dict[str, callable]:
         run = reader.audit_run()
         to_dot(build_graphs(run["edges"], run["roots"])[0])
         edge = next(e for e in run["edges"] if e["broken"])
-        reader.findings(run["run_id"], caller=edge["caller"], callee=edge["callee"], protocol=edge["protocol"],
-                        limit=20)  # fmt: skip
+        reader.findings(
+            run["run_id"], caller=edge["caller"], callee=edge["callee"], protocol=edge["protocol"], limit=20
+        )
 
     def findings():
         reader.audit_runs(200)
@@ -49,7 +50,9 @@ def pages(reader) -> dict[str, callable]:
 
     def trace():
         reader.audit_run()
-        finding = next(f for f in reader.findings(kind="orphan_root", limit=200)["findings"] if f["probable_parent"])
+        finding = next(
+            f for f in reader.findings(kind="orphan_root", limit=200)["findings"] if f["probable_parent"]
+        )
         trace_id = int(finding["trace_id"], 16)
         reader.span_rows_of_trace(trace_id)
         reader.findings(None, trace_id=trace_id, limit=50)
@@ -58,8 +61,13 @@ def pages(reader) -> dict[str, callable]:
     def sampling():
         reader.audit_run()
 
-    return {"Overview": overview, "Service graph": service_graph, "Findings": findings, "Trace view": trace,
-            "Sampling": sampling}  # fmt: skip
+    return {
+        "Overview": overview,
+        "Service graph": service_graph,
+        "Findings": findings,
+        "Trace view": trace,
+        "Sampling": sampling,
+    }
 
 
 def measure(reader, runs: int) -> dict[str, list[float]]:
@@ -85,8 +93,12 @@ def main() -> None:
     reader.close()
     if not has_run:
         print("no audit run in the store: auditing it once (saved)", file=sys.stderr)
-        audit_store(args.db, AuditSettings.load(None, settle_s=0), resume=False,
-                    progress=lambda step: print(f"  {step}", file=sys.stderr))  # fmt: skip
+        audit_store(
+            args.db,
+            AuditSettings.load(None, settle_s=0),
+            resume=False,
+            progress=lambda step: print(f"  {step}", file=sys.stderr),
+        )
     print(f"store: {stats.spans:,} spans, {stats.traces:,} traces")
     reader = LocalReader(args.db)
     local = measure(reader, args.runs)
@@ -98,8 +110,10 @@ def main() -> None:
         stop_server(server)
     print(f"{'page':<14} {'file: median s':>15} {'max s':>7} {'server API: median s':>21} {'max s':>7}")
     for name in local:
-        print(f"{name:<14} {statistics.median(local[name]):>15.3f} {max(local[name]):>7.3f} "
-              f"{statistics.median(remote[name]):>21.3f} {max(remote[name]):>7.3f}")
+        print(
+            f"{name:<14} {statistics.median(local[name]):>15.3f} {max(local[name]):>7.3f} "
+            f"{statistics.median(remote[name]):>21.3f} {max(remote[name]):>7.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -125,4 +125,3 @@ def response_for(rejected: int, message: str) -> ExportTraceServiceResponse:
         response.partial_success.rejected_spans = rejected
         response.partial_success.error_message = message
     return response
-

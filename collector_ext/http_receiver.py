@@ -32,8 +32,15 @@ def _status_body(e: Refused, content_type: str) -> bytes:
 
 
 class HttpReceiver:
-    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16, drain_timeout: float = 30.0,
-                 access: Access = OPEN):  # fmt: skip
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        address: str,
+        *,
+        threads: int = 16,
+        drain_timeout: float = 30.0,
+        access: Access = OPEN,
+    ):
         self.ingestor = ingestor
         self.access = access
         self.drain_timeout = drain_timeout
@@ -45,8 +52,13 @@ class HttpReceiver:
     def start(self) -> int:
         app = web.Application(client_max_size=self.ingestor.max_body_bytes)
         app.router.add_post(TRACES_PATH, self._handle)
-        self.port = self._server.start(app, "OTLP/HTTP", ssl_context=self.access.tls.ssl_context() if self.access.tls
-                                       else None, auto_decompress=False, shutdown_timeout=self.drain_timeout)  # fmt: skip
+        self.port = self._server.start(
+            app,
+            "OTLP/HTTP",
+            ssl_context=self.access.tls.ssl_context() if self.access.tls else None,
+            auto_decompress=False,
+            shutdown_timeout=self.drain_timeout,
+        )
         return self.port
 
     def stop(self) -> None:
@@ -68,13 +80,18 @@ class HttpReceiver:
             if encoding not in ("gzip", "identity", ""):
                 raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}: use gzip or none")
             body = await self._read_body(request)
-            result = await self._server.run_blocking(self.ingestor.export, body, content_type, encoding == "gzip")
+            result = await self._server.run_blocking(
+                self.ingestor.export, body, content_type, encoding == "gzip"
+            )
         except Refused as e:
             headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else {}
             if isinstance(e, Unauthenticated):
                 headers["WWW-Authenticate"] = 'Bearer realm="ctxaudit"'
             return web.Response(
-                status=e.http_status, body=_status_body(e, answer_type), content_type=answer_type, headers=headers
+                status=e.http_status,
+                body=_status_body(e, answer_type),
+                content_type=answer_type,
+                headers=headers,
             )
         except Exception:
             log.exception("unexpected error in OTLP/HTTP export")

@@ -159,9 +159,7 @@ class Ingestor:
     def export(self, body: bytes, content_type: str, gzipped: bool = False) -> ExportResult:
         if content_type not in CONTENT_TYPES:
             self._count(invalid=True)
-            raise UnsupportedMediaType(
-                f"unsupported content type {content_type!r}: use {PROTOBUF} or {JSON}"
-            )
+            raise UnsupportedMediaType(f"unsupported content type {content_type!r}: use {PROTOBUF} or {JSON}")
         if len(body) > self.max_body_bytes:
             self._count(invalid=True)
             raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the maximum of {self.max_body_bytes}")

@@ -29,13 +29,16 @@ def _build_file() -> descriptor_pb2.FileDescriptorProto:
     for message in fdp.message_type:
         for f in message.field:
             if f.type_name.startswith(_OFFICIAL):
-                f.type_name = f".{_PACKAGE}." + f.type_name[len(_OFFICIAL):]
+                f.type_name = f".{_PACKAGE}." + f.type_name[len(_OFFICIAL) :]
     span = next(m for m in fdp.message_type if m.name == "Span")
     entry = span.nested_type.add(name="AttributesEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, label=1, type=9)  # optional string
     entry.field.add(
-        name="value", number=2, label=1, type=11,  # optional message
+        name="value",
+        number=2,
+        label=1,
+        type=11,  # optional message
         type_name=".opentelemetry.proto.common.v1.AnyValue",
     )
     attributes = next(f for f in span.field if f.name == "attributes")

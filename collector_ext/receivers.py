@@ -22,8 +22,11 @@ class OtlpReceivers:
         self.ingestor = ingestor
         self.drain_timeout = drain_timeout
         self.grpc = GrpcReceiver(ingestor, grpc_address, access=access) if grpc_address else None
-        self.http = (HttpReceiver(ingestor, http_address, drain_timeout=drain_timeout, access=access)
-                     if http_address else None)  # fmt: skip
+        self.http = (
+            HttpReceiver(ingestor, http_address, drain_timeout=drain_timeout, access=access)
+            if http_address
+            else None
+        )
 
     def start(self) -> None:
         self.ingestor.start()

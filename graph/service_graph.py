@@ -49,15 +49,31 @@ def build_graphs(edges: Iterable[dict], roots: dict[str, dict[str, int]]) -> tup
     for g in (observed, repaired):
         _add_node(g, ENTRY, "entry")
     for e in edges:
-        callee_kind = "service" if e["callee_instrumented"] else ("database" if e["protocol"] == "db" else "peer")
+        callee_kind = (
+            "service" if e["callee_instrumented"] else ("database" if e["protocol"] == "db" else "peer")
+        )
         for g in (observed, repaired):
             _add_node(g, e["caller"], "service")
             _add_node(g, e["callee"], callee_kind)
         if e["propagated"]:
-            _merge(observed, e["caller"], e["callee"], e["protocol"], calls=e["propagated"],
-                   propagated=e["propagated"], stitched=0)  # fmt: skip
-        _merge(repaired, e["caller"], e["callee"], e["protocol"], calls=e["calls"], propagated=e["propagated"],
-               stitched=e["stitched"])  # fmt: skip
+            _merge(
+                observed,
+                e["caller"],
+                e["callee"],
+                e["protocol"],
+                calls=e["propagated"],
+                propagated=e["propagated"],
+                stitched=0,
+            )
+        _merge(
+            repaired,
+            e["caller"],
+            e["callee"],
+            e["protocol"],
+            calls=e["calls"],
+            propagated=e["propagated"],
+            stitched=e["stitched"],
+        )
     for service, n in roots.items():
         for g in (observed, repaired):
             _add_node(g, service, "service")

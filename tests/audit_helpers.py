@@ -14,8 +14,9 @@ from audit.scenarios.output import read_truth
 def simulated_store(tmp_path, scenario: str = "shop-small", seed: int = 1) -> tuple[str, list[dict]]:
     name = Path(scenario).stem  # a bundled name, or a scenario file
     db, truth = str(tmp_path / f"{name}.duckdb"), str(tmp_path / f"{name}-truth.jsonl")
-    result = CliRunner().invoke(main, ["simulate", "--scenario", scenario, "--db", db, "--truth", truth,
-                                       "--seed", str(seed)])  # fmt: skip
+    result = CliRunner().invoke(
+        main, ["simulate", "--scenario", scenario, "--db", db, "--truth", truth, "--seed", str(seed)]
+    )
     assert result.exit_code == 0, result.output
     return db, list(read_truth(truth))
 

@@ -46,8 +46,14 @@ def make_server(tmp_path):
     """Start an in-process server (both receivers on free ports); stopped at teardown."""
     servers: list[RunningServer] = []
 
-    def start(*, decoders: int = 0, max_body_bytes: int = 16 << 20, queue_spans: int = 200_000,
-              inflight_bytes: int = 256 << 20, name: str = "store.duckdb") -> RunningServer:  # fmt: skip
+    def start(
+        *,
+        decoders: int = 0,
+        max_body_bytes: int = 16 << 20,
+        queue_spans: int = 200_000,
+        inflight_bytes: int = 256 << 20,
+        name: str = "store.duckdb",
+    ) -> RunningServer:
         db = str(tmp_path / name)
         writer = SpanWriter(SpanStore(db), max_queued_spans=queue_spans)
         ingestor = Ingestor(

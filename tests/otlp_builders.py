@@ -18,10 +18,28 @@ def request(spans: list[Span], service: str = "svc") -> ExportTraceServiceReques
     return req
 
 
-def span(trace_id: bytes, span_id: bytes, parent: bytes = b"", *, name: str = "op", kind: int = 2,
-         start: int = 1_000, end: int = 2_000, attrs: dict | None = None, **fields) -> Span:  # fmt: skip
-    s = Span(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=name, kind=kind,
-             start_time_unix_nano=start, end_time_unix_nano=end, **fields)  # fmt: skip
+def span(
+    trace_id: bytes,
+    span_id: bytes,
+    parent: bytes = b"",
+    *,
+    name: str = "op",
+    kind: int = 2,
+    start: int = 1_000,
+    end: int = 2_000,
+    attrs: dict | None = None,
+    **fields,
+) -> Span:
+    s = Span(
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent,
+        name=name,
+        kind=kind,
+        start_time_unix_nano=start,
+        end_time_unix_nano=end,
+        **fields,
+    )
     for k, v in (attrs or {}).items():
         s.attributes.append(kv(k, v))
     return s

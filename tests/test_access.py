@@ -26,8 +26,9 @@ TOKEN = "s3cret-token-0123456789abcdef"
 
 
 def _ctxaudit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120,
-                          env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def _stored(db: str) -> set[str]:
@@ -47,16 +48,23 @@ def token_file(tmp_path):
 
 def test_the_token_is_required_on_both_receivers(tmp_path, token_file):
     db = str(tmp_path / "auth.duckdb")
-    proc, grpc_port, http_url = start_server(db, "--token-file", token_file, "--token-header", "x-api-key",
-                                             "--audit-every", "0")  # fmt: skip
+    proc, grpc_port, http_url = start_server(
+        db, "--token-file", token_file, "--token-header", "x-api-key", "--audit-every", "0"
+    )
     try:
         bearer = {"authorization": f"Bearer {TOKEN}"}
         emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, headers=bearer), "grpc-ok")
         emit(HttpExporter(endpoint=http_url, headers=bearer), "http-ok")
         emit(HttpExporter(endpoint=http_url, headers={"x-api-key": TOKEN}), "api-key-ok")
         emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True), "grpc-none")
-        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True,
-                          headers={"authorization": f"Bearer {TOKEN[:-1]}x"}), "grpc-wrong")  # fmt: skip
+        emit(
+            GrpcExporter(
+                endpoint=f"127.0.0.1:{grpc_port}",
+                insecure=True,
+                headers={"authorization": f"Bearer {TOKEN[:-1]}x"},
+            ),
+            "grpc-wrong",
+        )
         emit(HttpExporter(endpoint=http_url), "http-none")
         # what a client without the token is told
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -64,7 +72,9 @@ def test_the_token_is_required_on_both_receivers(tmp_path, token_file):
             with pytest.raises(grpc.RpcError) as e:
                 call(b"", timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in e.value.details()
-        request = urllib.request.Request(http_url, data=b"", headers={"Content-Type": "application/x-protobuf"})
+        request = urllib.request.Request(
+            http_url, data=b"", headers={"Content-Type": "application/x-protobuf"}
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 401 and e.value.headers["WWW-Authenticate"].startswith("Bearer")
@@ -129,16 +139,34 @@ def _grpc_credentials(pki: dict, client_cert: bool) -> grpc.ChannelCredentials:
 
 def test_tls_on_both_receivers_and_the_read_api(tmp_path, pki, token_file, monkeypatch):
     db = str(tmp_path / "tls.duckdb")
-    proc, grpc_port, http_url = start_server(db, "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
-                                             "--token-file", token_file, "--audit-every", "0")  # fmt: skip
+    proc, grpc_port, http_url = start_server(
+        db,
+        "--tls-cert",
+        pki["server.pem"],
+        "--tls-key",
+        pki["server.key"],
+        "--token-file",
+        token_file,
+        "--audit-every",
+        "0",
+    )
     try:
         assert http_url.startswith("https://") and proc.api_url.startswith("https://")
         bearer = {"authorization": f"Bearer {TOKEN}"}
-        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, False),
-                          headers=bearer), "grpc-tls")  # fmt: skip
+        emit(
+            GrpcExporter(
+                endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, False), headers=bearer
+            ),
+            "grpc-tls",
+        )
         emit(HttpExporter(endpoint=http_url, certificate_file=pki["ca.pem"], headers=bearer), "http-tls")
-        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, headers=bearer, timeout=3), "grpc-plain")
-        emit(HttpExporter(endpoint=http_url.replace("https", "http"), headers=bearer, timeout=3), "http-plain")
+        emit(
+            GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, headers=bearer, timeout=3),
+            "grpc-plain",
+        )
+        emit(
+            HttpExporter(endpoint=http_url.replace("https", "http"), headers=bearer, timeout=3), "http-plain"
+        )
         with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):  # not a CA it trusts: refused
             RemoteReader(proc.api_url, token=TOKEN).stats()
         monkeypatch.setenv("CTXAUDIT_CA_FILE", pki["ca.pem"])
@@ -151,25 +179,52 @@ def test_tls_on_both_receivers_and_the_read_api(tmp_path, pki, token_file, monke
 
 def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
     db = str(tmp_path / "mtls.duckdb")
-    proc, grpc_port, http_url = start_server(db, "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"],
-                                             "--tls-client-ca", pki["ca.pem"], "--audit-every", "0")  # fmt: skip
+    proc, grpc_port, http_url = start_server(
+        db,
+        "--tls-cert",
+        pki["server.pem"],
+        "--tls-key",
+        pki["server.key"],
+        "--tls-client-ca",
+        pki["ca.pem"],
+        "--audit-every",
+        "0",
+    )
     try:
-        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, True)), "grpc-mtls")
-        emit(HttpExporter(endpoint=http_url, certificate_file=pki["ca.pem"], client_key_file=pki["client.key"],
-                          client_certificate_file=pki["client.pem"]), "http-mtls")  # fmt: skip
-        emit(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, False), timeout=3), "grpc-nocert")
+        emit(
+            GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, True)),
+            "grpc-mtls",
+        )
+        emit(
+            HttpExporter(
+                endpoint=http_url,
+                certificate_file=pki["ca.pem"],
+                client_key_file=pki["client.key"],
+                client_certificate_file=pki["client.pem"],
+            ),
+            "http-mtls",
+        )
+        emit(
+            GrpcExporter(
+                endpoint=f"127.0.0.1:{grpc_port}", credentials=_grpc_credentials(pki, False), timeout=3
+            ),
+            "grpc-nocert",
+        )
         emit(HttpExporter(endpoint=http_url, certificate_file=pki["ca.pem"], timeout=3), "http-nocert")
     finally:
         assert stop_server(proc) == 0
     assert _stored(db) == {"grpc-mtls", "http-mtls"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tls-cert", "x.pem"], "--tls-cert and --tls-key together"),
-    (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
-    (["--token-header", "x-api-key"], "needs a token"),
-    (["--api", "0.0.0.0:4319"], "loopback only with a token"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tls-cert", "x.pem"], "--tls-cert and --tls-key together"),
+        (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
+        (["--token-header", "x-api-key"], "needs a token"),
+        (["--api", "0.0.0.0:4319"], "loopback only with a token"),
+    ],
+)
 def test_access_settings_are_checked_before_listening(tmp_path, args, message):
     env = {k: v for k, v in os.environ.items() if k != "CTXAUDIT_TOKEN"}
     r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), *args, env=env)
@@ -183,17 +238,42 @@ def test_bad_token_and_tls_files_are_usage_errors(tmp_path, pki):
     assert r.returncode == 2 and "at least 16 characters" in r.stderr
     r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), "--token-file", str(tmp_path / "missing"))
     assert r.returncode == 2 and "cannot read the token file" in r.stderr
-    r = _ctxaudit("serve", "--db", str(tmp_path / "x.duckdb"), "--tls-cert", pki["client.pem"], "--tls-key",
-                  pki["server.key"])  # fmt: skip
+    r = _ctxaudit(
+        "serve",
+        "--db",
+        str(tmp_path / "x.duckdb"),
+        "--tls-cert",
+        pki["client.pem"],
+        "--tls-key",
+        pki["server.key"],
+    )
     assert r.returncode == 2 and "cannot use the TLS files" in r.stderr  # a key that is not the certificate's
     assert not (tmp_path / "x.duckdb").exists()  # nothing started
 
 
 def test_beyond_loopback_without_a_token_warns(tmp_path, token_file):
-    proc = subprocess.Popen([sys.executable, "-m", "audit", "serve", "--db", str(tmp_path / "w.duckdb"), "--grpc",
-                             "0.0.0.0:0", "--http", "off", "--api", "off", "--audit-every", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "CTXAUDIT_TOKEN"})  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "audit",
+            "serve",
+            "--db",
+            str(tmp_path / "w.duckdb"),
+            "--grpc",
+            "0.0.0.0:0",
+            "--http",
+            "off",
+            "--api",
+            "off",
+            "--audit-every",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "CTXAUDIT_TOKEN"},
+    )
     try:
         assert "ready" in proc.stdout.readline()
     finally:
@@ -203,11 +283,15 @@ def test_beyond_loopback_without_a_token_warns(tmp_path, token_file):
 
 def test_token_checks():
     auth = TokenAuth.load(None, "X-API-Key", env={"CTXAUDIT_TOKEN": TOKEN})
-    assert auth.allows([("Authorization", f"Bearer {TOKEN}")]) and auth.allows([("authorization", f"bearer {TOKEN}")])
+    assert auth.allows([("Authorization", f"Bearer {TOKEN}")]) and auth.allows(
+        [("authorization", f"bearer {TOKEN}")]
+    )
     assert auth.allows([("x-api-key", TOKEN)])
     assert not auth.allows([("authorization", TOKEN)])  # not a bearer token
     assert not auth.allows([("authorization", f"Bearer {TOKEN[:-1]}")]) and not auth.allows([])
     assert not auth.allows([("authorization", f"Bearer {TOKEN}x")])
     assert not auth.allows([("x-other", TOKEN)])
-    assert auth.allows([("authorization", "Bearer wrong-one-000000000"), ("x-api-key", TOKEN)])  # either may carry it
+    assert auth.allows(
+        [("authorization", "Bearer wrong-one-000000000"), ("x-api-key", TOKEN)]
+    )  # either may carry it
     assert TokenAuth.load(None, env={}) is None

@@ -11,11 +11,37 @@ from tests.audit_helpers import audit_all, simulated_store
 
 HEX32, HEX16 = re.compile(r"^[0-9a-f]{32}$"), re.compile(r"^[0-9a-f]{16}$")
 FINDING_KEYS = {
-    "kind", "trace_id", "span_id", "service", "span_name", "span_kind", "start_time_unix_nano", "protocol",
-    "system", "caller", "callee", "cause", "explanation", "fix", "evidence", "probable_parent",
-}  # fmt: skip
-EDGE_KEYS = {"caller", "callee", "protocol", "system", "callee_instrumented", "calls", "propagated", "dropped",
-             "stitched", "propagation_rate", "broken", "cause"}  # fmt: skip
+    "kind",
+    "trace_id",
+    "span_id",
+    "service",
+    "span_name",
+    "span_kind",
+    "start_time_unix_nano",
+    "protocol",
+    "system",
+    "caller",
+    "callee",
+    "cause",
+    "explanation",
+    "fix",
+    "evidence",
+    "probable_parent",
+}
+EDGE_KEYS = {
+    "caller",
+    "callee",
+    "protocol",
+    "system",
+    "callee_instrumented",
+    "calls",
+    "propagated",
+    "dropped",
+    "stitched",
+    "propagation_rate",
+    "broken",
+    "cause",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +85,14 @@ def test_every_orphan_names_the_truths_cause_and_hop(shop):
 def test_broken_edges_are_the_truths(shop):
     _, truth, _, doc = shop
     edges = score(truth, doc, doc["peers"]).edges
-    assert {(e.caller, e.callee) for e in edges if e.broken} == {(e.caller, e.callee) for e in edges if e.found_broken}
-    assert {(e.caller, e.callee) for e in edges if e.broken} >= {("gateway", "recommendations"), ("checkout", "payments"),
-                                                                ("checkout", "notifications")}  # fmt: skip
+    assert {(e.caller, e.callee) for e in edges if e.broken} == {
+        (e.caller, e.callee) for e in edges if e.found_broken
+    }
+    assert {(e.caller, e.callee) for e in edges if e.broken} >= {
+        ("gateway", "recommendations"),
+        ("checkout", "payments"),
+        ("checkout", "notifications"),
+    }
     for e in edges:
         if e.found_rate is not None:  # the stored calls are a sample: allow three standard errors
             noise = 3 * (e.true_rate * (1 - e.true_rate) / e.found_calls) ** 0.5
@@ -96,7 +127,9 @@ def test_the_document_keeps_its_contract(shop):
 def test_entry_points_are_learned_and_can_be_configured(tmp_path, shop):
     db, _, result, _ = shop
     assert {"gateway:GET /cart", "gateway:POST /checkout", "billing-cron:rollup"} <= set(result.entrypoints)
-    assert not any(e.startswith(("recommendations:", "payments:", "notifications:")) for e in result.entrypoints)
+    assert not any(
+        e.startswith(("recommendations:", "payments:", "notifications:")) for e in result.entrypoints
+    )
     configured = audit_all(db, entrypoints=frozenset({"recommendations"}))
     services = {f["service"] for f in configured.iter_findings() if f["kind"] == "orphan_root"}
     assert "recommendations" not in services and "payments" in services

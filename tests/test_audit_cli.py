@@ -42,7 +42,10 @@ def test_audit_prints_a_summary_and_saves_the_run(store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "audit run 1:" in result.output and "broken edges:" in result.output
     assert "gateway -> recommendations (http)" in result.output
-    assert "fragments per request" in result.output and "edges whose callee side is not always stored" in result.output
+    assert (
+        "fragments per request" in result.output
+        and "edges whose callee side is not always stored" in result.output
+    )
     con = duckdb.connect(db, read_only=True)
     (runs,) = con.execute("SELECT count(*) FROM audit_runs").fetchone()
     findings = dict(con.execute("SELECT kind, count(*) FROM audit_findings GROUP BY kind").fetchall())
@@ -64,7 +67,9 @@ def test_json_document_streams_and_matches_the_saved_run(store, tmp_path):
     con.close()
     assert len(doc["findings"]) == saved == sum(doc["run"]["counts"].values())
     assert set(doc["sampling"]) == {"services", "edges", "overall"}
-    edge = next(e for e in doc["sampling"]["edges"] if (e["caller"], e["callee"]) == ("gateway", "recommendations"))
+    edge = next(
+        e for e in doc["sampling"]["edges"] if (e["caller"], e["callee"]) == ("gateway", "recommendations")
+    )
     assert set(edge["propagation_rate"]) == {"value", "ci_low", "ci_high", "n"}
 
 
@@ -88,8 +93,10 @@ def test_a_resumed_run_reads_only_the_new_window_and_together_they_find_the_same
 def test_settle_holds_back_spans_that_may_still_have_company_coming(tmp_path, store):
     db = copy(store, tmp_path)
     con = duckdb.connect(db)
-    con.execute("UPDATE spans SET start_ns = start_ns + (epoch_ns(now()) - 1764115200000000000), "
-                "end_ns = end_ns + (epoch_ns(now()) - 1764115200000000000)")  # as if they arrived just now
+    con.execute(
+        "UPDATE spans SET start_ns = start_ns + (epoch_ns(now()) - 1764115200000000000), "
+        "end_ns = end_ns + (epoch_ns(now()) - 1764115200000000000)"
+    )  # as if they arrived just now
     con.close()
     result = run("audit", "--db", db)
     assert result.exit_code == 0 and "nothing new to audit" in result.output
@@ -124,12 +131,15 @@ def test_graph_without_a_run_says_what_to_do(store, tmp_path):
     assert result.exit_code == 1 and "ctxaudit audit --db" in result.output
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--since", "yesterday"], 2, "ISO 8601"),
-    (["--min-confidence", "2"], 2, "--min-confidence"),
-    (["--assume-probability", "0"], 2, "--assume-probability"),
-    (["--entrypoints", "gateway", "--config", "/nonexistent.yaml"], 2, "cannot read"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--since", "yesterday"], 2, "ISO 8601"),
+        (["--min-confidence", "2"], 2, "--min-confidence"),
+        (["--assume-probability", "0"], 2, "--assume-probability"),
+        (["--entrypoints", "gateway", "--config", "/nonexistent.yaml"], 2, "cannot read"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(store, tmp_path, args, code, message):
     result = run("audit", "--db", copy(store, tmp_path), *args)
     assert result.exit_code == code and message in result.output

@@ -58,7 +58,9 @@ def test_audit_through_the_server_saves_a_run_and_says_what_it_found(served):
     assert r.stdout.startswith("audit run 1:") and "gateway -> recommendations (http)" in r.stdout
     assert "sampling distortion" in r.stdout
     remote = RemoteReader(served.url)
-    assert remote.audit_run()["run_id"] == 1 and remote.findings()["total"] > 0  # saved, and read back through it
+    assert (
+        remote.audit_run()["run_id"] == 1 and remote.findings()["total"] > 0
+    )  # saved, and read back through it
     again = _ctxaudit("audit", "--server", served.url, "--settle", "0")
     assert again.returncode == 0 and "nothing new to audit" in again.stderr
     unsaved = _ctxaudit("audit", "--server", served.url, "--settle", "0", "--all", "--no-save")
@@ -81,17 +83,20 @@ def test_a_served_audit_document_equals_the_files(served):
     assert without_time(remote["run"]) == without_time(local["run"])
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"[1, 2]", "must be a JSON object"),
-    (b"not json", "not JSON"),
-    (b'{"sql": "DROP TABLE spans"}', "unknown key"),
-    (b'{"settings": {"min_confidence": 2}}', "between 0 and 1"),
-    (b'{"settings": {"min_confidence": "high"}}', "must be numbers"),
-    (b'{"settings": {"shell": "rm"}}', "unknown setting"),
-    (b'{"settings": []}', "settings must be an object"),
-    (b'{"since_ns": "yesterday"}', "Unix nanoseconds"),
-    (b'{"save": "yes"}', "true or false"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"[1, 2]", "must be a JSON object"),
+        (b"not json", "not JSON"),
+        (b'{"sql": "DROP TABLE spans"}', "unknown key"),
+        (b'{"settings": {"min_confidence": 2}}', "between 0 and 1"),
+        (b'{"settings": {"min_confidence": "high"}}', "must be numbers"),
+        (b'{"settings": {"shell": "rm"}}', "unknown setting"),
+        (b'{"settings": []}', "settings must be an object"),
+        (b'{"since_ns": "yesterday"}', "Unix nanoseconds"),
+        (b'{"save": "yes"}', "true or false"),
+    ],
+)
 def test_bad_audit_requests_are_refused_and_nothing_runs(served, body, message):
     status, answer = _post(f"{served.url}/v1/audit", body)
     assert status == 400 and message in answer["error"]
@@ -120,15 +125,28 @@ def test_audit_request_methods_and_parameters(served):
 def test_the_server_reports_ingest_health(served, tmp_path):
     with urllib.request.urlopen(f"{served.url}/v1/ingest", timeout=10) as r:
         before = json.load(r)
-    assert before["committed_spans"] == 0 and before["queued_spans"] == 0  # the simulated spans were in the file
+    assert (
+        before["committed_spans"] == 0 and before["queued_spans"] == 0
+    )  # the simulated spans were in the file
     assert before["queue_capacity_spans"] > 0 and before["inflight_capacity_bytes"] > 0
-    r = _ctxaudit("simulate", "--scenario", "shop-small", "--seed", "3", "--otlp", f"grpc://127.0.0.1:{served.grpc_port}",
-                  "--truth", str(tmp_path / "t3.jsonl"))  # fmt: skip
+    r = _ctxaudit(
+        "simulate",
+        "--scenario",
+        "shop-small",
+        "--seed",
+        "3",
+        "--otlp",
+        f"grpc://127.0.0.1:{served.grpc_port}",
+        "--truth",
+        str(tmp_path / "t3.jsonl"),
+    )
     assert r.returncode == 0, r.stderr
     health = RemoteReader(served.url).ingest()
     assert health["committed_spans"] == RemoteReader(served.url).stats().spans - served.exported > 0
     assert health["spans_per_s"] > 0 and health["requests"] >= 1 and health["rejected_spans"] == 0
-    invalid = urllib.request.Request(served.http_url, data=b"\xff\x00", headers={"Content-Type": "application/x-protobuf"})
+    invalid = urllib.request.Request(
+        served.http_url, data=b"\xff\x00", headers={"Content-Type": "application/x-protobuf"}
+    )
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(invalid, timeout=10)
     assert RemoteReader(served.url).ingest()["invalid_requests"] == 1

@@ -51,15 +51,24 @@ HTTP_CASES = [
     ("unsupported encoding", lambda rng: good(rng), PB, "br", 415),
     ("malformed protobuf", lambda rng: b"\x0a\xff\xff\xff\xff\x0f", PB, None, 400),
     ("malformed json", lambda rng: b"{nope", JS, None, 400),
-    ("json with non-hex id", lambda rng: json.dumps(
-        {"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "xyz"}]}]}]}).encode(), JS, None, 400),
+    (
+        "json with non-hex id",
+        lambda rng: json.dumps(
+            {"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "xyz"}]}]}]}
+        ).encode(),
+        JS,
+        None,
+        400,
+    ),
     ("bad gzip", lambda rng: b"definitely not gzip", PB, "gzip", 400),
     ("body over the limit", lambda rng: big_valid_request(rng, MAX), PB, None, 413),
     ("gzip bomb", lambda rng: gzip.compress(big_valid_request(rng, 4 * MAX)), PB, "gzip", 413),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize("case, body, content_type, encoding, status", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
+@pytest.mark.parametrize(
+    "case, body, content_type, encoding, status", HTTP_CASES, ids=[c[0] for c in HTTP_CASES]
+)
 def test_http_bad_input(server, rng, case, body, content_type, encoding, status):
     accepted = post(server.http_url, good(rng))
     assert accepted[0] == 200
@@ -90,12 +99,27 @@ def test_http_partial_success_in_both_encodings(server, rng):
     assert resp.partial_success.rejected_spans == 2
     assert "span_id must be 8 bytes" in resp.partial_success.error_message
 
-    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
-        {"traceId": tid.hex(), "spanId": "00" * 8}, {"traceId": tid.hex(), "spanId": "0a" * 8}]}]}]}  # fmt: skip
+    doc = {
+        "resourceSpans": [
+            {
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {"traceId": tid.hex(), "spanId": "00" * 8},
+                            {"traceId": tid.hex(), "spanId": "0a" * 8},
+                        ]
+                    }
+                ]
+            }
+        ]
+    }
     code, headers, payload = post(server.http_url, json.dumps(doc).encode(), JS)
     assert code == 200 and headers["Content-Type"].startswith(JS)
     assert json.loads(payload) == {
-        "partialSuccess": {"rejectedSpans": "1", "errorMessage": "1 span(s): span_id must be 8 bytes, not all zero"}
+        "partialSuccess": {
+            "rejectedSpans": "1",
+            "errorMessage": "1 span(s): span_id must be 8 bytes, not all zero",
+        }
     }
     assert server.reader().stats().spans == 2
 

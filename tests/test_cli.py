@@ -21,10 +21,15 @@ def store_with_spans(make_server, rng) -> str:
     server = make_server()
     tid = rng.randbytes(16)
     reqs = [
-        request([span(tid, rng.randbytes(8), start=100, end=200), span(tid, rng.randbytes(8), start=300, end=250)],
-                service="orders"),
+        request(
+            [
+                span(tid, rng.randbytes(8), start=100, end=200),
+                span(tid, rng.randbytes(8), start=300, end=250),
+            ],
+            service="orders",
+        ),
         request([span(rng.randbytes(16), rng.randbytes(8), start=150, end=400)], service="payments"),
-    ]  # fmt: skip
+    ]
     with grpc.insecure_channel(server.grpc_target) as channel:
         export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
         for r in reqs:
@@ -40,8 +45,10 @@ def test_stats_json(make_server, rng):
     doc = json.loads(result.output)
     assert (doc["spans"], doc["traces"], doc["services"], doc["links"]) == (3, 2, 2, 0)
     assert (doc["first_span_start_ns"], doc["last_span_end_ns"], doc["end_before_start"]) == (100, 400, 1)
-    assert doc["by_service"] == [{"service": "orders", "spans": 2, "traces": 1},
-                                 {"service": "payments", "spans": 1, "traces": 1}]  # fmt: skip
+    assert doc["by_service"] == [
+        {"service": "orders", "spans": 2, "traces": 1},
+        {"service": "payments", "spans": 1, "traces": 1},
+    ]
 
 
 def test_stats_text(make_server, rng):

@@ -23,9 +23,15 @@ def one_row(attrs=None, **fields):
 
 
 ALL_TYPES = {
-    "s": "text", "i": -(2**63), "d": 0.25, "b": False, "raw": b"\x00\xff",
-    "arr": ["a", 1, 2.5, True], "kv": {"nested": {"deep": [1, 2]}}, "empty": [],
-}  # fmt: skip
+    "s": "text",
+    "i": -(2**63),
+    "d": 0.25,
+    "b": False,
+    "raw": b"\x00\xff",
+    "arr": ["a", 1, 2.5, True],
+    "kv": {"nested": {"deep": [1, 2]}},
+    "empty": [],
+}
 
 
 KINDS = ["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"]
@@ -50,17 +56,31 @@ def rebuild(row: dict, links: list[dict]) -> Span:
         li = s.links.add(
             trace_id=(link["link_trace_id_hi"] << 64 | link["link_trace_id_lo"]).to_bytes(16, "big"),
             span_id=link["link_span_id"].to_bytes(8, "big"),
-            trace_state=link["trace_state"] or "", flags=link["flags"],
+            trace_state=link["trace_state"] or "",
+            flags=link["flags"],
             dropped_attributes_count=link["dropped_attributes_count"],
-        )  # fmt: skip
+        )
         for k, v in json.loads(link["attributes"] or "{}").items():
             li.attributes.append(kv(k, v))
     return s
 
 
 def test_the_stored_span_is_the_sent_span():
-    sent = span(T1, S1, S2, name="GET /x", kind=3, start=5, end=9, attrs=ALL_TYPES, trace_state="ot=th:8",
-                flags=0x301, dropped_attributes_count=2, dropped_events_count=3, dropped_links_count=4)  # fmt: skip
+    sent = span(
+        T1,
+        S1,
+        S2,
+        name="GET /x",
+        kind=3,
+        start=5,
+        end=9,
+        attrs=ALL_TYPES,
+        trace_state="ot=th:8",
+        flags=0x301,
+        dropped_attributes_count=2,
+        dropped_events_count=3,
+        dropped_links_count=4,
+    )
     sent.status.code, sent.status.message = 2, "boom"
     ev = sent.events.add(time_unix_nano=7, name="exception", dropped_attributes_count=1)
     ev.attributes.append(kv("exception.type", "ValueError"))
@@ -82,15 +102,29 @@ def test_otlp_rest_holds_no_field_that_a_column_holds():
 
 
 def test_scalar_columns():
-    s = span(T1, S1, S2, name="GET /x", kind=5, start=5, end=9, trace_state="ot=th:c;rv:0123456789abcd",
-             flags=0x301)  # fmt: skip
+    s = span(
+        T1,
+        S1,
+        S2,
+        name="GET /x",
+        kind=5,
+        start=5,
+        end=9,
+        trace_state="ot=th:c;rv:0123456789abcd",
+        flags=0x301,
+    )
     s.status.code = 2
     row = convert(request([s], service="orders")).spans.to_pylist()[0]
     assert row["trace_id_hi"] << 64 | row["trace_id_lo"] == int.from_bytes(T1, "big")
     assert row["span_id"] == int.from_bytes(S1, "big")
     assert row["parent_span_id"] == int.from_bytes(S2, "big")
     assert (row["kind"], row["status_code"], row["name"], row["start_ns"], row["end_ns"]) == (
-        "CONSUMER", "ERROR", "GET /x", 5, 9)  # fmt: skip
+        "CONSUMER",
+        "ERROR",
+        "GET /x",
+        5,
+        9,
+    )
     assert row["service_name"] == "orders"
     assert row["sampling_threshold"] == 3 * 2**54 and row["sampling_rv"] == 0x0123456789ABCD
     assert row["sampling_tracestate_invalid"] is False
@@ -138,20 +172,46 @@ def test_protocol_class(attrs, protocol):
         ({"url.path": "/c", "http.target": "/d"}, {"url_path": "/c"}),
         ({"http.url": "http://h/p"}, {"url_full": "http://h/p"}),
         ({"http.method": "PUT", "http.status_code": 503}, {"http_method": "PUT", "http_status_code": 503}),
-        ({"http.request.method": "GET", "http.response.status_code": 200}, {"http_method": "GET", "http_status_code": 200}),
-        ({"http.route": "/users/{id}", "peer.service": "users"}, {"http_route": "/users/{id}", "peer_service": "users"}),
-        ({"messaging.system": "kafka", "messaging.destination.name": "orders", "messaging.message.id": "m1",
-          "messaging.destination.partition.id": "3", "messaging.kafka.offset": 42},
-         {"messaging_system": "kafka", "messaging_destination": "orders", "messaging_message_id": "m1",
-          "messaging_partition": "3", "messaging_offset": 42}),
-        ({"messaging.kafka.partition": 3, "messaging.kafka.message.offset": 7, "messaging.destination": "t"},
-         {"messaging_partition": "3", "messaging_offset": 7, "messaging_destination": "t"}),
-        ({"rpc.system": "grpc", "rpc.service": "inv.Inventory", "rpc.method": "Reserve"},
-         {"rpc_system": "grpc", "rpc_service": "inv.Inventory", "rpc_method": "Reserve"}),
+        (
+            {"http.request.method": "GET", "http.response.status_code": 200},
+            {"http_method": "GET", "http_status_code": 200},
+        ),
+        (
+            {"http.route": "/users/{id}", "peer.service": "users"},
+            {"http_route": "/users/{id}", "peer_service": "users"},
+        ),
+        (
+            {
+                "messaging.system": "kafka",
+                "messaging.destination.name": "orders",
+                "messaging.message.id": "m1",
+                "messaging.destination.partition.id": "3",
+                "messaging.kafka.offset": 42,
+            },
+            {
+                "messaging_system": "kafka",
+                "messaging_destination": "orders",
+                "messaging_message_id": "m1",
+                "messaging_partition": "3",
+                "messaging_offset": 42,
+            },
+        ),
+        (
+            {
+                "messaging.kafka.partition": 3,
+                "messaging.kafka.message.offset": 7,
+                "messaging.destination": "t",
+            },
+            {"messaging_partition": "3", "messaging_offset": 7, "messaging_destination": "t"},
+        ),
+        (
+            {"rpc.system": "grpc", "rpc.service": "inv.Inventory", "rpc.method": "Reserve"},
+            {"rpc_system": "grpc", "rpc_service": "inv.Inventory", "rpc_method": "Reserve"},
+        ),
         ({"db.system": "postgresql"}, {"db_system": "postgresql"}),
         ({"db.system.name": "redis", "db.system": "old"}, {"db_system": "redis"}),
     ],
-)  # fmt: skip
+)
 def test_audit_keys_from_current_and_legacy_semantic_conventions(attrs, expected):
     row = one_row(attrs)
     assert {k: row[k] for k in expected} == expected

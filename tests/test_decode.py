@@ -16,8 +16,13 @@ SPEC_EXAMPLE = {
             "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "my.service"}}]},
             "scopeSpans": [
                 {
-                    "scope": {"name": "my.library", "version": "1.0.0",
-                              "attributes": [{"key": "my.scope.attribute", "value": {"stringValue": "some scope attribute"}}]},
+                    "scope": {
+                        "name": "my.library",
+                        "version": "1.0.0",
+                        "attributes": [
+                            {"key": "my.scope.attribute", "value": {"stringValue": "some scope attribute"}}
+                        ],
+                    },
                     "spans": [
                         {
                             "traceId": "5B8EFFF798038103D269B633813FC60C",
@@ -34,14 +39,16 @@ SPEC_EXAMPLE = {
                             "status": {"code": 2, "message": "boom"},
                             "flags": 769,
                             "traceState": "ot=th:8",
-                            "links": [{"traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "0102030405060708"}],
+                            "links": [
+                                {"traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "0102030405060708"}
+                            ],
                         }
                     ],
                 }
             ],
         }
     ]
-}  # fmt: skip
+}
 
 
 def test_otlp_json_spec_example_decodes_with_hex_ids_and_integer_enums():
@@ -76,7 +83,9 @@ def test_protobuf_and_json_decode_to_the_same_spans():
 # an attribute value nested 150 kvlists deep: beyond protobuf's recursion limit
 DEEP_KVLIST = (
     '{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": '
-    + '{"kvlistValue": {"values": [{"key": "a", "value": ' * 150 + "{}" + "}]}}" * 150
+    + '{"kvlistValue": {"values": [{"key": "a", "value": ' * 150
+    + "{}"
+    + "}]}}" * 150
     + "}]}]}]}]}"
 ).encode()
 
@@ -90,7 +99,9 @@ DEEP_KVLIST = (
         json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz" * 16}]}]}]}).encode(),
         json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 7}]}]}]}).encode(),
         json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"kind": [2]}]}]}]}).encode(),
-        json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "soon"}]}]}]}).encode(),
+        json.dumps(
+            {"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "soon"}]}]}]}
+        ).encode(),
         b"\xff\xfe",
         b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than any parser's stack
         DEEP_KVLIST,

@@ -12,9 +12,11 @@ from tests.otlp_builders import request, span
 
 _rng = random.Random(7)
 VALID = request(
-    [span(_rng.randbytes(16), _rng.randbytes(8), attrs={"server.address": "a", "n": [1, {"k": b"x"}]})
-     for _ in range(3)]
-).SerializeToString()  # fmt: skip
+    [
+        span(_rng.randbytes(16), _rng.randbytes(8), attrs={"server.address": "a", "n": [1, {"k": b"x"}]})
+        for _ in range(3)
+    ]
+).SerializeToString()
 
 
 def decodes_or_refuses(body: bytes, content_type: str, gzipped: bool = False) -> None:

@@ -32,8 +32,8 @@ def _by_hand(rows, group, fpc):
     w, a, b = (np.array([r[i] for r in mine]) for i in (2, 3, 4))
     r = (w * a).sum() / (w * b).sum()
     v = 0.0
-    for (_, ci, wi, ai, bi) in mine:
-        for (_, cj, wj, aj, bj) in mine:
+    for _, ci, wi, ai, bi in mine:
+        for _, cj, wj, aj, bj in mine:
             if ci == cj:
                 factor = 1 - max(1 / wi, 1 / wj) if fpc else 1.0
                 v += wi * (ai - r * bi) * wj * (aj - r * bj) * factor
@@ -67,8 +67,12 @@ def test_kept_share_is_stored_over_adjusted_count(units):
         mine = [r for r in rows if r[0] == group]
         m, total, var = got[(group,)]
         assert m == len(mine) and total == pytest.approx(sum(r[2] for r in mine))
-        var_total = sum(wi * wj * (1 - max(1 / wi, 1 / wj))
-                        for (_, ci, wi, *_) in mine for (_, cj, wj, *_) in mine if ci == cj)  # fmt: skip
+        var_total = sum(
+            wi * wj * (1 - max(1 / wi, 1 / wj))
+            for (_, ci, wi, *_) in mine
+            for (_, cj, wj, *_) in mine
+            if ci == cj
+        )
         assert var == pytest.approx((m / total) ** 2 * var_total / total**2, rel=1e-9)
 
 
@@ -76,7 +80,9 @@ def test_wilson_interval_matches_the_textbook():
     # Wilson (1927) for 8 of 10 at 95%: 0.4902 .. 0.9433 (e.g. Newcombe 1998, table I)
     w = wilson(8, 10)
     assert w["value"] == 0.8 and w["n"] == 10
-    assert math.isclose(w["ci_low"], 0.4902, abs_tol=5e-4) and math.isclose(w["ci_high"], 0.9433, abs_tol=5e-4)
+    assert math.isclose(w["ci_low"], 0.4902, abs_tol=5e-4) and math.isclose(
+        w["ci_high"], 0.9433, abs_tol=5e-4
+    )
     assert wilson(0, 20)["ci_low"] == 0.0 < wilson(0, 20)["ci_high"] < 0.2
     assert wilson(0, 0) == {"value": None, "ci_low": None, "ci_high": None, "n": 0}
 

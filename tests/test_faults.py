@@ -29,10 +29,32 @@ def _limited_file_size():
 
 def test_disk_full_refuses_retryably_and_recovers_when_space_returns(tmp_path):
     db = str(tmp_path / "full.duckdb")
-    proc = subprocess.Popen([sys.executable, "-m", "audit", "serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "off",
-                             "--api", "127.0.0.1:0", "--audit-every", "0", "--log-interval", "0", "--checkpoint-mib", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limited_file_size)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "audit",
+            "serve",
+            "--db",
+            db,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--api",
+            "127.0.0.1:0",
+            "--audit-every",
+            "0",
+            "--log-interval",
+            "0",
+            "--checkpoint-mib",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limited_file_size,
+    )
     line = proc.stdout.readline()
     port = int(re.search(r"gRPC [^:]+:(\d+)", line).group(1))
     api = RemoteReader(re.search(r"read API (\S+?);", line).group(1))
@@ -152,7 +174,9 @@ def test_a_slow_writer_gives_backpressure_not_unbounded_memory(make_server):
     assert refused[0] > 50  # the clients were told, many times, to come back later
     assert peaks["queued"] <= 10_000 + 1000  # the bound (an empty queue takes one batch whatever its size)
     assert peaks["inflight"] <= (16 << 20) + max(map(len, bodies))
-    assert peaks["rss"] - rss_before < 300 << 20, (peaks["rss"] - rss_before) >> 20  # bounded, whatever was sent
+    assert peaks["rss"] - rss_before < 300 << 20, (
+        peaks["rss"] - rss_before
+    ) >> 20  # bounded, whatever was sent
     reader = server.reader()
     try:
         assert reader.stats().spans == acked[0]  # everything acknowledged, and nothing else, was stored

@@ -37,7 +37,9 @@ def fleet(fleet_store):
     reader = LocalReader(db)
     rows = reader._dicts(
         "SELECT *, lpad(hex(trace_id), 32, '0') AS tid, lpad(hex(span_id), 16, '0') AS sid, "
-        "lpad(hex(parent_span_id), 16, '0') AS pid FROM spans", [])  # fmt: skip
+        "lpad(hex(parent_span_id), 16, '0') AS pid FROM spans",
+        [],
+    )
     reader.close()
     for r in rows:
         r["tid"], r["sid"] = r["tid"].lower(), r["sid"].lower()
@@ -52,7 +54,12 @@ def test_truth_covers_every_stored_span_and_agrees_on_parents(fleet):
     assert any(not t["exported"] for t in truth.values())  # unsampled spans have truth too
     for sid, r in spans.items():
         t = truth[sid]
-        assert (t["trace_id"], t["parent_span_id"], t["service"], t["kind"]) == (r["tid"], r["pid"], r["service_name"], r["kind"])
+        assert (t["trace_id"], t["parent_span_id"], t["service"], t["kind"]) == (
+            r["tid"],
+            r["pid"],
+            r["service_name"],
+            r["kind"],
+        )
         if t["cause"] is None and not t["linked"]:
             assert t["true_parent_span_id"] == t["parent_span_id"]
 
@@ -67,8 +74,9 @@ def test_truth_covers_every_stored_span_and_agrees_on_parents(fleet):
         ("notifications", "CONSUMER", "producer_does_not_inject", "messaging", "PRODUCER"),
     ],
 )
-def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(fleet, service, kind, cause, protocol,
-                                                                             parent_kind):  # fmt: skip
+def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(
+    fleet, service, kind, cause, protocol, parent_kind
+):
     spans, truth = fleet
     orphans = [t for t in truth.values() if t["cause"] == cause and t["exported"]]
     assert orphans
@@ -86,14 +94,23 @@ def test_each_loss_mode_leaves_a_root_whose_real_parent_is_in_another_trace(flee
 def test_propagated_calls_stay_in_the_trace(fleet):
     spans, _ = fleet
     for r in spans.values():
-        if r["service_name"] == "payments" and r["rpc_method"] == "Authorize" or r["service_name"] in ("cart", "inventory"):
+        if (
+            r["service_name"] == "payments"
+            and r["rpc_method"] == "Authorize"
+            or r["service_name"] in ("cart", "inventory")
+        ):
             assert r["pid"] is not None and r["parent_is_remote"] is True
     grpc_servers = [r for r in spans.values() if r["service_name"] == "inventory"]
     assert grpc_servers and {(r["protocol"], r["rpc_service"], r["rpc_method"]) for r in grpc_servers} == {
-        ("grpc", "shop.Inventory", "Reserve")}  # fmt: skip
+        ("grpc", "shop.Inventory", "Reserve")
+    }
     for r in grpc_servers:  # the parent, when stored, is the frontend's instrumented gRPC client span
         parent = spans.get(r["pid"])
-        assert parent is None or (parent["service_name"], parent["kind"], parent["protocol"]) == ("frontend", "CLIENT", "grpc")
+        assert parent is None or (parent["service_name"], parent["kind"], parent["protocol"]) == (
+            "frontend",
+            "CLIENT",
+            "grpc",
+        )
 
 
 def test_samplers_write_thresholds_and_the_independent_one_leaves_dangling_parents(fleet):
@@ -106,9 +123,15 @@ def test_samplers_write_thresholds_and_the_independent_one_leaves_dangling_paren
 
 def test_entry_and_scheduled_roots_are_legitimate(fleet):
     spans, truth = fleet
-    roots = [r for r in spans.values()
-             if r["pid"] is None and truth[r["sid"]]["cause"] is None and not truth[r["sid"]]["linked"]]  # fmt: skip
-    assert {(r["service_name"], r["kind"]) for r in roots} == {("frontend", "SERVER"), ("billing-cron", "INTERNAL")}
+    roots = [
+        r
+        for r in spans.values()
+        if r["pid"] is None and truth[r["sid"]]["cause"] is None and not truth[r["sid"]]["linked"]
+    ]
+    assert {(r["service_name"], r["kind"]) for r in roots} == {
+        ("frontend", "SERVER"),
+        ("billing-cron", "INTERNAL"),
+    }
 
 
 def test_kafka_consumer_that_extracts_continues_the_producers_trace(fleet):
@@ -119,7 +142,10 @@ def test_kafka_consumer_that_extracts_continues_the_producers_trace(fleet):
         assert c["pid"] is not None and c["parent_is_remote"] is True
         producer = spans[c["pid"]]  # a sampled consumer child means its producer was sampled too
         assert (producer["service_name"], producer["kind"], producer["messaging_destination"]) == (
-            "frontend", "PRODUCER", "orders")  # fmt: skip
+            "frontend",
+            "PRODUCER",
+            "orders",
+        )
         assert c["tid"] == producer["tid"] and c["messaging_destination"] == "orders"
 
 
@@ -134,7 +160,10 @@ def test_kafka_consumer_with_the_official_instrumentation_links_to_the_producer(
         assert len(children) == 1 and children[0]["link_count"] == 1  # the `process` span carries the link
         assert children[0]["messaging_destination"] == "audit-log"
         producer = spans.get(t["true_parent_span_id"])
-        assert producer is None or (producer["kind"], producer["messaging_destination"]) == ("PRODUCER", "audit-log")
+        assert producer is None or (producer["kind"], producer["messaging_destination"]) == (
+            "PRODUCER",
+            "audit-log",
+        )
 
 
 def test_the_audit_names_each_loss_mode_of_the_fleet(fleet_store):
@@ -156,7 +185,7 @@ def test_the_audit_names_each_loss_mode_of_the_fleet(fleet_store):
         ("orphan_root", "frontend", "notifications", "producer_does_not_inject"),
         ("in_process_break", "frontend", "redis", "thread_pool_no_context"),
         ("dangling_parent", None, "cart", "sampler_not_parent_based"),
-    ]:  # fmt: skip
+    ]:
         assert hops[(kind, caller, callee, cause)] > 0, (kind, caller, callee, cause, hops)
     flagged = {f["service"] for f in findings if f["kind"] in ("orphan_root", "in_process_break")}
     assert not flagged & {"auditor", "fulfilment", "inventory", "cart", "billing-cron"}
@@ -168,5 +197,10 @@ def test_the_audit_names_each_loss_mode_of_the_fleet(fleet_store):
     assert s.stitching["all"].precision.value >= 0.95, s.summary()["stitching"]
     assert s.stitching["http"].recall.value >= 0.9, s.summary()["stitching"]  # one request at a time
     broken = {(e.caller, e.callee) for e in result.edges if e.broken}
-    assert broken == {("frontend", "recommendations"), ("frontend", "pricing"), ("frontend", "payments"),
-                      ("frontend", "notifications"), ("frontend", "redis")}  # fmt: skip
+    assert broken == {
+        ("frontend", "recommendations"),
+        ("frontend", "pricing"),
+        ("frontend", "payments"),
+        ("frontend", "notifications"),
+        ("frontend", "redis"),
+    }

@@ -38,28 +38,44 @@ bodies = st.one_of(
     st.binary(max_size=2048).map(gzip.compress),
     st.text(max_size=512).map(str.encode),
 )
-headers = st.fixed_dictionaries({}, optional={
-    "Content-Type": st.sampled_from([PB, JS, "text/plain", "application/x-protobuf; charset=utf-8", "", "*/*",
-                                     "application/json; x=" + "y" * 200]),
-    "Content-Encoding": st.sampled_from(["gzip", "identity", "br", "GZIP", "gzip, gzip", ""]),
-    "Authorization": st.text(max_size=40, alphabet=st.characters(min_codepoint=32, max_codepoint=126)),
-})  # fmt: skip
+headers = st.fixed_dictionaries(
+    {},
+    optional={
+        "Content-Type": st.sampled_from(
+            [
+                PB,
+                JS,
+                "text/plain",
+                "application/x-protobuf; charset=utf-8",
+                "",
+                "*/*",
+                "application/json; x=" + "y" * 200,
+            ]
+        ),
+        "Content-Encoding": st.sampled_from(["gzip", "identity", "br", "GZIP", "gzip, gzip", ""]),
+        "Authorization": st.text(max_size=40, alphabet=st.characters(min_codepoint=32, max_codepoint=126)),
+    },
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from audit.serve_process import start_server, stop_server
 
-    proc, _, http_url = start_server(str(tmp_path_factory.mktemp("fuzz") / "f.duckdb"), "--audit-every", "0",
-                                     "--max-body-mib", "1")  # fmt: skip
+    proc, _, http_url = start_server(
+        str(tmp_path_factory.mktemp("fuzz") / "f.duckdb"), "--audit-every", "0", "--max-body-mib", "1"
+    )
     yield http_url
     assert stop_server(proc) == 0  # it survived
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE"]),
-       path=st.sampled_from(["/v1/traces", "/v1/traces/", "/v1/logs", "/", "/v1/traces?x=1", "//v1/traces"]),
-       headers=headers, body=bodies)  # fmt: skip
+@given(
+    method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE"]),
+    path=st.sampled_from(["/v1/traces", "/v1/traces/", "/v1/logs", "/", "/v1/traces?x=1", "//v1/traces"]),
+    headers=headers,
+    body=bodies,
+)
 def test_any_request_gets_an_answer_below_500(server, method, path, headers, body):
     status = _send(server, method, path, headers, body)
     assert status < 500, (method, path, headers, body[:80])
@@ -74,8 +90,19 @@ def test_good_requests_still_stored_after_the_fuzzing(server):
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 def test_atheris_on_the_decoders_for_a_bounded_time(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench.fuzz_otlp", "-runs=4000", "-max_total_time=60",
-                        f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True, timeout=180,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fuzz_otlp",
+            "-runs=4000",
+            "-max_total_time=60",
+            f"-artifact_prefix={tmp_path}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Done" in r.stderr or "DONE" in r.stderr

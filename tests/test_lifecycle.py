@@ -19,7 +19,9 @@ EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def ctxaudit(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Sender:
@@ -104,8 +106,10 @@ def test_locked_file_gets_a_clear_error(tmp_path):
     db = str(tmp_path / "locked.duckdb")
     proc, _, _ = start_server(db)
     try:
-        for args in (["stats", "--db", db], ["serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "off",
-                                              "--api", "off"]):  # fmt: skip
+        for args in (
+            ["stats", "--db", db],
+            ["serve", "--db", db, "--grpc", "127.0.0.1:0", "--http", "off", "--api", "off"],
+        ):
             r = ctxaudit(*args)
             assert r.returncode == 1, r
             assert db in r.stderr and "locked" in r.stderr
@@ -135,8 +139,11 @@ def test_port_in_use_gets_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        for flag, others in (("--grpc", ("--http", "off")), ("--http", ("--grpc", "off")),
-                             ("--api", ("--grpc", "127.0.0.1:0", "--http", "off"))):  # fmt: skip
+        for flag, others in (
+            ("--grpc", ("--http", "off")),
+            ("--http", ("--grpc", "off")),
+            ("--api", ("--grpc", "127.0.0.1:0", "--http", "off")),
+        ):
             r = ctxaudit("serve", "--db", str(tmp_path / "p.duckdb"), flag, f"127.0.0.1:{port}", *others)
             assert r.returncode == 1, r
             assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr

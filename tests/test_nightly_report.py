@@ -24,9 +24,13 @@ def test_next_run_is_the_next_local_time_across_daylight_saving():
     assert next_run(at, PARIS, first) == datetime(2026, 3, 30, 6, 30, tzinfo=PARIS)  # strictly after
     before = next_run(at, PARIS, datetime(2026, 3, 28, 5, 0, tzinfo=UTC))
     assert before.astimezone(UTC) == datetime(2026, 3, 28, 5, 30, tzinfo=UTC)  # 06:30 at +01:00
-    skipped = next_run(time_of_day(2, 30), PARIS, datetime(2026, 3, 28, 23, 0, tzinfo=UTC))  # 02:30 does not exist
+    skipped = next_run(
+        time_of_day(2, 30), PARIS, datetime(2026, 3, 28, 23, 0, tzinfo=UTC)
+    )  # 02:30 does not exist
     assert skipped.date() == date(2026, 3, 29)  # that day still gets its report
-    repeated = next_run(time_of_day(2, 30), PARIS, datetime(2026, 10, 24, 23, 0, tzinfo=UTC))  # 02:30 happens twice
+    repeated = next_run(
+        time_of_day(2, 30), PARIS, datetime(2026, 10, 24, 23, 0, tzinfo=UTC)
+    )  # 02:30 happens twice
     assert repeated.astimezone(UTC) == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # the first one
 
 
@@ -36,11 +40,18 @@ def test_old_reports_and_history_are_pruned(tmp_path):
         (tmp_path / day).mkdir()
         (tmp_path / day / "report.html").write_text("x")
     (tmp_path / "notes").mkdir()  # not a report folder: left alone
-    lines = [{"generated_at": f"{d}T05:30:00Z", "window_start": 0, "window_end": 1, "figures": {}, "hops": []}
-             for d in ("2026-11-24", "2026-11-25", "2026-11-26")]  # fmt: skip
+    lines = [
+        {"generated_at": f"{d}T05:30:00Z", "window_start": 0, "window_end": 1, "figures": {}, "hops": []}
+        for d in ("2026-11-24", "2026-11-25", "2026-11-26")
+    ]
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     reports.prune(date(2026, 11, 26))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-11-25", "2026-11-26", "history.jsonl", "notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "2026-11-25",
+        "2026-11-26",
+        "history.jsonl",
+        "notes",
+    ]
     kept = [json.loads(x)["generated_at"] for x in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert kept == ["2026-11-25T05:30:00Z", "2026-11-26T05:30:00Z"]
 
@@ -51,8 +62,19 @@ def test_serve_writes_its_daily_report(tmp_path):
     stale = reports / "2000-01-01"
     stale.mkdir(parents=True)
     at = (datetime.now(UTC) + timedelta(seconds=6)).strftime("%H:%M:%S")
-    proc, _, _ = start_server(db, "--audit-every", "0", "--report-at", at, "--report-tz", "UTC", "--report-dir",
-                              str(reports), "--report-keep-days", "3")  # fmt: skip
+    proc, _, _ = start_server(
+        db,
+        "--audit-every",
+        "0",
+        "--report-at",
+        at,
+        "--report-tz",
+        "UTC",
+        "--report-dir",
+        str(reports),
+        "--report-keep-days",
+        "3",
+    )
     try:
         today = reports / datetime.now(UTC).date().isoformat()
         deadline = time.monotonic() + 120
@@ -67,5 +89,7 @@ def test_serve_writes_its_daily_report(tmp_path):
     assert "gateway → recommendations" in (today / "report.html").read_text()
     assert len((reports / "history.jsonl").read_text().splitlines()) == 1
     assert not stale.exists()  # older than --report-keep-days
-    bad = subprocess.run([sys.executable, "-m", "audit", "serve", "--report-at", "7pm"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "audit", "serve", "--report-at", "7pm"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "time of day" in bad.stderr

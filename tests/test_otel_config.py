@@ -70,8 +70,11 @@ def test_the_ctxaudit_exporter_settings_reach_a_real_server(config, tmp_path):
     proc, grpc_port, _ = start_server(db, "--grpc", ctx["endpoint"], "--audit-every", "0")
     try:
         assert grpc_port == int(port)
-        exporter = OTLPSpanExporter(endpoint=ctx["endpoint"], insecure=ctx["tls"]["insecure"],
-                                    compression=Compression.Gzip if ctx["compression"] == "gzip" else None)  # fmt: skip
+        exporter = OTLPSpanExporter(
+            endpoint=ctx["endpoint"],
+            insecure=ctx["tls"]["insecure"],
+            compression=Compression.Gzip if ctx["compression"] == "gzip" else None,
+        )
         trace_id, _, _ = emit(exporter, "tee-test")
     finally:
         assert stop_server(proc) == 0

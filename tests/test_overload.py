@@ -76,8 +76,11 @@ def test_full_queue_answers_unavailable_and_503_with_retry_hints(make_server, rn
     retry = dict(e.trailing_metadata())["google.rpc.retryinfo-bin"]
     assert RetryInfo.FromString(retry).retry_delay.seconds == 1
 
-    req = urllib.request.Request(server.http_url, data=request(spans(2, rng)).SerializeToString(),
-                                 headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+    req = urllib.request.Request(
+        server.http_url,
+        data=request(spans(2, rng)).SerializeToString(),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
     try:
         urllib.request.urlopen(req, timeout=10)
         raise AssertionError("a full queue accepted a request")
@@ -164,7 +167,8 @@ def test_stop_lets_requests_in_flight_finish(make_server, rng):
     stopper.start()
     time.sleep(0.5)  # the receivers are now draining
     assert refused(server.grpc_target, request(spans(1, rng)).SerializeToString(), 5).code() == (
-        grpc.StatusCode.UNAVAILABLE)  # fmt: skip
+        grpc.StatusCode.UNAVAILABLE
+    )
     assert stopper.is_alive() and holder.is_alive()  # still waiting for the in-flight request
     server.writer.resume()
     holder.join(10)

@@ -12,9 +12,25 @@ from audit.store.remote import RemoteReader
 
 
 def _simulate(tmp_path, port: int, seed: int) -> None:
-    r = subprocess.run([sys.executable, "-m", "audit", "simulate", "--scenario", "shop-small", "--seed", str(seed),
-                        "--otlp", f"grpc://127.0.0.1:{port}", "--truth", str(tmp_path / f"t{seed}.jsonl")],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "audit",
+            "simulate",
+            "--scenario",
+            "shop-small",
+            "--seed",
+            str(seed),
+            "--otlp",
+            f"grpc://127.0.0.1:{port}",
+            "--truth",
+            str(tmp_path / f"t{seed}.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -33,7 +49,9 @@ def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
             time.sleep(0.5)
         _simulate(tmp_path, port, 2)  # ingestion goes on beside the audits
         run = remote.audit_run()
-        assert {(e["caller"], e["callee"]) for e in run["edges"] if e["broken"]} >= {("gateway", "recommendations")}
+        assert {(e["caller"], e["callee"]) for e in run["edges"] if e["broken"]} >= {
+            ("gateway", "recommendations")
+        }
         assert run["sampling"]["edges"] and run["spans"] >= 774
         assert remote.findings(kind="orphan_root")["total"] > 0
         stored = remote.stats().spans
@@ -41,7 +59,9 @@ def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
         assert stop_server(proc) == 0
     reader = LocalReader(db)
     try:
-        sent = sum(1 for seed in (1, 2) for t in read_truth(str(tmp_path / f"t{seed}.jsonl")) if t["exported"])
+        sent = sum(
+            1 for seed in (1, 2) for t in read_truth(str(tmp_path / f"t{seed}.jsonl")) if t["exported"]
+        )
         assert reader.stats().spans == stored == sent  # nothing lost while auditing
         runs = sorted(reader.audit_runs(), key=lambda r: r["run_id"])
         assert runs[0]["spans"] == 774  # the first run: every span of the first batch

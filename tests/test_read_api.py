@@ -59,36 +59,56 @@ def test_remote_and_local_readers_agree(tmp_path):
     try:
         trace_id, span_id, _ = emit(GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True), "api-test")
         remote = RemoteReader(proc.api_url)
-        answers = (remote.stats(), remote.store_counts(), remote.protocol_summary(), remote.audit_run(),
-                   remote.span_rows_of_trace(trace_id), remote.links_of_span(trace_id, span_id),
-                   remote.audit_runs(), remote.findings(kind="orphan_root", callee="recommendations", limit=5))  # fmt: skip
+        answers = (
+            remote.stats(),
+            remote.store_counts(),
+            remote.protocol_summary(),
+            remote.audit_run(),
+            remote.span_rows_of_trace(trace_id),
+            remote.links_of_span(trace_id, span_id),
+            remote.audit_runs(),
+            remote.findings(kind="orphan_root", callee="recommendations", limit=5),
+        )
     finally:
         assert stop_server(proc) == 0
     assert answers[4][0]["name"] == "POST /orders" and answers[5][0]["attributes"] == {"link.reason": "batch"}
-    assert answers[1]["spans"] == answers[0].spans and abs(answers[1]["traces_approx"] - answers[0].traces) < 0.1 * answers[0].traces
+    assert (
+        answers[1]["spans"] == answers[0].spans
+        and abs(answers[1]["traces_approx"] - answers[0].traces) < 0.1 * answers[0].traces
+    )
     local = LocalReader(db)
     try:
-        assert answers == (local.stats(), local.store_counts(), local.protocol_summary(), local.audit_run(),
-                           local.span_rows_of_trace(trace_id), local.links_of_span(trace_id, span_id),
-                           local.audit_runs(), local.findings(kind="orphan_root", callee="recommendations", limit=5))  # fmt: skip
+        assert answers == (
+            local.stats(),
+            local.store_counts(),
+            local.protocol_summary(),
+            local.audit_run(),
+            local.span_rows_of_trace(trace_id),
+            local.links_of_span(trace_id, span_id),
+            local.audit_runs(),
+            local.findings(kind="orphan_root", callee="recommendations", limit=5),
+        )
     finally:
         local.close()
 
 
-@pytest.mark.parametrize("path, status, message", [
-    ("/v1/select%20*%20from%20spans", 404, "unknown query"),
-    ("/v1/trace", 400, "missing parameter 'trace_id'"),
-    ("/v1/trace?trace_id=xyz", 400, "hex digits"),
-    ("/v1/trace?trace_id=" + "0" * 31, 400, "32 hex digits"),
-    ("/v1/links?trace_id=" + "0" * 32 + "&span_id=1", 400, "16 hex digits"),
-    ("/v1/audit_run?run_id=-1", 400, "run ids start at 1"),
-    ("/v1/audit_run?run_id=1&sql=drop", 400, "unknown parameter"),
-    ("/v2/stats", 404, "unknown API version"),
-    ("/v1/findings?kind=everything", 400, "must be one of"),
-    ("/v1/findings?limit=0", 400, "between 1 and 10000"),
-    ("/v1/findings?offset=x", 400, "offset"),
-    ("/", 404, "/v1/queries"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, status, message",
+    [
+        ("/v1/select%20*%20from%20spans", 404, "unknown query"),
+        ("/v1/trace", 400, "missing parameter 'trace_id'"),
+        ("/v1/trace?trace_id=xyz", 400, "hex digits"),
+        ("/v1/trace?trace_id=" + "0" * 31, 400, "32 hex digits"),
+        ("/v1/links?trace_id=" + "0" * 32 + "&span_id=1", 400, "16 hex digits"),
+        ("/v1/audit_run?run_id=-1", 400, "run ids start at 1"),
+        ("/v1/audit_run?run_id=1&sql=drop", 400, "unknown parameter"),
+        ("/v2/stats", 404, "unknown API version"),
+        ("/v1/findings?kind=everything", 400, "must be one of"),
+        ("/v1/findings?limit=0", 400, "between 1 and 10000"),
+        ("/v1/findings?offset=x", 400, "offset"),
+        ("/", 404, "/v1/queries"),
+    ],
+)
 def test_bad_requests_get_clear_errors(live, path, status, message):
     _, url = live
     got_status, body = _get(url + path)
@@ -143,7 +163,10 @@ def test_run_trends_agree_with_the_run(live):
     health = sum(e["propagated"] for e in instrumented) / sum(e["calls"] for e in instrumented)
     assert abs(trend["context_health"] - health) < 1e-9
     orphans = sum(r["orphan"] for r in run["roots"].values())
-    assert abs(trend["orphan_rate"] - orphans / (orphans + sum(r["entry"] for r in run["roots"].values()))) < 1e-9
+    assert (
+        abs(trend["orphan_rate"] - orphans / (orphans + sum(r["entry"] for r in run["roots"].values())))
+        < 1e-9
+    )
     assert trend["counts"]["orphan_root"] == remote.findings(kind="orphan_root")["total"]
 
 
@@ -153,6 +176,11 @@ def test_findings_filter_by_start_time(live):
     everything = remote.findings(limit=10_000)["findings"]
     starts = sorted(f["start_time_unix_nano"] for f in everything)
     middle = starts[len(starts) // 2]
-    early, late = remote.findings(until_ns=middle, limit=10_000), remote.findings(since_ns=middle, limit=10_000)
+    early, late = (
+        remote.findings(until_ns=middle, limit=10_000),
+        remote.findings(since_ns=middle, limit=10_000),
+    )
     assert early["total"] + late["total"] == len(everything) and early["total"] > 0 and late["total"] > 0
-    assert all(f["start_time_unix_nano"] < middle for f in early["findings"]) and all(f["start_time_unix_nano"] >= middle for f in late["findings"])
+    assert all(f["start_time_unix_nano"] < middle for f in early["findings"]) and all(
+        f["start_time_unix_nano"] >= middle for f in late["findings"]
+    )

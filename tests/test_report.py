@@ -34,7 +34,9 @@ def _day2_scenario(tmp_path: Path) -> str:
     calls = doc["services"]["gateway"]["operations"]["GET /cart"]["calls"]
     calls[0]["drop"] = {"probability": 0.6, "cause": "proxy_strips_traceparent"}  # cart
     del calls[1]["drop"]  # recommendations
-    doc["services"]["checkout"]["operations"]["shop.Checkout/PlaceOrder"]["calls"][0]["drop"]["probability"] = 0.95
+    doc["services"]["checkout"]["operations"]["shop.Checkout/PlaceOrder"]["calls"][0]["drop"][
+        "probability"
+    ] = 0.95
     path = tmp_path / "shop-day2.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
@@ -68,14 +70,22 @@ def _hop(items: list[dict]) -> set[tuple[str, str]]:
 def test_a_report_states_the_broken_hops_with_cause_and_fix(two_reports):
     first, _, _, _ = two_reports
     broken = {(h["caller"], h["callee"]): h for h in first["hops"] if h["broken"]}
-    assert set(broken) == {("gateway", "recommendations"), ("checkout", "payments"), ("checkout", "notifications"),
-                           ("checkout", "email-api.example:443")}  # fmt: skip
+    assert set(broken) == {
+        ("gateway", "recommendations"),
+        ("checkout", "payments"),
+        ("checkout", "notifications"),
+        ("checkout", "email-api.example:443"),
+    }
     assert broken[("gateway", "recommendations")]["cause"] == "proxy_strips_traceparent"
     assert all(h["fix"] and h["explanation"] for h in broken.values())
     assert first["comparison"] is None and first["history"] == []
     assert first["audit"]["run"]["spans"] == 774 and first["audit"]["sampling"]["overall"]
     f = first["figures"]
-    assert 0 < f["context_health"] < 1 and f["broken_hops"] == 4 and f["findings"] == sum(first["audit"]["run"]["counts"].values())
+    assert (
+        0 < f["context_health"] < 1
+        and f["broken_hops"] == 4
+        and f["findings"] == sum(first["audit"]["run"]["counts"].values())
+    )
 
 
 def test_the_comparison_finds_the_fixed_the_new_and_the_worse_hop(two_reports):
@@ -86,7 +96,13 @@ def test_the_comparison_finds_the_fixed_the_new_and_the_worse_hop(two_reports):
     assert _hop(c["worse"]) == {("checkout", "payments")} and c["worse"][0]["z"] < -1.96
     worse = c["worse"][0]
     assert worse["after"]["propagation_rate"] < worse["before"]["propagation_rate"]
-    assert c["counts"] == {"new_broken_hops": 1, "fixed_hops": 1, "worse_hops": 1, "better_hops": 0, "unseen_hops": 0}
+    assert c["counts"] == {
+        "new_broken_hops": 1,
+        "fixed_hops": 1,
+        "worse_hops": 1,
+        "better_hops": 0,
+        "unseen_hops": 0,
+    }
     assert c["figures"]["broken_hops"] == {"before": 4, "after": 4}
     assert "1 newly broken, 1 fixed, 1 worse, 0 better" in stdout
     assert len(second["history"]) == 1 and len((out / "history.jsonl").read_text().splitlines()) == 2
@@ -96,9 +112,23 @@ def test_the_comparison_finds_the_fixed_the_new_and_the_worse_hop(two_reports):
 
 def test_a_small_change_on_few_calls_is_not_called_worse():
     def snap(calls: int, propagated: int) -> dict:
-        return {"generated_at": "t", "window_start": 0, "window_end": 1, "figures": {},
-                "hops": [{"caller": "a", "callee": "b", "protocol": "http", "calls": calls, "propagated": propagated,
-                          "propagation_rate": propagated / calls, "broken": propagated < calls}]}  # fmt: skip
+        return {
+            "generated_at": "t",
+            "window_start": 0,
+            "window_end": 1,
+            "figures": {},
+            "hops": [
+                {
+                    "caller": "a",
+                    "callee": "b",
+                    "protocol": "http",
+                    "calls": calls,
+                    "propagated": propagated,
+                    "propagation_rate": propagated / calls,
+                    "broken": propagated < calls,
+                }
+            ],
+        }
 
     assert compare(snap(10, 8), snap(10, 6))["worse"] == []  # 80% -> 60% on 10 calls: noise
     assert len(compare(snap(1000, 800), snap(1000, 600))["worse"]) == 1
@@ -111,7 +141,9 @@ def test_the_html_is_self_contained_and_displays(two_reports):
     playwright = pytest.importorskip("playwright.sync_api")
     _, _, out, _ = two_reports
     html = (out / "report.html").read_text()
-    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html)  # nothing fetched from elsewhere
+    assert not re.search(
+        r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html
+    )  # nothing fetched from elsewhere
     assert "<script" not in html and "<link" not in html and "@import" not in html
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -127,9 +159,19 @@ def test_the_html_is_self_contained_and_displays(two_reports):
         charts = page.locator("#trends + figure svg")
         assert charts.count() == 1 and charts.bounding_box()["height"] > 100
         browser.close()
-    for expected in ("What changed since the previous report", "Newly broken", "gateway → cart", "Fixed",
-                     "gateway → recommendations", "Worse", "proxy_strips_traceparent", "Fix: Forward the W3C headers",
-                     "Sampling distortion", "fragmentation_factor", "context health"):  # fmt: skip
+    for expected in (
+        "What changed since the previous report",
+        "Newly broken",
+        "gateway → cart",
+        "Fixed",
+        "gateway → recommendations",
+        "Worse",
+        "proxy_strips_traceparent",
+        "Fix: Forward the W3C headers",
+        "Sampling distortion",
+        "fragmentation_factor",
+        "context health",
+    ):
         assert expected in text, expected
     assert (ARTIFACTS / "report.png").stat().st_size > 50_000
 
@@ -140,7 +182,11 @@ def test_gate_exit_codes(two_reports, days, tmp_path):  # two_reports: day 1's r
     def gate(*exprs: str, previous: bool = True) -> subprocess.CompletedProcess:
         """Day 2's report against day 1's (--previous), or with no report before it."""
         args = ["report", "--db", day2, "--out", str(tmp_path / "gate")]
-        args += ["--previous", str(tmp / "first-report.json")] if previous else ["--history", str(tmp_path / "new.jsonl")]
+        args += (
+            ["--previous", str(tmp / "first-report.json")]
+            if previous
+            else ["--history", str(tmp_path / "new.jsonl")]
+        )
         return _ctxaudit(*args, *[a for e in exprs for a in ("--fail-on", e)])
 
     ok = gate("propagation_rate[gateway->recommendations]<0.99", "orphan_rate>0.99", "worse_hops>1")
@@ -155,8 +201,12 @@ def test_gate_exit_codes(two_reports, days, tmp_path):  # two_reports: day 1's r
     no_previous = gate("new_broken_hops>0", previous=False)
     assert no_previous.returncode == 4 and "no previous report" in no_previous.stdout
     assert gate("new_broken_hops>0", "propagation_rate[nobody->nowhere]<1").returncode == 3  # a failure wins
-    for bad, message in (("orphan_rate>>1", "is not a threshold"), ("orphans>1", "unknown figure"),
-                         ("propagation_rate>1", "unknown figure"), ("volume_ratio[a]>1", "per service")):  # fmt: skip
+    for bad, message in (
+        ("orphan_rate>>1", "is not a threshold"),
+        ("orphans>1", "unknown figure"),
+        ("propagation_rate>1", "unknown figure"),
+        ("volume_ratio[a]>1", "per service"),
+    ):
         r = gate(bad)
         assert r.returncode == 2 and message in r.stderr, (bad, r.stderr)
     missing = _ctxaudit("report", "--db", str(tmp_path / "none.duckdb"), "--out", str(tmp_path / "x"))

@@ -36,7 +36,9 @@ def test_age_limit_deletes_old_spans_and_their_links_and_keeps_the_audits(tmp_pa
     pruned = Retention(con, db, days=days).prune_once()
     (left, oldest_left) = con.execute("SELECT count(*), min(start_ns) FROM spans").fetchone()
     orphan_links = con.execute("""SELECT count(*) FROM span_links l WHERE NOT EXISTS
-                                    (SELECT 1 FROM spans s WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()[0]
+                                    (SELECT 1 FROM spans s WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()[
+        0
+    ]
     con.close()
     assert 0 < pruned.spans < spans and left == spans - pruned.spans and oldest_left >= keep_after - 10**9
     assert orphan_links == 0 and pruned.links > 0
@@ -58,7 +60,7 @@ def test_size_limit_deletes_the_oldest_first_and_not_twice_before_a_checkpoint(t
     retention = Retention(con, db, max_bytes=used * block_size // 2)
     first = retention.prune_once()
     kept = [r[0] for r in con.execute("SELECT start_ns FROM spans ORDER BY start_ns").fetchall()]
-    assert 0 < first.spans < len(starts) and kept == starts[first.spans:]  # exactly the oldest went
+    assert 0 < first.spans < len(starts) and kept == starts[first.spans :]  # exactly the oldest went
     assert retention.prune_once().spans == 0  # the size still reads as before: it does not delete twice
     con.close()
     assert Retention(duckdb.connect(db, read_only=True), db, max_bytes=1 << 40).prune_once().spans == 0
@@ -69,6 +71,7 @@ def test_serve_prunes_in_the_background_while_it_ingests(tmp_path):
     proc, grpc_port, _ = start_server(db, "--retain-days", "30", "--audit-every", "0")
     try:
         remote = RemoteReader(proc.api_url)
+
         def exporter():  # emit shuts its exporter down
             return GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True)
 

@@ -16,11 +16,18 @@ REMOTE_SPAN = 0xB7AD6B7169203331
 
 def emit(exporter, service: str) -> tuple[int, int, int]:
     """Emit a remote-parented SERVER span with every field set; return (trace, span, link span)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service, "deployment.environment": "test"}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service, "deployment.environment": "test"})
+    )
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("roundtrip.lib", "3.1.4")
-    parent = SpanContext(REMOTE_TRACE, REMOTE_SPAN, is_remote=True, trace_flags=TraceFlags(1),
-                         trace_state=TraceState([("ot", "th:c"), ("vendor", "x")]))  # fmt: skip
+    parent = SpanContext(
+        REMOTE_TRACE,
+        REMOTE_SPAN,
+        is_remote=True,
+        trace_flags=TraceFlags(1),
+        trace_state=TraceState([("ot", "th:c"), ("vendor", "x")]),
+    )
     linked = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1))
     with tracer.start_as_current_span(
         "POST /orders",
@@ -28,11 +35,18 @@ def emit(exporter, service: str) -> tuple[int, int, int]:
         kind=SpanKind.SERVER,
         links=[Link(linked, {"link.reason": "batch"})],
         attributes={
-            "http.request.method": "POST", "http.route": "/orders", "server.address": "orders",
-            "server.port": 8443, "ratio": 0.5, "retry": True,
-            "tags": ["a", "b"], "codes": [1, 2, 3], "weights": [0.1, 0.2], "flags": [True, False],
+            "http.request.method": "POST",
+            "http.route": "/orders",
+            "server.address": "orders",
+            "server.port": 8443,
+            "ratio": 0.5,
+            "retry": True,
+            "tags": ["a", "b"],
+            "codes": [1, 2, 3],
+            "weights": [0.1, 0.2],
+            "flags": [True, False],
         },
-    ) as s:  # fmt: skip
+    ) as s:
         s.add_event("cache.miss", {"key": "k1", "size": 3})
         s.set_status(Status(StatusCode.ERROR, "out of stock"))
         ctx = s.get_span_context()
@@ -49,11 +63,16 @@ def test_every_field_survives(make_server, transport):
     if transport.startswith("grpc"):
         from grpc import Compression as GrpcCompression
 
-        exporter = GrpcExporter(endpoint=server.grpc_target, insecure=True,
-                                compression=GrpcCompression.Gzip if "gzip" in transport else None)  # fmt: skip
+        exporter = GrpcExporter(
+            endpoint=server.grpc_target,
+            insecure=True,
+            compression=GrpcCompression.Gzip if "gzip" in transport else None,
+        )
     else:
-        exporter = HttpExporter(endpoint=server.http_url,
-                                compression=Compression.Gzip if "gzip" in transport else Compression.NoCompression)  # fmt: skip
+        exporter = HttpExporter(
+            endpoint=server.http_url,
+            compression=Compression.Gzip if "gzip" in transport else Compression.NoCompression,
+        )
     trace_id, span_id, link_span = emit(exporter, f"svc-{transport}")
 
     reader = server.reader()
@@ -71,13 +90,24 @@ def test_every_field_survives(make_server, transport):
     assert row["resource_attributes"]["telemetry.sdk.language"] == "python"
     assert (row["scope_name"], row["scope_version"]) == ("roundtrip.lib", "3.1.4")
     assert row["attributes"] == {
-        "http.request.method": "POST", "http.route": "/orders", "server.address": "orders",
-        "server.port": 8443, "ratio": 0.5, "retry": True,
-        "tags": ["a", "b"], "codes": [1, 2, 3], "weights": [0.1, 0.2], "flags": [True, False],
-    }  # fmt: skip
+        "http.request.method": "POST",
+        "http.route": "/orders",
+        "server.address": "orders",
+        "server.port": 8443,
+        "ratio": 0.5,
+        "retry": True,
+        "tags": ["a", "b"],
+        "codes": [1, 2, 3],
+        "weights": [0.1, 0.2],
+        "flags": [True, False],
+    }
     assert [(e["name"], e["attributes"]) for e in row["events"]] == [("cache.miss", {"key": "k1", "size": 3})]
     assert (row["protocol"], row["http_route"], row["server_address"], row["server_port"]) == (
-        "http", "/orders", "orders", 8443)  # fmt: skip
+        "http",
+        "/orders",
+        "orders",
+        8443,
+    )
     [link] = reader.links_of_span(trace_id, span_id)
     assert link["link_trace_id"] == 0x1234 and link["link_span_id"] == link_span
     assert link["attributes"] == {"link.reason": "batch"}

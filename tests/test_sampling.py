@@ -33,15 +33,20 @@ def test_root_inflation_and_dangling_rate_agree_with_the_truth(shop):
     for name, s in services.items():
         mine = [t for t in exported if t["service"] == name]
         roots = [t for t in mine if t["parent_span_id"] is None]
-        orphans = [t for t in roots if t["true_parent_span_id"] and not t["linked"]
-                   and t["kind"] in ("SERVER", "CONSUMER")]  # fmt: skip
+        orphans = [
+            t
+            for t in roots
+            if t["true_parent_span_id"] and not t["linked"] and t["kind"] in ("SERVER", "CONSUMER")
+        ]
         assert s["spans"] == len(mine) and s["roots"] == len(roots), name
         assert s["orphan_roots"] == len(orphans), name
         with_parent = [t for t in mine if t["parent_span_id"] is not None]
         dangling = [t for t in with_parent if not by_id[t["parent_span_id"]]["exported"]]
         assert s["dangling_parent_rate"]["n"] == len(with_parent), name
         if with_parent:
-            assert s["dangling_parent_rate"]["value"] == pytest.approx(len(dangling) / len(with_parent), abs=1e-6), name
+            assert s["dangling_parent_rate"]["value"] == pytest.approx(
+                len(dangling) / len(with_parent), abs=1e-6
+            ), name
         assert s["known_threshold_share"]["value"] == 1.0  # every simulated span carries ot=th
         interval = s["root_inflation"]
         if interval["n"]:
@@ -58,15 +63,20 @@ def _simulate(tmp_path, scenario, seed=3):
 
 @pytest.fixture(scope="module")
 def parent_based(tmp_path_factory):
-    scenario = load_scenario(str(BENCH_SCENARIOS / "sampling-parent-based.yaml")).model_copy(update={"duration_s": 60})
+    scenario = load_scenario(str(BENCH_SCENARIOS / "sampling-parent-based.yaml")).model_copy(
+        update={"duration_s": 60}
+    )
     db, truth = _simulate(tmp_path_factory.mktemp("parent-based"), scenario)
     return truth_figures(truth), audit_all(db).sampling
 
 
 def test_edge_and_overall_figures_agree_with_the_truth(parent_based):
     truth, sampling = parent_based
-    estimates = {(f, (e["caller"], e["callee"], e["protocol"])): e[f] for e in sampling["edges"]
-                 for f in ("propagation_rate", "conditional_capture_rate", "upstream_missing_share", "volume_ratio")}
+    estimates = {
+        (f, (e["caller"], e["callee"], e["protocol"])): e[f]
+        for e in sampling["edges"]
+        for f in ("propagation_rate", "conditional_capture_rate", "upstream_missing_share", "volume_ratio")
+    }
     estimates |= {(f, ()): v for f, v in sampling["overall"].items() if isinstance(v, dict)}
     compared = covered = 0
     for (figure, key), true in truth.items():
@@ -144,8 +154,9 @@ def test_an_assumed_probability_weights_them(no_threshold):
     sampling = audit_all(db, assume_sampling_probability=0.5).sampling
     (edge,) = sampling["edges"]
     assert sampling["overall"]["assumed_sampling_probability"] == 0.5
-    assert edge["propagation_rate"]["value"] == pytest.approx(truth[("propagation_rate", ("front", "back", "http"))],
-                                                              abs=0.05)  # fmt: skip
+    assert edge["propagation_rate"]["value"] == pytest.approx(
+        truth[("propagation_rate", ("front", "back", "http"))], abs=0.05
+    )
     assert edge["volume_ratio"]["value"] == pytest.approx(1.0, rel=0.08)
     # a wrong assumption shows as volumes that disagree: back's entries count double
     wrong = audit_all(db, assume_sampling_probability=0.25).sampling["edges"][0]

@@ -50,7 +50,9 @@ def test_truth_parent_is_the_stored_parent_unless_the_context_was_lost(run):
     for t in truth:
         if t["cause"] is None and not t["linked"]:
             assert (t["true_parent_span_id"], t["true_parent_trace_id"] is None) == (
-                t["parent_span_id"], t["parent_span_id"] is None)  # fmt: skip
+                t["parent_span_id"],
+                t["parent_span_id"] is None,
+            )
         else:
             assert t["true_parent_span_id"] is not None and t["parent_span_id"] is None  # a new root
 
@@ -83,10 +85,18 @@ def test_kafka_consumer_carries_the_producers_partition_and_offset(run):
     pairs = 0
     for t in truth:
         batch = t["service"] == "analytics"  # batch consumers carry no single partition/offset
-        if t["kind"] == "CONSUMER" and not batch and t["span_id"] in by_id and t["true_parent_span_id"] in by_id:
+        if (
+            t["kind"] == "CONSUMER"
+            and not batch
+            and t["span_id"] in by_id
+            and t["true_parent_span_id"] in by_id
+        ):
             c, p = by_id[t["span_id"]], by_id[t["true_parent_span_id"]]
             assert (c["messaging_partition"], c["messaging_offset"], c["messaging_destination"]) == (
-                p["messaging_partition"], p["messaging_offset"], p["messaging_destination"])  # fmt: skip
+                p["messaging_partition"],
+                p["messaging_offset"],
+                p["messaging_destination"],
+            )
             assert c["start_ns"] >= p["end_ns"]  # consumed after produced
             pairs += 1
     assert pairs > 0
@@ -96,10 +106,16 @@ def test_samplers_write_thresholds_and_an_independent_sampler_leaves_dangling_pa
     rows, truth = run
     assert {r["trace_state"] for r in rows if r["service_name"] == "gateway"} == {"ot=th:c"}
     exported = {hexid(r) for r in rows}
-    dangling = [r for r in rows if r["parent_span_id"] is not None and hexid(r, "parent_span_id") not in exported]
+    dangling = [
+        r for r in rows if r["parent_span_id"] is not None and hexid(r, "parent_span_id") not in exported
+    ]
     assert dangling and {r["service_name"] for r in dangling} == {"fulfilment"}
     # parent-based services never export a span whose parent was not sampled
-    assert all(t["exported"] is False for t in truth if t["service"] == "cart" and t["parent_span_id"] not in exported)
+    assert all(
+        t["exported"] is False
+        for t in truth
+        if t["service"] == "cart" and t["parent_span_id"] not in exported
+    )
 
 
 def test_threshold_encoding():
@@ -123,13 +139,19 @@ def test_same_seed_same_bytes():
     "edit, message",
     [
         (lambda s: s.replace("to: cart,", "to: kart,"), "unknown service 'kart'"),
-        (lambda s: s.replace('operation: "GET /cart/{id}"}', 'operation: "GET /carts"}'), "has no operation 'GET /carts'"),
-        (lambda s: s.replace("duration_ms: {median: 3, p99: 30}", "duration_ms: {median: 3, p99: 1}"), "p99 must be at least"),
+        (
+            lambda s: s.replace('operation: "GET /cart/{id}"}', 'operation: "GET /carts"}'),
+            "has no operation 'GET /carts'",
+        ),
+        (
+            lambda s: s.replace("duration_ms: {median: 3, p99: 30}", "duration_ms: {median: 3, p99: 1}"),
+            "p99 must be at least",
+        ),
         (lambda s: s.replace("error_rate: 0.02", "eror_rate: 0.02"), "eror_rate"),
         (lambda s: s.replace("rate_per_s: 15}", "rate_per_s: 15, every_s: 3}"), "exactly one of"),
         (lambda s: s + "\n  - [", "not valid YAML"),
     ],
-)  # fmt: skip
+)
 def test_scenario_errors_name_their_place(tmp_path, edit, message):
     from audit.scenarios.model import BUNDLED
 
@@ -149,8 +171,20 @@ def test_unknown_scenario_lists_the_bundled_ones():
 def test_simulate_over_otlp_into_a_running_server(make_server, tmp_path):
     server = make_server(decoders=1)
     truth = tmp_path / "truth.jsonl.gz"
-    result = CliRunner().invoke(main, ["simulate", "--scenario", "shop-small", "--otlp", f"grpc://{server.grpc_target}",
-                                       "--truth", str(truth), "--spans", "300"])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--scenario",
+            "shop-small",
+            "--otlp",
+            f"grpc://{server.grpc_target}",
+            "--truth",
+            str(truth),
+            "--spans",
+            "300",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = list(read_truth(str(truth)))
     exported = sum(r["exported"] for r in records)

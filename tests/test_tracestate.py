@@ -34,7 +34,14 @@ def test_rv_is_read_as_56_bits():
 
 @pytest.mark.parametrize(
     "trace_state",
-    ["ot=th:", "ot=th:xyz", "ot=th:123456789abcdef", "ot=th:8;rv:123", "ot=th:8;rv:0123456789abcg", "ot=th:C"],
+    [
+        "ot=th:",
+        "ot=th:xyz",
+        "ot=th:123456789abcdef",
+        "ot=th:8;rv:123",
+        "ot=th:8;rv:0123456789abcg",
+        "ot=th:C",
+    ],
 )
 def test_malformed_values_are_flagged_not_fatal(trace_state):
     th, rv, invalid = parse_ot_sampling(trace_state)

@@ -17,7 +17,9 @@ from audit.serve_process import start_server, stop_server
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "ui"
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)"
+)
 
 
 def _ctxaudit(*args: str) -> None:
@@ -38,11 +40,23 @@ def explorer(tmp_path_factory):
     server, port, _ = start_server(str(tmp / "live.duckdb"), "--audit-every", "0")
     ui = None
     try:
-        _ctxaudit("simulate", "--scenario", "shop-small", "--seed", "2", "--otlp", f"grpc://127.0.0.1:{port}",
-                  "--truth", str(tmp / "t2.jsonl"))  # fmt: skip
+        _ctxaudit(
+            "simulate",
+            "--scenario",
+            "shop-small",
+            "--seed",
+            "2",
+            "--otlp",
+            f"grpc://127.0.0.1:{port}",
+            "--truth",
+            str(tmp / "t2.jsonl"),
+        )
         ui_port = _free_port()
-        ui = subprocess.Popen([sys.executable, "-m", "audit", "ui", "--server", server.api_url, "--port", str(ui_port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "audit", "ui", "--server", server.api_url, "--port", str(ui_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"http://127.0.0.1:{ui_port}"
         deadline = time.monotonic() + 60
         while True:
@@ -88,7 +102,9 @@ def test_audit_now_then_every_page_and_the_path_from_an_edge_to_a_trace(explorer
     page.get_by_role("button", name="Audit now").click()
     page.get_by_text("audit run 1:").wait_for(timeout=120_000)  # the server's summary of its run
     page.get_by_text("Worst hops").wait_for(timeout=30_000)
-    page.get_by_text("gateway → recommendations").first.wait_for(state="attached", timeout=30_000)  # a grid cell
+    page.get_by_text("gateway → recommendations").first.wait_for(
+        state="attached", timeout=30_000
+    )  # a grid cell
     _shot(page, "overview")
 
     _open(page, "Service graph", "Service graph")

@@ -57,7 +57,10 @@ def test_service_graph_lists_a_broken_edges_findings(page):
     at.selectbox[0].select(edge).run()
     assert not at.exception
     findings = at.dataframe[0].value
-    assert len(findings) > 0 and set(findings["cause"]) <= {"proxy_strips_traceparent", "context_not_propagated"}
+    assert len(findings) > 0 and set(findings["cause"]) <= {
+        "proxy_strips_traceparent",
+        "context_not_propagated",
+    }
     assert at.button[0].label == "All findings on this edge"
     at.radio[0].set_value("observed").run()
     assert not at.exception
@@ -96,7 +99,9 @@ def test_trace_view_joins_the_stitched_parent(page, store):
 
     reader = LocalReader(store)
     try:
-        stitched = next(f for f in reader.findings(kind="orphan_root", limit=500)["findings"] if f["probable_parent"])
+        stitched = next(
+            f for f in reader.findings(kind="orphan_root", limit=500)["findings"] if f["probable_parent"]
+        )
     finally:
         reader.close()
     at = page("trace.py", trace_id=stitched["trace_id"])
@@ -109,7 +114,12 @@ def test_trace_view_joins_the_stitched_parent(page, store):
 def test_sampling_page_shows_figures_with_intervals(page):
     at = page("sampling.py")
     labels = [m.label for m in at.metric]
-    assert labels == ["fragmentation factor", "trace completeness", "hidden error share", "latency undercount"]
+    assert labels == [
+        "fragmentation factor",
+        "trace completeness",
+        "hidden error share",
+        "latency undercount",
+    ]
     edges = at.dataframe[0].value
     assert "propagation_rate" in edges.columns and len(edges) >= 5
     services = at.dataframe[1].value
@@ -136,8 +146,12 @@ def test_ctxaudit_ui_serves_the_explorer(store):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "audit", "ui", "--db", store, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audit", "ui", "--db", store, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -146,7 +160,9 @@ def test_ctxaudit_ui_serves_the_explorer(store):
                     assert r.read() == b"ok"
                     break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    proc.stderr.read() if proc.poll() else ""
+                )
                 time.sleep(0.5)
     finally:
         proc.terminate()
@@ -154,6 +170,10 @@ def test_ctxaudit_ui_serves_the_explorer(store):
 
 
 def test_ctxaudit_ui_refuses_a_store_it_cannot_read(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "audit", "ui", "--db", str(tmp_path / "nope.duckdb")],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "audit", "ui", "--db", str(tmp_path / "nope.duckdb")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "does not exist" in r.stderr

@@ -84,8 +84,12 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     the requests' duration."""
     cols = con.execute(_GAPS).fetchnumpy()
     if len(cols["break_rid"]) == 0:
-        return {"rid": np.zeros(0, np.int64), "parent_rid": np.zeros(0, np.int64), "confidence": np.zeros(0),
-                "candidates": np.zeros(0, np.int64)}  # fmt: skip
+        return {
+            "rid": np.zeros(0, np.int64),
+            "parent_rid": np.zeros(0, np.int64),
+            "confidence": np.zeros(0),
+            "candidates": np.zeros(0, np.int64),
+        }
     brk, parent = cols["break_rid"].astype(np.int64), cols["parent_rid"].astype(np.int64)
     gap = np.maximum(cols["gap"].astype(float), 0.0)
     nearest = np.full(int(brk.max()) + 1, np.inf)

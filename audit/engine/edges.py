@@ -55,6 +55,17 @@ def build_edges(con: duckdb.DuckDBPyConnection) -> list[Edge]:
     for caller, callee, protocol, system, instrumented, calls, propagated, stitched, cause in con.execute(
         _EDGES
     ).fetchall():
-        edges.append(Edge(caller, callee, protocol, system, bool(instrumented), calls, propagated, stitched,
-                          cause if propagated < calls else None))  # fmt: skip
+        edges.append(
+            Edge(
+                caller,
+                callee,
+                protocol,
+                system,
+                bool(instrumented),
+                calls,
+                propagated,
+                stitched,
+                cause if propagated < calls else None,
+            )
+        )
     return edges

@@ -105,8 +105,15 @@ def _pairwise_variance_sql(keys: str, units: str) -> str:
     """
 
 
-def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str], params: dict | None = None,
-               *, finite_population: bool = False, variance_every: int = 1) -> dict[tuple, tuple]:  # fmt: skip
+def ratio_sums(
+    con: duckdb.DuckDBPyConnection,
+    units_sql: str,
+    keys: Sequence[str],
+    params: dict | None = None,
+    *,
+    finite_population: bool = False,
+    variance_every: int = 1,
+) -> dict[tuple, tuple]:
     """Per group of `keys`: (units, sum(w*a), sum(w*b), V(R), Kish's effective n).
 
     `units_sql` yields the columns `keys`, `cluster`, `w` (adjusted count), `a`, `b`; units
@@ -119,8 +126,10 @@ def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[st
     k = ", ".join(grouped)
     p = "1.0 / w::DOUBLE" if finite_population else "0.0"
     sampled = f"AND hash(cluster) % {int(variance_every)} = 0" if variance_every > 1 else ""
-    z_rows = (f"SELECT {k}, cluster, p, c.num - CASE WHEN t.den > 0 THEN t.num / t.den ELSE 0 END * c.den AS z "
-              f"FROM c JOIN t USING ({k})")  # fmt: skip
+    z_rows = (
+        f"SELECT {k}, cluster, p, c.num - CASE WHEN t.den > 0 THEN t.num / t.den ELSE 0 END * c.den AS z "
+        f"FROM c JOIN t USING ({k})"
+    )
     sql = f"""
     WITH t AS (SELECT {k}, count(*) AS n, sum(w * a::DOUBLE) AS num, sum(w * b::DOUBLE) AS den,
                       sum(w) * sum(w) / sum(w * w) AS kish
@@ -133,12 +142,18 @@ def ratio_sums(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[st
     """
     out = {}
     for row in con.execute(sql, params or {}).fetchall():
-        out[tuple(row[: len(keys)])] = tuple(row[len(grouped):])
+        out[tuple(row[: len(keys)])] = tuple(row[len(grouped) :])
     return out
 
 
-def kept_shares(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[str], params: dict | None = None,
-                *, variance_every: int = 1) -> dict[tuple, tuple[float, float, float]]:  # fmt: skip
+def kept_shares(
+    con: duckdb.DuckDBPyConnection,
+    units_sql: str,
+    keys: Sequence[str],
+    params: dict | None = None,
+    *,
+    variance_every: int = 1,
+) -> dict[tuple, tuple[float, float, float]]:
     """Per group of `keys`: (m, N, V) where m = sum(s) counts the stored units, N = sum(s*w)
     estimates how many there were (Horvitz-Thompson), and V estimates the variance of m/N, the
     share that was kept, from N's variance over sampling (the pairwise sum with z = s*w, over
@@ -158,9 +173,13 @@ def kept_shares(con: duckdb.DuckDBPyConnection, units_sql: str, keys: Sequence[s
     """
     out = {}
     for row in con.execute(sql, params or {}).fetchall():
-        m, total, var_total = row[len(keys):]
+        m, total, var_total = row[len(keys) :]
         share = m / total if total else 0.0
-        out[tuple(row[: len(keys)])] = (m, total, share * share * var_total / (total * total) if total else 0.0)
+        out[tuple(row[: len(keys)])] = (
+            m,
+            total,
+            share * share * var_total / (total * total) if total else 0.0,
+        )
     return out
 
 

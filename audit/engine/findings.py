@@ -117,14 +117,32 @@ FROM findings
 
 
 def _operations_table(con: duckdb.DuckDBPyConnection, name: str, operations: list[tuple[str, str]]) -> None:
-    temp_table(con, name, {"service": pa.array([s for s, _ in operations], pa.string()),
-                           "name": pa.array([n for _, n in operations], pa.string())})  # fmt: skip
+    temp_table(
+        con,
+        name,
+        {
+            "service": pa.array([s for s, _ in operations], pa.string()),
+            "name": pa.array([n for _, n in operations], pa.string()),
+        },
+    )
 
 
 class FindingBuilder:
-    def __init__(self, con: duckdb.DuckDBPyConnection, window: AuditWindow, learned: Learned, config: AuditConfig,
-                 progress):  # fmt: skip
-        self.con, self.window, self.learned, self.config, self.progress = con, window, learned, config, progress
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        window: AuditWindow,
+        learned: Learned,
+        config: AuditConfig,
+        progress,
+    ):
+        self.con, self.window, self.learned, self.config, self.progress = (
+            con,
+            window,
+            learned,
+            config,
+            progress,
+        )
         self.entrypoints: list[str] = []
 
     def build(self) -> None:
@@ -148,14 +166,18 @@ class FindingBuilder:
         con, learned, config = self.con, self.learned, self.config
         entry_ops = []
         for service, name, roots, with_candidates in con.execute(_ORPHAN_OPS).fetchall():
-            learned_entry = ((service, name) not in learned.propagated_callee_ops
-                             and with_candidates < config.entry_candidate_share * roots)  # fmt: skip
+            learned_entry = (
+                service,
+                name,
+            ) not in learned.propagated_callee_ops and with_candidates < config.entry_candidate_share * roots
             if config.is_configured_entry(service, name) or learned_entry:
                 entry_ops.append((service, name))
                 self.entrypoints.append(f"{service}:{name}")
         _operations_table(con, "entry_ops", entry_ops)
-        con.execute("CREATE OR REPLACE TEMP TABLE audited_orphans AS SELECT oid FROM cand_orphans o WHERE NOT EXISTS "
-                    "(SELECT 1 FROM entry_ops e WHERE e.service = o.service AND e.name = o.name)")  # fmt: skip
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE audited_orphans AS SELECT oid FROM cand_orphans o WHERE NOT EXISTS "
+            "(SELECT 1 FROM entry_ops e WHERE e.service = o.service AND e.name = o.name)"
+        )
         return con.execute("SELECT oid FROM audited_orphans").fetchnumpy()["oid"].astype(np.int64)
 
     def _orphan_causes(self) -> None:
@@ -164,7 +186,9 @@ class FindingBuilder:
         continuing: dict[str, set[str]] = {}
         for destination, callee in con.execute(_CONTINUING_CONSUMERS).fetchall():
             continuing.setdefault(destination, set()).add(callee)
-        propagating = set(con.execute("SELECT DISTINCT caller, callee FROM hops WHERE NOT via_link").fetchall())
+        propagating = set(
+            con.execute("SELECT DISTINCT caller, callee FROM hops WHERE NOT via_link").fetchall()
+        )
         rows = con.execute(_ORPHAN_GROUPS).fetchall()
         causes = []
         for service, _, protocol, caller, destination, via_unknown_address in rows:

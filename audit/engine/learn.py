@@ -77,8 +77,16 @@ class Learned:
     default_sync: SyncModel = None  # type: ignore[assignment]
     default_lag: LagModel = None  # type: ignore[assignment]
 
-    def resolve(self, protocol: str, address: str | None, port: int | None, peer_service: str | None,
-                rpc_service: str | None, destination: str | None, db_system: str | None) -> list[Target]:  # fmt: skip
+    def resolve(
+        self,
+        protocol: str,
+        address: str | None,
+        port: int | None,
+        peer_service: str | None,
+        rpc_service: str | None,
+        destination: str | None,
+        db_system: str | None,
+    ) -> list[Target]:
         """The callee(s) of an exit. Messages go to every consumer group of their destination."""
         if protocol == "messaging":
             if destination and destination in self.consumers:
@@ -99,8 +107,12 @@ class Learned:
         return [Target(peer or peer_service or "unknown peer", False, "peer")]
 
     def sync_model(self, caller: str, callee: str, protocol: str) -> SyncModel:
-        return (self.sync_models.get((caller, callee, protocol)) or self.callee_models.get((callee, protocol))
-                or self.protocol_models.get(protocol) or self.default_sync)  # fmt: skip
+        return (
+            self.sync_models.get((caller, callee, protocol))
+            or self.callee_models.get((callee, protocol))
+            or self.protocol_models.get(protocol)
+            or self.default_sync
+        )
 
     def sync_reach_ns(self, default_skew_ns: float) -> float:
         """How far outside its client span any server span may plausibly start or end."""
@@ -138,8 +150,12 @@ def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConf
     )
     learned.addresses = _dominant(con.execute(_PROPAGATED_ADDRESSES).fetchall())
     learned.self_addresses = _dominant(con.execute(_SELF_ADDRESSES, rng).fetchall())
-    learned.rpc_services = {k: v for (k, _), v in _dominant(
-        [(r, None, s, n) for r, s, n in con.execute(_RPC_SERVICES, rng).fetchall()]).items()}  # fmt: skip
+    learned.rpc_services = {
+        k: v
+        for (k, _), v in _dominant(
+            [(r, None, s, n) for r, s, n in con.execute(_RPC_SERVICES, rng).fetchall()]
+        ).items()
+    }
     consumers: dict[str, list[str]] = defaultdict(list)
     for destination, service, _ in con.execute(_CONSUMERS, rng).fetchall():
         consumers[destination].append(service)
@@ -173,15 +189,20 @@ def _learn_timing(con: duckdb.DuckDBPyConnection, learned: Learned, config: Audi
         if (m := fit(idx, "protocol")) is not None:
             learned.protocol_models[protocol] = m.pooled(skew_ns, "protocol")
     everything = fit(list(range(len(d1_all))), "default")
-    learned.default_sync = everything.pooled(skew_ns, "default") if everything else SyncModel(
-        LogNormal(math.log(2 * _NS_PER_MS), 1.5), StudentT(0.0, skew_ns), 0, "default")  # fmt: skip
+    learned.default_sync = (
+        everything.pooled(skew_ns, "default")
+        if everything
+        else SyncModel(LogNormal(math.log(2 * _NS_PER_MS), 1.5), StudentT(0.0, skew_ns), 0, "default")
+    )
 
     lags: dict[tuple, list[float]] = defaultdict(list)
     for caller, callee, lag in con.execute(_LAGS).fetchall():
         lags[(caller, callee)].append(lag)
     for key, values in lags.items():
         if len(values) >= _MIN_PAIRS:
-            learned.lag_models[key] = LagModel(LogNormal.fit(np.asarray(values, dtype=float)), len(values), "edge")
+            learned.lag_models[key] = LagModel(
+                LogNormal.fit(np.asarray(values, dtype=float)), len(values), "edge"
+            )
     pooled = [v for values in lags.values() for v in values]
     learned.default_lag = (
         LagModel(LogNormal.fit(np.asarray(pooled, dtype=float)), len(pooled), "protocol").pooled("protocol")

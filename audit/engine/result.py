@@ -60,35 +60,60 @@ def evidence(row: dict) -> str:
     """What in the data led to a finding, in words (free text: not part of the contract)."""
     kind = row["kind"]
     if kind == "orphan_root":
-        named = (f"probable parent in {row['parent_service']}" if row["parent_span_id"] is not None
-                 else "no parent named (ambiguous, or the parent was not sampled)")  # fmt: skip
-        return (f"root {row['span_kind']} span with no span link; {row['candidates']} candidate exit span(s) "
-                f"in other traces; {named}")  # fmt: skip
+        named = (
+            f"probable parent in {row['parent_service']}"
+            if row["parent_span_id"] is not None
+            else "no parent named (ambiguous, or the parent was not sampled)"
+        )
+        return (
+            f"root {row['span_kind']} span with no span link; {row['candidates']} candidate exit span(s) "
+            f"in other traces; {named}"
+        )
     if kind == "in_process_break":
-        named = ("probable parent named" if row["parent_span_id"] is not None
-                 else "no parent named (ambiguous, or the request was not sampled)")  # fmt: skip
-        return (f"root {row['span_kind']} span starting inside {row['candidates']} stored request(s) of "
-                f"{row['service']}; {named}")  # fmt: skip
+        named = (
+            "probable parent named"
+            if row["parent_span_id"] is not None
+            else "no parent named (ambiguous, or the request was not sampled)"
+        )
+        return (
+            f"root {row['span_kind']} span starting inside {row['candidates']} stored request(s) of "
+            f"{row['service']}; {named}"
+        )
     if kind == "dangling_parent":
         return f"parent_span_id {row['detail']} is set but that span never arrived"
-    return f"{row['span_kind']} span to {row['callee']} (resolved by {row['detail']}) with no continuation there"
+    return (
+        f"{row['span_kind']} span to {row['callee']} (resolved by {row['detail']}) with no continuation there"
+    )
 
 
 def finding_dict(row: dict) -> dict:
     """One row of the findings table as the JSON document's finding object."""
     cause = CAUSES[row["cause"]]
     return {
-        "kind": row["kind"], "trace_id": _trace_hex(row["trace_hi"], row["trace_lo"]),
-        "span_id": f"{row['span_id']:016x}", "service": row["service"], "span_name": row["span_name"],
-        "span_kind": row["span_kind"], "start_time_unix_nano": row["start_ns"], "protocol": row["protocol"],
-        "system": row["system"], "caller": row["caller"], "callee": row["callee"], "cause": cause.code,
-        "explanation": cause.explanation, "fix": cause.fix, "evidence": evidence(row),
-        "probable_parent": None if row["parent_span_id"] is None else {
+        "kind": row["kind"],
+        "trace_id": _trace_hex(row["trace_hi"], row["trace_lo"]),
+        "span_id": f"{row['span_id']:016x}",
+        "service": row["service"],
+        "span_name": row["span_name"],
+        "span_kind": row["span_kind"],
+        "start_time_unix_nano": row["start_ns"],
+        "protocol": row["protocol"],
+        "system": row["system"],
+        "caller": row["caller"],
+        "callee": row["callee"],
+        "cause": cause.code,
+        "explanation": cause.explanation,
+        "fix": cause.fix,
+        "evidence": evidence(row),
+        "probable_parent": None
+        if row["parent_span_id"] is None
+        else {
             "trace_id": _trace_hex(row["parent_trace_hi"], row["parent_trace_lo"]),
-            "span_id": f"{row['parent_span_id']:016x}", "service": row["parent_service"],
+            "span_id": f"{row['parent_span_id']:016x}",
+            "service": row["parent_service"],
             "confidence": round(row["confidence"], 4),
         },
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -100,7 +125,9 @@ class AuditResult:
     findings: pa.Table  # one row per finding: the columns of FINDINGS_SELECT in audit/engine/findings.py
     edges: list[Edge] = field(default_factory=list)
     entrypoints: list[str] = field(default_factory=list)  # learned or configured, "svc:operation"
-    roots: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> entry/orphan/orphan_unattributed
+    roots: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # service -> entry/orphan/orphan_unattributed
     sampling: dict = field(default_factory=dict)  # {"services", "edges", "overall"}: audit/engine/sampling.py
     seconds: float = 0.0
     run_id: int | None = None
@@ -120,18 +147,28 @@ class AuditResult:
 
     def run_dict(self) -> dict:
         return {
-            "id": self.run_id, "window_start": self.window_start_ns, "window_end": self.window_end_ns,
-            "spans": self.spans, "traces": self.traces, "seconds": round(self.seconds, 3),
-            "entrypoints": self.entrypoints, "counts": self.counts(), "stitched": self.stitched(),
+            "id": self.run_id,
+            "window_start": self.window_start_ns,
+            "window_end": self.window_end_ns,
+            "spans": self.spans,
+            "traces": self.traces,
+            "seconds": round(self.seconds, 3),
+            "entrypoints": self.entrypoints,
+            "counts": self.counts(),
+            "stitched": self.stitched(),
             "roots": self.roots,
-        }  # fmt: skip
+        }
 
     def document_chunks(self, *, findings: bool = True, extra: dict | None = None, batch: int = 5_000):
         """The result document (docs/audit-json.md) as JSON text, a piece at a time: the findings
         streamed so that millions of them need no list in memory. `extra` adds top-level keys;
         without `findings` the document leaves them out."""
-        head = {"schema_version": SCHEMA_VERSION, "run": self.run_dict(), "edges": [e.to_dict() for e in self.edges],
-                "sampling": self.sampling} | (extra or {})  # fmt: skip
+        head = {
+            "schema_version": SCHEMA_VERSION,
+            "run": self.run_dict(),
+            "edges": [e.to_dict() for e in self.edges],
+            "sampling": self.sampling,
+        } | (extra or {})
         text = json.dumps(head)
         if not findings:
             yield text + "\n"

@@ -17,8 +17,12 @@ from .scan import scan
 from .targets import resolve_exits
 
 
-def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConfig | None = None,
-              progress: Callable[[str], None] = lambda step: None) -> AuditResult:  # fmt: skip
+def run_audit(
+    con: duckdb.DuckDBPyConnection,
+    window: AuditWindow,
+    config: AuditConfig | None = None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> AuditResult:
     """Audit the spans of `window` in the store `con` is connected to. Leaves temp tables behind
     (on `con`: w, hops, roots, findings, orphan_rows, edge_calls, ...) that tests may read."""
     config = config or AuditConfig()
@@ -33,16 +37,40 @@ def run_audit(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: Audit
     progress("counting edges")
     edges = build_edges(con)
     findings = con.sql(FINDINGS_SELECT + " ORDER BY start_ns, kind, span_id").to_arrow_table()
-    roots = {service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
-             for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()}  # fmt: skip
+    roots = {
+        service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
+        for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()
+    }
     # what stitching and edges needed: at 10M spans these spill past the memory limit and
     # would slow every later query that touches spilled pages
-    for name in ("xt", "cand_exits", "cand_orphans", "cand_pairs", "audited_orphans", "stitch_orphans", "exact_only",
-                 "stitched", "break_pairs", "break_parents"):  # fmt: skip
+    for name in (
+        "xt",
+        "cand_exits",
+        "cand_orphans",
+        "cand_pairs",
+        "audited_orphans",
+        "stitch_orphans",
+        "exact_only",
+        "stitched",
+        "break_pairs",
+        "break_parents",
+    ):
         con.execute(f"DROP TABLE IF EXISTS {name}")
-    sampling = sampling_figures(con, window.start_ns, window.end_ns, config.assume_sampling_probability, progress)
-    return AuditResult(window.start_ns, window.end_ns, spans, traces, findings, edges,
-                       sorted(set(builder.entrypoints)), roots, sampling, time.monotonic() - started)  # fmt: skip
+    sampling = sampling_figures(
+        con, window.start_ns, window.end_ns, config.assume_sampling_probability, progress
+    )
+    return AuditResult(
+        window.start_ns,
+        window.end_ns,
+        spans,
+        traces,
+        findings,
+        edges,
+        sorted(set(builder.entrypoints)),
+        roots,
+        sampling,
+        time.monotonic() - started,
+    )
 
 
 # roots per service: at entry points (operations, and jobs that start outside any request),

@@ -32,13 +32,19 @@ FROM s LEFT JOIN f USING (service) LEFT JOIN h USING (service) ORDER BY s.servic
 """
 
 
-def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
-                     progress: Callable[[str], None] = lambda step: None) -> dict:  # fmt: skip
+def sampling_figures(
+    con: duckdb.DuckDBPyConnection,
+    start_ns: int,
+    end_ns: int,
+    assumed: float | None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> dict:
     """The result document's `sampling` object. `assumed`: the sampling probability of spans
     without `ot=th` (None: their adjusted count is unknown and they are left out of weighted figures)."""
     con.execute(ADJUSTED_COUNT_MACRO)
-    (spans,) = con.execute("SELECT count(*) FROM w WHERE start_ns >= $wlo AND start_ns < $whi",
-                           {"wlo": start_ns, "whi": end_ns}).fetchone()  # fmt: skip
+    (spans,) = con.execute(
+        "SELECT count(*) FROM w WHERE start_ns >= $wlo AND start_ns < $whi", {"wlo": start_ns, "whi": end_ns}
+    ).fetchone()
     # Above a million spans, variances are summed over a hash sample of about a million spans'
     # clusters and scaled up: as exact in expectation, and seconds cheaper at 10 million spans.
     every = min(16, max(1, spans // 1_000_000))
@@ -47,7 +53,11 @@ def sampling_figures(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
     progress("estimating the sampling distortion: edges")
     edges = edge_sampling(con, start_ns, end_ns, assumed, every)
     progress("estimating the sampling distortion: overall")
-    return {"services": services, "edges": edges, "overall": overall_sampling(con, start_ns, end_ns, assumed, every)}
+    return {
+        "services": services,
+        "edges": edges,
+        "overall": overall_sampling(con, start_ns, end_ns, assumed, every),
+    }
 
 
 # the share of a service's spans that were kept: stored spans over their adjusted counts
@@ -57,24 +67,41 @@ FROM w WHERE start_ns >= $wlo AND start_ns < $whi
 """
 
 
-def service_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, every: int = 1) -> list[dict]:
+def service_sampling(
+    con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, every: int = 1
+) -> list[dict]:
     """One object per service, from the run's temp tables (w, findings, hops)."""
     kept = kept_shares(con, _KEPT, ("service",), {"wlo": start_ns, "whi": end_ns}, variance_every=every)
     out = []
-    for (service, spans, roots, with_parent, known_th, invalid_th, orphans, dangling, entries,
-         differs) in con.execute(_PER_SERVICE, {"wlo": start_ns, "whi": end_ns}).fetchall():  # fmt: skip
+    for (
+        service,
+        spans,
+        roots,
+        with_parent,
+        known_th,
+        invalid_th,
+        orphans,
+        dangling,
+        entries,
+        differs,
+    ) in con.execute(_PER_SERVICE, {"wlo": start_ns, "whi": end_ns}).fetchall():
         threshold_differs = wilson(differs, entries)
         # a ParentBased sampler keeps a propagated span exactly when its caller did, with the
         # caller's threshold, and never exports a span whose parent was not sampled
         parent_based = None if entries == 0 and dangling == 0 else (dangling == 0 and differs == 0)
-        out.append({
-            "service": service, "spans": spans, "roots": roots, "orphan_roots": orphans,
-            "root_inflation": wilson(orphans, roots),
-            "dangling_parent_rate": wilson(dangling, with_parent),
-            "known_threshold_share": wilson(known_th, spans),
-            "invalid_tracestate_spans": invalid_th,
-            "sampling_probability": share_ratio(*kept.get((service,), (0, 0.0, 0.0)), known_th),
-            "threshold_differs_from_caller": threshold_differs,
-            "parent_based": parent_based,
-        })  # fmt: skip
+        out.append(
+            {
+                "service": service,
+                "spans": spans,
+                "roots": roots,
+                "orphan_roots": orphans,
+                "root_inflation": wilson(orphans, roots),
+                "dangling_parent_rate": wilson(dangling, with_parent),
+                "known_threshold_share": wilson(known_th, spans),
+                "invalid_tracestate_spans": invalid_th,
+                "sampling_probability": share_ratio(*kept.get((service,), (0, 0.0, 0.0)), known_th),
+                "threshold_differs_from_caller": threshold_differs,
+                "parent_based": parent_based,
+            }
+        )
     return out

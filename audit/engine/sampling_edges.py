@@ -66,7 +66,9 @@ SELECT x.caller, x.callee, x.protocol,
 FROM x JOIN t USING (callee, protocol) JOIN o USING (callee, protocol) WHERE x.u > 0
 """
 
-_PROPAGATION = "SELECT caller, callee, protocol, cluster, w * share AS w, propagated AS a, 1 AS b FROM edge_entries"
+_PROPAGATION = (
+    "SELECT caller, callee, protocol, cluster, w * share AS w, propagated AS a, 1 AS b FROM edge_entries"
+)
 _EXITS = """
 SELECT caller, callee, protocol, count(*), count(*) FILTER (WHERE propagated) FROM edge_calls
 WHERE instrumented GROUP BY ALL
@@ -106,17 +108,25 @@ def _protocol(raw: str | None) -> str:
     return raw if raw in ("http", "grpc", "rpc", "messaging", "db") else "unknown"
 
 
-def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
-                  every: int = 1) -> list[dict]:  # fmt: skip
+def edge_sampling(
+    con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None, every: int = 1
+) -> list[dict]:
     """One object per edge between services, ordered by caller, callee and protocol. `every`:
     variances from one cluster in `every` (estimate.ratio_sums)."""
     params = {"assumed": assumed}
     con.execute(_ORPHAN_SOURCES, params)
     con.execute(_ENTRIES, {"wlo": start_ns, "whi": end_ns, "assumed": assumed})
     allocation = {tuple(r[:3]): r[3] or 0.0 for r in con.execute(_ALLOCATION, params).fetchall()}
-    propagation = {k: _plus_allocation(v, allocation.get(k)) for k, v in ratio_sums(con, _PROPAGATION, _KEYS, variance_every=every).items()}
-    volume = {k: _plus_allocation(v, allocation.get(k))
-              for k, v in ratio_sums(con, _VOLUME, _KEYS, params, finite_population=True, variance_every=every).items()}  # fmt: skip
+    propagation = {
+        k: _plus_allocation(v, allocation.get(k))
+        for k, v in ratio_sums(con, _PROPAGATION, _KEYS, variance_every=every).items()
+    }
+    volume = {
+        k: _plus_allocation(v, allocation.get(k))
+        for k, v in ratio_sums(
+            con, _VOLUME, _KEYS, params, finite_population=True, variance_every=every
+        ).items()
+    }
     orphans_kept = kept_shares(con, _ORPHANS_KEPT, _KEYS, variance_every=every)
     unpaired_kept = kept_shares(con, _UNPAIRED_KEPT, _KEYS, params, variance_every=every)
     exits = {tuple(r[:3]): r[3:] for r in con.execute(_EXITS).fetchall()}
@@ -127,15 +137,22 @@ def edge_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, as
         spans, without_th = unknown[key]
         n, num, den, var, _ = volume.get(key, _NONE)
         prop = propagation.get(key, _NONE)
-        out.append({
-            "caller": key[0], "callee": key[1], "protocol": _protocol(key[2]),
-            "propagation_rate": proportion(*prop),
-            "conditional_capture_rate": _capture(exits.get(key, (0, 0)), prop, orphans_kept.get(key), key in follows),
-            "upstream_missing_share": _upstream_missing(orphans_kept.get(key), unpaired_kept.get(key)),
-            "volume_ratio": ratio(n, num, den, var),
-            "caller_exits_adjusted": round(num, 1), "callee_entries_adjusted": round(den, 1),
-            "unknown_adjusted_count_share": round(without_th / spans, 6) if spans else None,
-        })  # fmt: skip
+        out.append(
+            {
+                "caller": key[0],
+                "callee": key[1],
+                "protocol": _protocol(key[2]),
+                "propagation_rate": proportion(*prop),
+                "conditional_capture_rate": _capture(
+                    exits.get(key, (0, 0)), prop, orphans_kept.get(key), key in follows
+                ),
+                "upstream_missing_share": _upstream_missing(orphans_kept.get(key), unpaired_kept.get(key)),
+                "volume_ratio": ratio(n, num, den, var),
+                "caller_exits_adjusted": round(num, 1),
+                "callee_entries_adjusted": round(den, 1),
+                "unknown_adjusted_count_share": round(without_th / spans, 6) if spans else None,
+            }
+        )
     return out
 
 

@@ -72,18 +72,24 @@ SELECT count(*), count(th) FROM w WHERE start_ns >= $wlo AND start_ns < $whi
 """
 
 
-def overall_sampling(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None,
-                     every: int = 1) -> dict:  # fmt: skip
+def overall_sampling(
+    con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, assumed: float | None, every: int = 1
+) -> dict:
     con.execute(_FRAGMENTS)
     window = {"wlo": start_ns, "whi": end_ns}
     none = (0, 0.0, 0.0, 0.0, 0.0)
-    n, num, den, var, _ = ratio_sums(con, _ROOT_UNITS, (), {"assumed": assumed}, variance_every=every).get((), none)
+    n, num, den, var, _ = ratio_sums(con, _ROOT_UNITS, (), {"assumed": assumed}, variance_every=every).get(
+        (), none
+    )
     spans, known = con.execute(_KNOWN, window).fetchone()
     return {
         "fragmentation_factor": ratio(n, num, den, var),
         "trace_completeness": proportion(*ratio_sums(con, _COMPLETE, (), variance_every=every).get((), none)),
-        "hidden_error_share": proportion(*ratio_sums(con, _HIDDEN_ERRORS, (), {"assumed": assumed, **window},
-                                                     variance_every=every).get((), none)),  # fmt: skip
+        "hidden_error_share": proportion(
+            *ratio_sums(con, _HIDDEN_ERRORS, (), {"assumed": assumed, **window}, variance_every=every).get(
+                (), none
+            )
+        ),
         "latency_undercount": _latency_undercount(con),
         "spans": spans,
         "known_threshold_share": round(known / spans, 6) if spans else None,

@@ -79,7 +79,8 @@ SELECT oid FROM cand_orphans WHERE k_exact IS NOT NULL
 
 def _stage_sql(rank: int, columns: tuple[str, ...]) -> tuple[str, str, str]:
     okeys = " UNION ALL ".join(
-        f"SELECT oid, {c} AS key, start_ns::BIGINT AS start_ns FROM cand_orphans WHERE {c} IS NOT NULL" for c in columns
+        f"SELECT oid, {c} AS key, start_ns::BIGINT AS start_ns FROM cand_orphans WHERE {c} IS NOT NULL"
+        for c in columns
     )
     ekeys = " UNION ALL ".join(
         f"SELECT eid, {c} AS key, win_lo, win_hi FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
@@ -146,8 +147,9 @@ class Stitched:
         return {"oid": self.oid, "eid": self.eid, "confidence": self.confidence}
 
 
-def build_candidates(con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float,
-                     max_lag_ns: float) -> None:  # fmt: skip
+def build_candidates(
+    con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float, max_lag_ns: float
+) -> None:
     # a lag model pooled and widened from other topics can reach minutes: cap it at the setting
     tol, max_lag = learned.sync_reach_ns(default_skew_ns), min(learned.lag_reach_ns(), max_lag_ns)
     con.execute(_CANDIDATE_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
@@ -276,7 +278,9 @@ def _solve_groups(group, row, col, cost, null_cost, n_o: int, n_e: int, match: n
         rows, cols = rows_flat[row_at : row_at + k], cols_flat[col_at : col_at + m]
         row_at, col_at = row_at + k, col_at + m
         if k > _DENSE_LIMIT:
-            shift = min(cost[idx].min(), null_cost[rows].min()) - 1.0  # the sparse solver wants positive weights
+            shift = (
+                min(cost[idx].min(), null_cost[rows].min()) - 1.0
+            )  # the sparse solver wants positive weights
             weights = np.concatenate([cost[idx], null_cost[rows]]) - shift
             g = csr_matrix((weights, (np.r_[r, np.arange(k)], np.r_[c, m + np.arange(k)])), shape=(k, m + k))
             got_rows, got_cols = min_weight_full_bipartite_matching(g)
@@ -321,7 +325,10 @@ def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
     taken = match < n_e
     release = np.full(len(null_cost), np.inf)
     release[taken] = null_cost[taken] - chosen_cost[taken] + best_gain[match[taken]]
-    mass = (np.ones(len(null_cost)) + np.exp(-np.clip(null_cost - chosen_cost, -50.0, 50.0))
-            + np.exp(-np.clip(release, -50.0, 50.0)))  # fmt: skip
+    mass = (
+        np.ones(len(null_cost))
+        + np.exp(-np.clip(null_cost - chosen_cost, -50.0, 50.0))
+        + np.exp(-np.clip(release, -50.0, 50.0))
+    )
     np.add.at(mass, row, alternatives)
     return 1.0 / mass[row]

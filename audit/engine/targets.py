@@ -9,8 +9,15 @@ import pyarrow as pa
 from .learn import Learned
 from .tables import temp_table
 
-_KEYS = ("protocol", "server_address", "server_port", "peer_service", "rpc_service", "messaging_destination",
-         "db_system")  # fmt: skip
+_KEYS = (
+    "protocol",
+    "server_address",
+    "server_port",
+    "peer_service",
+    "rpc_service",
+    "messaging_destination",
+    "db_system",
+)
 
 # `pending`: a message not consumed yet: sent less than a typical lag before its consumer
 # group's newest span. Neither dropped nor counted. (A synchronous call needs no such care: its
@@ -40,13 +47,17 @@ def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
         for t in learned.resolve(protocol, address, port, peer, rpc_service, destination, db_system):
             rows.append((*key, t.name, t.instrumented, t.how))
     columns = list(zip(*rows)) if rows else [[] for _ in range(len(_KEYS) + 3)]
-    table = pa.table({
-        **{k: pa.array(columns[i], type=pa.int32() if k == "server_port" else pa.string())
-           for i, k in enumerate(_KEYS)},
-        "target": pa.array(columns[len(_KEYS)], type=pa.string()),
-        "instrumented": pa.array(columns[len(_KEYS) + 1], type=pa.bool_()),
-        "how": pa.array(columns[len(_KEYS) + 2], type=pa.string()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            **{
+                k: pa.array(columns[i], type=pa.int32() if k == "server_port" else pa.string())
+                for i, k in enumerate(_KEYS)
+            },
+            "target": pa.array(columns[len(_KEYS)], type=pa.string()),
+            "instrumented": pa.array(columns[len(_KEYS) + 1], type=pa.bool_()),
+            "how": pa.array(columns[len(_KEYS) + 2], type=pa.string()),
+        }
+    )
     temp_table(con, "exit_target_map", table)
     con.execute(_EXIT_TARGETS, {"typical_lag": int(learned.default_lag.lag.quantile(0.0))})
     con.execute("DROP TABLE exits")  # xt holds it all now; at 10M spans, memory is the limit

@@ -14,8 +14,19 @@ from dataclasses import dataclass
 
 from .services import KAFKA_CONSUMERS, TOPIC_CREATED, run_service
 
-ROLES = ("proxy", "cart", "recommendations", "pricing", "inventory", "payments", "fulfilment", "notifications",
-         "auditor", "frontend", "billing-cron")  # fmt: skip
+ROLES = (
+    "proxy",
+    "cart",
+    "recommendations",
+    "pricing",
+    "inventory",
+    "payments",
+    "fulfilment",
+    "notifications",
+    "auditor",
+    "frontend",
+    "billing-cron",
+)
 
 
 @dataclass
@@ -37,8 +48,14 @@ def _free_ports(names) -> dict[str, int]:
     return ports
 
 
-def run_fleet(otlp_endpoint: str, truth_path: str, *, seconds: float = 60.0, rate: float = 20.0,
-              progress: Callable[[str], None] | None = None) -> FleetRun:  # fmt: skip
+def run_fleet(
+    otlp_endpoint: str,
+    truth_path: str,
+    *,
+    seconds: float = 60.0,
+    rate: float = 20.0,
+    progress: Callable[[str], None] | None = None,
+) -> FleetRun:
     """Run every service in its own process, send `rate` requests/s to the frontend for
     `seconds`, then stop them (each flushes its spans) and merge their truth into `truth_path`."""
     from confluent_kafka import Producer
@@ -53,8 +70,15 @@ def run_fleet(otlp_endpoint: str, truth_path: str, *, seconds: float = 60.0, rat
     cluster.flush(10)
     ready, stop = ctx.Queue(), ctx.Event()
     with tempfile.TemporaryDirectory(prefix="ctxaudit-fleet-") as truth_dir:
-        procs = [ctx.Process(target=run_service, args=(role, ports, bootstrap, otlp_endpoint, truth_dir, ready, stop),
-                             name=f"fleet-{role}", daemon=True) for role in ROLES]  # fmt: skip
+        procs = [
+            ctx.Process(
+                target=run_service,
+                args=(role, ports, bootstrap, otlp_endpoint, truth_dir, ready, stop),
+                name=f"fleet-{role}",
+                daemon=True,
+            )
+            for role in ROLES
+        ]
         for p in procs:
             p.start()
         try:
@@ -63,7 +87,9 @@ def run_fleet(otlp_endpoint: str, truth_path: str, *, seconds: float = 60.0, rat
                 try:
                     started.add(ready.get(timeout=60))
                 except queue.Empty:
-                    raise RuntimeError(f"fleet services did not start: {sorted(set(ROLES) - started)}") from None
+                    raise RuntimeError(
+                        f"fleet services did not start: {sorted(set(ROLES) - started)}"
+                    ) from None
             sent, failed = _drive(ports["frontend"], seconds, rate, progress)
         finally:
             stop.set()

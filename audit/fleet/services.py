@@ -67,8 +67,13 @@ def _note_incoming(truth, span, header: str | None, propagated: bool, protocol: 
 
 def _wsgi_service(truth):
     def app(environ, start_response):
-        _note_incoming(truth, trace.get_current_span(), environ.get("HTTP_X_CTXAUDIT_TRUTH"),
-                       "HTTP_TRACEPARENT" in environ, "http")  # fmt: skip
+        _note_incoming(
+            truth,
+            trace.get_current_span(),
+            environ.get("HTTP_X_CTXAUDIT_TRUTH"),
+            "HTTP_TRACEPARENT" in environ,
+            "http",
+        )
         time.sleep(0.002)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
@@ -77,7 +82,9 @@ def _wsgi_service(truth):
 
 
 def _serve_wsgi(app, port: int) -> WSGIServer:
-    server = make_server("127.0.0.1", port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    server = make_server(
+        "127.0.0.1", port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -89,9 +96,17 @@ def rpc_call(port: int, method: str, *, inject: bool, hop: str, cause: str | Non
     """A hand-written RPC client: a CLIENT span, and traceparent in the envelope only if `inject`."""
     tracer = trace.get_tracer("fleet.rpc")
     service, _, name = method.partition("/")
-    with tracer.start_as_current_span(method, kind=SpanKind.CLIENT, attributes={
-            "rpc.system": RPC_SYSTEM, "rpc.service": service, "rpc.method": name,
-            "server.address": "127.0.0.1", "server.port": port}) as span:  # fmt: skip
+    with tracer.start_as_current_span(
+        method,
+        kind=SpanKind.CLIENT,
+        attributes={
+            "rpc.system": RPC_SYSTEM,
+            "rpc.service": service,
+            "rpc.method": name,
+            "server.address": "127.0.0.1",
+            "server.port": port,
+        },
+    ) as span:
         envelope = {"method": method, "truth": _truth_header(span, None if inject else cause, hop)}
         if inject:
             carrier: dict[str, str] = {}
@@ -111,9 +126,18 @@ class _RpcHandler(socketserver.StreamRequestHandler):
         ctx = propagate.extract(carrier) if carrier else None
         service, _, name = envelope["method"].partition("/")
         tracer = trace.get_tracer("fleet.rpc")
-        with tracer.start_as_current_span(envelope["method"], context=ctx, kind=SpanKind.SERVER, attributes={
-                "rpc.system": RPC_SYSTEM, "rpc.service": service, "rpc.method": name,
-                "server.address": "127.0.0.1", "server.port": self.server.server_address[1]}) as span:  # fmt: skip
+        with tracer.start_as_current_span(
+            envelope["method"],
+            context=ctx,
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": RPC_SYSTEM,
+                "rpc.service": service,
+                "rpc.method": name,
+                "server.address": "127.0.0.1",
+                "server.port": self.server.server_address[1],
+            },
+        ) as span:
             _note_incoming(self.truth, span, envelope.get("truth"), carrier is not None, "rpc")
             time.sleep(0.002)
         self.wfile.write(b'{"ok": true}\n')
@@ -132,7 +156,9 @@ def _frontend_app(ports: dict[str, int], truth, provider, bootstrap: str):
     from confluent_kafka import Producer
     from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
 
-    kafka = ConfluentKafkaInstrumentor().instrument_producer(Producer({"bootstrap.servers": bootstrap}), provider)
+    kafka = ConfluentKafkaInstrumentor().instrument_producer(
+        Producer({"bootstrap.servers": bootstrap}), provider
+    )
     plain_kafka = Producer({"bootstrap.servers": bootstrap})
 
     tracer = trace.get_tracer("fleet.frontend")
@@ -143,11 +169,23 @@ def _frontend_app(ports: dict[str, int], truth, provider, bootstrap: str):
 
     def flush_cache(true_parent: str) -> None:
         # runs on a pool thread: the caller's context did not come along, so this exit is a root
-        with tracer.start_as_current_span("SET", kind=SpanKind.CLIENT, attributes={
-                "db.system.name": "redis", "db.operation.name": "SET", "server.address": "redis",
-                "server.port": 6379}) as span:  # fmt: skip
-            truth.note(span, true_parent=true_parent, cause="thread_pool_no_context", hop="frontend->redis",
-                       protocol="db")  # fmt: skip
+        with tracer.start_as_current_span(
+            "SET",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": "redis",
+                "db.operation.name": "SET",
+                "server.address": "redis",
+                "server.port": 6379,
+            },
+        ) as span:
+            truth.note(
+                span,
+                true_parent=true_parent,
+                cause="thread_pool_no_context",
+                hop="frontend->redis",
+                protocol="db",
+            )
             time.sleep(0.001)
 
     def app(environ, start_response):
@@ -157,27 +195,61 @@ def _frontend_app(ports: dict[str, int], truth, provider, bootstrap: str):
         # 2. gRPC, instrumented client and server: propagates
         inventory(b"sku-42", timeout=10)
         # 3. through a proxy that strips traceparent: the callee starts a new trace
-        session.get(f"http://127.0.0.1:{ports['proxy']}/recs/7", timeout=10, headers={
-            "x-ctxaudit-cause": "proxy_strips_traceparent", "x-ctxaudit-hop": "frontend->recommendations"})  # fmt: skip
+        session.get(
+            f"http://127.0.0.1:{ports['proxy']}/recs/7",
+            timeout=10,
+            headers={
+                "x-ctxaudit-cause": "proxy_strips_traceparent",
+                "x-ctxaudit-hop": "frontend->recommendations",
+            },
+        )
         # 4. a hand-made client that makes a CLIENT span but never injects
-        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT, attributes={
-                "http.request.method": "GET", "server.address": "127.0.0.1", "server.port": ports["pricing"],
-                "url.full": f"http://127.0.0.1:{ports['pricing']}/price/7"}) as span:  # fmt: skip
-            req = urllib.request.Request(f"http://127.0.0.1:{ports['pricing']}/price/7", headers={
-                TRUTH_HEADER: _truth_header(span, "client_does_not_inject", "frontend->pricing")})  # fmt: skip
+        with tracer.start_as_current_span(
+            "GET",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "GET",
+                "server.address": "127.0.0.1",
+                "server.port": ports["pricing"],
+                "url.full": f"http://127.0.0.1:{ports['pricing']}/price/7",
+            },
+        ) as span:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{ports['pricing']}/price/7",
+                headers={TRUTH_HEADER: _truth_header(span, "client_does_not_inject", "frontend->pricing")},
+            )
             urllib.request.urlopen(req, timeout=10).read()
         # 5. custom RPC: one call site injects, the other forgets
         rpc_call(ports["payments"], "payments.Charges/Authorize", inject=True, hop="frontend->payments")
-        rpc_call(ports["payments"], "payments.Charges/Capture", inject=False, hop="frontend->payments",
-                 cause="custom_rpc_no_context")  # fmt: skip
+        rpc_call(
+            ports["payments"],
+            "payments.Charges/Capture",
+            inject=False,
+            hop="frontend->payments",
+            cause="custom_rpc_no_context",
+        )
         # 6. a database and an external host: exits with no child span by nature
-        with tracer.start_as_current_span("INSERT orders", kind=SpanKind.CLIENT, attributes={
-                "db.system.name": "postgresql", "db.operation.name": "INSERT", "server.address": "postgres",
-                "server.port": 5432}):  # fmt: skip
+        with tracer.start_as_current_span(
+            "INSERT orders",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": "postgresql",
+                "db.operation.name": "INSERT",
+                "server.address": "postgres",
+                "server.port": 5432,
+            },
+        ):
             time.sleep(0.001)
-        with tracer.start_as_current_span("POST", kind=SpanKind.CLIENT, attributes={
-                "http.request.method": "POST", "server.address": "api.partner.example", "server.port": 443,
-                "url.full": "https://api.partner.example/v1/notify"}):  # fmt: skip
+        with tracer.start_as_current_span(
+            "POST",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "POST",
+                "server.address": "api.partner.example",
+                "server.port": 443,
+                "url.full": "https://api.partner.example/v1/notify",
+            },
+        ):
             time.sleep(0.001)
         # 7. work handed to a thread pool without the context
         pool.submit(flush_cache, context_id(server_span)).result()
@@ -185,11 +257,22 @@ def _frontend_app(ports: dict[str, int], truth, provider, bootstrap: str):
         #    and a hand-made one for `order-events` that makes a PRODUCER span but never injects
         kafka.produce("orders", b"order")
         kafka.produce("audit-log", b"audit")
-        with tracer.start_as_current_span("order-events send", kind=SpanKind.PRODUCER, attributes={
-                "messaging.system": "kafka", "messaging.destination.name": "order-events",
-                "messaging.operation.type": "send"}) as span:  # fmt: skip
-            plain_kafka.produce("order-events", b"event", headers=[
-                (TRUTH_HEADER, _truth_header(span, "producer_does_not_inject", "frontend->notifications"))])  # fmt: skip
+        with tracer.start_as_current_span(
+            "order-events send",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": "order-events",
+                "messaging.operation.type": "send",
+            },
+        ) as span:
+            plain_kafka.produce(
+                "order-events",
+                b"event",
+                headers=[
+                    (TRUTH_HEADER, _truth_header(span, "producer_does_not_inject", "frontend->notifications"))
+                ],
+            )
         kafka.flush(10)
         plain_kafka.flush(10)
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -202,7 +285,9 @@ def _proxy_app(upstream: int):
     """A reverse proxy with a header allowlist that leaves out traceparent and tracestate."""
 
     def app(environ, start_response):
-        headers = {TRUTH_HEADER: environ["HTTP_X_CTXAUDIT_TRUTH"]} if "HTTP_X_CTXAUDIT_TRUTH" in environ else {}
+        headers = (
+            {TRUTH_HEADER: environ["HTTP_X_CTXAUDIT_TRUTH"]} if "HTTP_X_CTXAUDIT_TRUTH" in environ else {}
+        )
         req = urllib.request.Request(f"http://127.0.0.1:{upstream}{environ['PATH_INFO']}", headers=headers)
         body = urllib.request.urlopen(req, timeout=10).read()
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -214,8 +299,9 @@ def _proxy_app(upstream: int):
 # -- process entry point ------------------------------------------------------------------------------
 
 
-def run_service(role: str, ports: dict[str, int], bootstrap: str, otlp_endpoint: str, truth_dir: str,
-                ready, stop) -> None:  # fmt: skip
+def run_service(
+    role: str, ports: dict[str, int], bootstrap: str, otlp_endpoint: str, truth_dir: str, ready, stop
+) -> None:
     """The body of one fleet process: set up telemetry, serve, report ready, wait for stop, flush."""
     if role == "proxy":  # not a traced service
         server = _serve_wsgi(_proxy_app(ports["recommendations"]), ports["proxy"])
@@ -231,6 +317,7 @@ def run_service(role: str, ports: dict[str, int], bootstrap: str, otlp_endpoint:
         from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
         GrpcInstrumentorClient().instrument(tracer_provider=provider)
+
         def add_truth(span, request):  # the client span's own context, out of band
             cause = request.headers.pop("x-ctxaudit-cause", None)
             hop = request.headers.pop("x-ctxaudit-hop", "")
@@ -246,8 +333,14 @@ def run_service(role: str, ports: dict[str, int], bootstrap: str, otlp_endpoint:
         GrpcInstrumentorServer().instrument(tracer_provider=provider)
         server = grpc.server(ThreadPoolExecutor(max_workers=4))
         service, _, method = INVENTORY_METHOD.partition("/")
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: b"reserved")}),))  # fmt: skip
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    service,
+                    {method: grpc.unary_unary_rpc_method_handler(lambda request, context: b"reserved")},
+                ),
+            )
+        )
         server.add_insecure_port(f"127.0.0.1:{ports['inventory']}")
         server.start()
         servers.append(_GrpcStopper(server))
@@ -321,15 +414,30 @@ def _process(role: str, msg, truth) -> None:
         parent = getattr(current, "parent", None)
         if truth is not None and parent is not None and "traceparent" in headers:
             _, tid, sid, _ = headers["traceparent"].split("-")
-            truth.note(current, span_id=parent.span_id, true_parent=f"{tid}-{sid}", cause=None,
-                       hop=f"frontend->{role}", protocol="kafka", linked=True)  # fmt: skip
+            truth.note(
+                current,
+                span_id=parent.span_id,
+                true_parent=f"{tid}-{sid}",
+                cause=None,
+                hop=f"frontend->{role}",
+                protocol="kafka",
+                linked=True,
+            )
         return
     tracer = trace.get_tracer("fleet.kafka")
     ctx = propagate.extract(headers) if "traceparent" in headers else None
-    with tracer.start_as_current_span(f"{msg.topic()} process", context=ctx, kind=SpanKind.CONSUMER, attributes={
-            "messaging.system": "kafka", "messaging.destination.name": msg.topic(),
-            "messaging.operation.type": "process", "messaging.destination.partition.id": str(msg.partition()),
-            "messaging.kafka.offset": msg.offset()}) as span:  # fmt: skip
+    with tracer.start_as_current_span(
+        f"{msg.topic()} process",
+        context=ctx,
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.destination.name": msg.topic(),
+            "messaging.operation.type": "process",
+            "messaging.destination.partition.id": str(msg.partition()),
+            "messaging.kafka.offset": msg.offset(),
+        },
+    ) as span:
         if truth is not None:
             _note_incoming(truth, span, headers.get(TRUTH_HEADER), ctx is not None, "kafka")
 

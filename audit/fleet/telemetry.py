@@ -27,14 +27,17 @@ class ThresholdSampler(Sampler):
         self.threshold = round((1.0 - probability) * _P56)
         self.th = f"{self.threshold:014x}".rstrip("0") or "0"
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:  # fmt: skip
+    def should_sample(
+        self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+    ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         state = parent.trace_state if parent.is_valid else TraceState()
         state = state.update("ot", f"th:{self.th}") if "ot" in state else state.add("ot", f"th:{self.th}")
         sampled = (trace_id & (_P56 - 1)) >= self.threshold
         # unsampled spans are still recorded (never exported), so the truth sees every span
-        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.RECORD_ONLY, attributes, state)
+        return SamplingResult(
+            Decision.RECORD_AND_SAMPLE if sampled else Decision.RECORD_ONLY, attributes, state
+        )
 
     def get_description(self) -> str:
         return f"ThresholdSampler{{th:{self.th}}}"
@@ -44,8 +47,9 @@ class _RecordOnly(Sampler):
     """Where ParentBased would drop a span (its parent was not sampled): record it for the truth
     recorder, still unsampled, so the exporter never sends it."""
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:  # fmt: skip
+    def should_sample(
+        self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+    ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         return SamplingResult(Decision.RECORD_ONLY, attributes, parent.trace_state)
 
@@ -72,12 +76,27 @@ class TruthRecorder(SpanProcessor):
         self._held: dict[int, ReadableSpan] = {}
         self._lock = threading.Lock()
 
-    def note(self, span, *, true_parent: str | None, cause: str | None, hop: str | None,
-             protocol: str | None, linked: bool = False, span_id: int | None = None) -> None:  # fmt: skip
+    def note(
+        self,
+        span,
+        *,
+        true_parent: str | None,
+        cause: str | None,
+        hop: str | None,
+        protocol: str | None,
+        linked: bool = False,
+        span_id: int | None = None,
+    ) -> None:
         """`true_parent` is "traceid-spanid" in hex; `span_id` names a span other than `span`,
         which may already have ended (the official Kafka consumer ends its root at once)."""
         sid = span_id if span_id is not None else span.get_span_context().span_id
-        note = {"true_parent": true_parent, "cause": cause, "hop": hop, "protocol": protocol, "linked": linked}
+        note = {
+            "true_parent": true_parent,
+            "cause": cause,
+            "hop": hop,
+            "protocol": protocol,
+            "linked": linked,
+        }
         with self._lock:
             record = self._held.pop(sid, None)
             if record is None:
@@ -101,13 +120,21 @@ class TruthRecorder(SpanProcessor):
         )
         tp_trace, _, tp_span = true_parent.partition("-") if true_parent else (None, None, None)
         return {
-            "trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}", "service": self.service,
-            "kind": span.kind.name, "name": span.name, "request_id": None, "exported": ctx.trace_flags.sampled,
+            "trace_id": f"{ctx.trace_id:032x}",
+            "span_id": f"{ctx.span_id:016x}",
+            "service": self.service,
+            "kind": span.kind.name,
+            "name": span.name,
+            "request_id": None,
+            "exported": ctx.trace_flags.sampled,
             "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
-            "true_parent_trace_id": tp_trace or None, "true_parent_span_id": tp_span or None,
-            "cause": note.get("cause"), "hop": note.get("hop"), "protocol": note.get("protocol"),
+            "true_parent_trace_id": tp_trace or None,
+            "true_parent_span_id": tp_span or None,
+            "cause": note.get("cause"),
+            "hop": note.get("hop"),
+            "protocol": note.get("protocol"),
             "linked": note.get("linked", False),
-        }  # fmt: skip
+        }
 
     def _write(self, record: dict) -> None:
         with self._lock:
@@ -127,8 +154,9 @@ class TruthRecorder(SpanProcessor):
         return True
 
 
-def setup(service: str, otlp_endpoint: str, truth_path: str, sampler: str = "parent_based",
-          probability: float = 1.0) -> tuple[TracerProvider, TruthRecorder]:  # fmt: skip
+def setup(
+    service: str, otlp_endpoint: str, truth_path: str, sampler: str = "parent_based", probability: float = 1.0
+) -> tuple[TracerProvider, TruthRecorder]:
     provider = TracerProvider(
         resource=Resource.create({"service.name": service, "host.name": f"{service}-0"}),
         sampler=sampler_for(sampler, probability),

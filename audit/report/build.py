@@ -18,19 +18,41 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 HISTORY_SHOWN = 60  # reports in the trend charts
-_HOP_KEYS = ("caller", "callee", "protocol", "calls", "propagated", "dropped", "stitched", "propagation_rate",
-             "broken", "cause")  # fmt: skip
+_HOP_KEYS = (
+    "caller",
+    "callee",
+    "protocol",
+    "calls",
+    "propagated",
+    "dropped",
+    "stitched",
+    "propagation_rate",
+    "broken",
+    "cause",
+)
 
 
 def snapshot(report: dict) -> dict:
     """What history.jsonl keeps of a report: enough to compare with and to draw trends."""
-    return {"generated_at": report["generated_at"], "window_start": report["window"]["start"],
-            "window_end": report["window"]["end"], "figures": report["figures"],
-            "hops": [{k: h[k] for k in _HOP_KEYS} for h in report["hops"]]}  # fmt: skip
+    return {
+        "generated_at": report["generated_at"],
+        "window_start": report["window"]["start"],
+        "window_end": report["window"]["end"],
+        "figures": report["figures"],
+        "hops": [{k: h[k] for k in _HOP_KEYS} for h in report["hops"]],
+    }
 
 
-def build_report(doc: dict, *, source: str, since_s: float, history: list[dict], previous: dict | None = None,
-                 thresholds: list[Threshold] = (), now: datetime | None = None) -> dict:  # fmt: skip
+def build_report(
+    doc: dict,
+    *,
+    source: str,
+    since_s: float,
+    history: list[dict],
+    previous: dict | None = None,
+    thresholds: list[Threshold] = (),
+    now: datetime | None = None,
+) -> dict:
     """`doc`: the audit's result document (findings left out) with `summary`. `previous`: the
     snapshot to compare with (default: the newest in `history`)."""
     now = now or datetime.now(UTC)
@@ -38,16 +60,21 @@ def build_report(doc: dict, *, source: str, since_s: float, history: list[dict],
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "source": source, "since_s": since_s,
+        "source": source,
+        "since_s": since_s,
         "window": {"start": run["window_start"], "end": run["window_end"]},
-        "figures": figures.headline(doc), "hops": figures.hops(doc), "services": figures.services(doc),
+        "figures": figures.headline(doc),
+        "hops": figures.hops(doc),
+        "services": figures.services(doc),
         "summary": doc.get("summary", []),
         "audit": {k: doc[k] for k in ("schema_version", "run", "edges", "sampling")},
-    }  # fmt: skip
+    }
     previous = previous if previous is not None else (history[-1] if history else None)
     report["comparison"] = compare(previous, snapshot(report))
-    report["history"] = [{"generated_at": s["generated_at"], "window_end": s["window_end"], "figures": s["figures"]}
-                         for s in history[-HISTORY_SHOWN:]]  # fmt: skip
+    report["history"] = [
+        {"generated_at": s["generated_at"], "window_end": s["window_end"], "figures": s["figures"]}
+        for s in history[-HISTORY_SHOWN:]
+    ]
     report["gate"] = [v.__dict__ for v in evaluate(list(thresholds), report)]
     return report
 
@@ -95,8 +122,11 @@ def write_report(report: dict, out_dir: Path, history_path: Path | None = None) 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("report.json", json.dumps(report, indent=1) + "\n"), ("report.md", render_markdown(report)),
-                       ("report.html", render_html(report))):  # fmt: skip
+    for name, text in (
+        ("report.json", json.dumps(report, indent=1) + "\n"),
+        ("report.md", render_markdown(report)),
+        ("report.html", render_html(report)),
+    ):
         path = out_dir / name
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)

@@ -23,22 +23,31 @@ class ReportRequest:
     previous: str | None = None  # a report.json; default: the newest in the history
 
 
-def make_report(request: ReportRequest, fetch: Callable[[], dict], source: str) -> tuple[dict, list[Path], int]:
+def make_report(
+    request: ReportRequest, fetch: Callable[[], dict], source: str
+) -> tuple[dict, list[Path], int]:
     """Audit (through `fetch`), build, write; the report, the files written and the gate's exit
     code. Raises StoreError when the audit cannot be had, ValueError for a bad --previous."""
     previous = read_previous(request.previous) if request.previous else None
     history_path = request.history or request.out_dir / "history.jsonl"
     history = read_history(history_path)
     doc = fetch()
-    report = build_report(doc, source=source, since_s=request.since_s, history=history, previous=previous,
-                          thresholds=request.thresholds)  # fmt: skip
+    report = build_report(
+        doc,
+        source=source,
+        since_s=request.since_s,
+        history=history,
+        previous=previous,
+        thresholds=request.thresholds,
+    )
     written = write_report(report, request.out_dir, history_path)
     return report, written, exit_code(verdicts(report))
 
 
 def report_from_file(request: ReportRequest, db: str, memory_limit: str, progress: Callable[[str], None]):
-    return make_report(request, lambda: sources.from_file(db, request.settings, request.since_s, memory_limit, progress),
-                       db)  # fmt: skip
+    return make_report(
+        request, lambda: sources.from_file(db, request.settings, request.since_s, memory_limit, progress), db
+    )
 
 
 def report_from_server(request: ReportRequest, url: str):

@@ -29,10 +29,14 @@ def _moved(before: dict, after: dict) -> float:
 
 
 def _change(before: dict, after: dict) -> dict:
-    return {"caller": after["caller"], "callee": after["callee"], "protocol": after["protocol"],
-            "before": {k: before[k] for k in ("calls", "propagated", "propagation_rate")},
-            "after": {k: after[k] for k in ("calls", "propagated", "propagation_rate")},
-            "cause": after.get("cause") or before.get("cause")}  # fmt: skip
+    return {
+        "caller": after["caller"],
+        "callee": after["callee"],
+        "protocol": after["protocol"],
+        "before": {k: before[k] for k in ("calls", "propagated", "propagation_rate")},
+        "after": {k: after[k] for k in ("calls", "propagated", "propagation_rate")},
+        "cause": after.get("cause") or before.get("cause"),
+    }
 
 
 def compare(previous: dict | None, current: dict) -> dict | None:
@@ -45,7 +49,9 @@ def compare(previous: dict | None, current: dict) -> dict | None:
     for key, hop in after.items():
         old = before.get(key)
         if hop["broken"] and (old is None or not old["broken"]):
-            changes["new_broken"].append(_change(old or {"calls": 0, "propagated": 0, "propagation_rate": None}, hop))
+            changes["new_broken"].append(
+                _change(old or {"calls": 0, "propagated": 0, "propagation_rate": None}, hop)
+            )
         elif old is not None and old["broken"] and not hop["broken"]:
             changes["fixed"].append(_change(old, hop))
         elif old is not None and old["broken"] and hop["broken"]:
@@ -56,9 +62,16 @@ def compare(previous: dict | None, current: dict) -> dict | None:
                 changes["better"].append(_change(old, hop) | {"z": round(z, 2)})
     for key, old in before.items():
         if old["broken"] and key not in after:
-            changes["unseen"].append({"caller": key[0], "callee": key[1], "protocol": key[2], "cause": old.get("cause")})
-    figures = {name: {"before": previous["figures"].get(name), "after": value}
-               for name, value in current["figures"].items()}  # fmt: skip
-    return {"previous": {k: previous[k] for k in ("generated_at", "window_start", "window_end")},
-            "figures": figures, **changes,
-            "counts": {f"{name}_hops": len(items) for name, items in changes.items()}}  # fmt: skip
+            changes["unseen"].append(
+                {"caller": key[0], "callee": key[1], "protocol": key[2], "cause": old.get("cause")}
+            )
+    figures = {
+        name: {"before": previous["figures"].get(name), "after": value}
+        for name, value in current["figures"].items()
+    }
+    return {
+        "previous": {k: previous[k] for k in ("generated_at", "window_start", "window_end")},
+        "figures": figures,
+        **changes,
+        "counts": {f"{name}_hops": len(items) for name, items in changes.items()},
+    }

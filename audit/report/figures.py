@@ -25,8 +25,12 @@ HEADLINE = {
     "hidden_error_share": "errors in fragments, as a share of all errors (sampling.md)",
     "latency_undercount": "how much longer fragmented requests last than their entry trace shows (median)",
 }
-_KINDS = {"orphan_roots": "orphan_root", "in_process_breaks": "in_process_break", "dangling_parents": "dangling_parent",
-          "unpaired_exits": "unpaired_exit"}  # fmt: skip
+_KINDS = {
+    "orphan_roots": "orphan_root",
+    "in_process_breaks": "in_process_break",
+    "dangling_parents": "dangling_parent",
+    "unpaired_exits": "unpaired_exit",
+}
 _SAMPLING_OVERALL = ("fragmentation_factor", "trace_completeness", "hidden_error_share", "latency_undercount")
 # per-hop figures from the sampling pass (value, with a 95% interval)
 HOP_SAMPLING = ("conditional_capture_rate", "upstream_missing_share", "volume_ratio")
@@ -45,8 +49,10 @@ def headline(doc: dict) -> dict[str, float | int | None]:
         "broken_hops": sum(1 for e in edges if e["broken"]),
         "findings": sum(run["counts"].values()),
         **{name: run["counts"].get(kind, 0) for name, kind in _KINDS.items()},
-        "stitched": run["stitched"], "spans": run["spans"], "traces": run["traces"],
-    }  # fmt: skip
+        "stitched": run["stitched"],
+        "spans": run["spans"],
+        "traces": run["traces"],
+    }
     for name in _SAMPLING_OVERALL:
         figures[name] = (overall.get(name) or {}).get("value")
     return figures
@@ -55,18 +61,37 @@ def headline(doc: dict) -> dict[str, float | int | None]:
 def hops(doc: dict) -> list[dict]:
     """Every hop, the broken ones first and worst (most calls dropped) first, with the cause's
     explanation and fix and the hop's sampling figures."""
-    sampled = {(s["caller"], s["callee"], s["protocol"]): s for s in (doc.get("sampling") or {}).get("edges", [])}
+    sampled = {
+        (s["caller"], s["callee"], s["protocol"]): s for s in (doc.get("sampling") or {}).get("edges", [])
+    }
     out = []
     for e in doc["edges"]:
         cause = CAUSES.get(e["cause"]) if e.get("cause") else None
-        hop = {k: e[k] for k in ("caller", "callee", "protocol", "system", "callee_instrumented", "calls", "propagated",
-                                 "stitched", "dropped", "propagation_rate", "broken", "cause")}  # fmt: skip
+        hop = {
+            k: e[k]
+            for k in (
+                "caller",
+                "callee",
+                "protocol",
+                "system",
+                "callee_instrumented",
+                "calls",
+                "propagated",
+                "stitched",
+                "dropped",
+                "propagation_rate",
+                "broken",
+                "cause",
+            )
+        }
         hop["explanation"], hop["fix"] = (cause.explanation, cause.fix) if cause else (None, None)
         s = sampled.get((e["caller"], e["callee"], e["protocol"]), {})
         for name in HOP_SAMPLING:
             hop[name] = s.get(name)  # {"value", "ci_low", "ci_high", ...} or None
         out.append(hop)
-    return sorted(out, key=lambda h: (not h["broken"], -h["dropped"], h["caller"], h["callee"], h["protocol"]))
+    return sorted(
+        out, key=lambda h: (not h["broken"], -h["dropped"], h["caller"], h["callee"], h["protocol"])
+    )
 
 
 def services(doc: dict) -> list[dict]:
@@ -76,8 +101,14 @@ def services(doc: dict) -> list[dict]:
     for name, r in sorted(doc["run"]["roots"].items()):
         orphans, entries = r.get("orphan", 0), r.get("entry", 0)
         s = sampled.get(name, {})
-        out.append({"service": name, "entry_roots": entries, "orphan_roots": orphans,
-                    "orphan_rate": orphans / (orphans + entries) if orphans + entries else None,
-                    "root_inflation": (s.get("root_inflation") or {}).get("value"),
-                    "parent_based": s.get("parent_based")})  # fmt: skip
+        out.append(
+            {
+                "service": name,
+                "entry_roots": entries,
+                "orphan_roots": orphans,
+                "orphan_rate": orphans / (orphans + entries) if orphans + entries else None,
+                "root_inflation": (s.get("root_inflation") or {}).get("value"),
+                "parent_based": s.get("parent_based"),
+            }
+        )
     return out

@@ -29,21 +29,31 @@ COMPARISON = {
 }
 HOP = {
     "propagation_rate": "stored calls whose context arrived / stored calls",
-    "calls": "stored calls", "propagated": "stored calls whose context arrived",
-    "dropped": "stored calls whose context was lost", "stitched": "orphans linked back to this hop's calls",
+    "calls": "stored calls",
+    "propagated": "stored calls whose context arrived",
+    "dropped": "stored calls whose context was lost",
+    "stitched": "orphans linked back to this hop's calls",
     "conditional_capture_rate": "the callee side stored when the caller's is (sampling.md; one protocol only)",
     "upstream_missing_share": "orphans with no stored upstream (sampling.md; one protocol only)",
     "volume_ratio": "the caller's estimated calls / the callee's (sampling.md; one protocol only)",
-}  # fmt: skip
+}
 SERVICE = {
     "orphan_rate": "the service's orphan roots / its roots",
     "orphan_roots": "the service's orphan roots",
     "root_inflation": "the share of the service's roots that are orphans, weighted by sampling (sampling.md)",
 }
-_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq,
-        "!=": operator.ne}  # fmt: skip
-_EXPR = re.compile(r"^\s*(?P<name>[a-z_]+)\s*(?:\[(?P<arg>[^\]]+)\])?\s*(?P<op>>=|<=|==|!=|>|<)\s*"
-                   r"(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$")  # fmt: skip
+_OPS = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+_EXPR = re.compile(
+    r"^\s*(?P<name>[a-z_]+)\s*(?:\[(?P<arg>[^\]]+)\])?\s*(?P<op>>=|<=|==|!=|>|<)\s*"
+    r"(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$"
+)
 
 
 class GateError(ValueError):
@@ -63,24 +73,32 @@ class Threshold:
     def parse(cls, text: str) -> Threshold:
         m = _EXPR.match(text)
         if not m:
-            raise GateError(f"{text!r} is not a threshold such as orphan_rate>0.01 or "
-                            "propagation_rate[orders->inventory]<0.99")  # fmt: skip
+            raise GateError(
+                f"{text!r} is not a threshold such as orphan_rate>0.01 or "
+                "propagation_rate[orders->inventory]<0.99"
+            )
         name, arg = m["name"], m["arg"]
         limit = float(m["number"]) / (100 if m["pct"] else 1)
         hop = service = None
         if arg is None:
             if name not in HEADLINE and name not in COMPARISON:
-                raise GateError(f"{text!r}: unknown figure {name!r}; known: "
-                                f"{', '.join(sorted(HEADLINE) + sorted(COMPARISON))}, and per hop "
-                                f"{', '.join(sorted(HOP))}[CALLER->CALLEE], per service {', '.join(sorted(SERVICE))}[SERVICE]")  # fmt: skip
+                raise GateError(
+                    f"{text!r}: unknown figure {name!r}; known: "
+                    f"{', '.join(sorted(HEADLINE) + sorted(COMPARISON))}, and per hop "
+                    f"{', '.join(sorted(HOP))}[CALLER->CALLEE], per service {', '.join(sorted(SERVICE))}[SERVICE]"
+                )
         elif "->" in arg:
             caller, _, callee = (s.strip() for s in arg.partition("->"))
             if name not in HOP or not caller or not callee:
-                raise GateError(f"{text!r}: per hop, the figures are {', '.join(sorted(HOP))}[CALLER->CALLEE]")
+                raise GateError(
+                    f"{text!r}: per hop, the figures are {', '.join(sorted(HOP))}[CALLER->CALLEE]"
+                )
             hop = (caller, callee)
         else:
             if name not in SERVICE:
-                raise GateError(f"{text!r}: per service, the figures are {', '.join(sorted(SERVICE))}[SERVICE]")
+                raise GateError(
+                    f"{text!r}: per service, the figures are {', '.join(sorted(SERVICE))}[SERVICE]"
+                )
             service = arg.strip()
         return cls(text.strip(), name, hop, service, m["op"], limit)
 
@@ -107,7 +125,9 @@ def _value(t: Threshold, report: dict) -> tuple[float | None, str]:
             if len(hops) > 1:
                 return None, f"{t.hop[0]} -> {t.hop[1]} has several protocols; {t.name} is per protocol"
             figure = hops[0][t.name]
-            return (figure or {}).get("value"), "" if figure and figure.get("value") is not None else "no sampled figure"
+            return (figure or {}).get("value"), "" if figure and figure.get(
+                "value"
+            ) is not None else "no sampled figure"
         total = {k: sum(h[k] for h in hops) for k in ("calls", "propagated", "dropped", "stitched")}
         if t.name == "propagation_rate":
             return total["propagated"] / total["calls"] if total["calls"] else None, ""
@@ -129,7 +149,9 @@ def evaluate(thresholds: list[Threshold], report: dict) -> list[Verdict]:
     for t in thresholds:
         value, why = _value(t, report)
         if value is None:
-            verdicts.append(Verdict(t.text, "not evaluated", None, why or f"{t.name} has no value in this window"))
+            verdicts.append(
+                Verdict(t.text, "not evaluated", None, why or f"{t.name} has no value in this window")
+            )
         elif _OPS[t.op](value, t.limit):
             verdicts.append(Verdict(t.text, "fail", value, ""))
         else:

@@ -34,17 +34,38 @@ def next_run(at: time, tz: ZoneInfo, now: datetime) -> datetime:
 
 
 class NightlyReports:
-    def __init__(self, out_dir: Path, at: time, tz: ZoneInfo, keep_days: int, since_s: float, settings: AuditSettings,
-                 time_range: Callable[[], dict], audit: Callable, source: str,
-                 clock: Callable[[], datetime] = lambda: datetime.now().astimezone()):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: Path,
+        at: time,
+        tz: ZoneInfo,
+        keep_days: int,
+        since_s: float,
+        settings: AuditSettings,
+        time_range: Callable[[], dict],
+        audit: Callable,
+        source: str,
+        clock: Callable[[], datetime] = lambda: datetime.now().astimezone(),
+    ):
         self.out_dir, self.at, self.tz, self.keep_days, self.since_s = out_dir, at, tz, keep_days, since_s
-        self.settings, self.time_range, self.audit, self.source, self.clock = settings, time_range, audit, source, clock
+        self.settings, self.time_range, self.audit, self.source, self.clock = (
+            settings,
+            time_range,
+            audit,
+            source,
+            clock,
+        )
         self._schedule = Periodic("nightly-report", self._until_next, self.report_once)
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log.info("nightly report at %s %s into %s (next %s)", self.at.isoformat("seconds"), self.tz.key,
-                 self.out_dir, next_run(self.at, self.tz, self.clock()).isoformat(timespec="seconds"))  # fmt: skip
+        log.info(
+            "nightly report at %s %s into %s (next %s)",
+            self.at.isoformat("seconds"),
+            self.tz.key,
+            self.out_dir,
+            next_run(self.at, self.tz, self.clock()).isoformat(timespec="seconds"),
+        )
         self._schedule.start()
 
     def stop(self) -> None:
@@ -59,12 +80,18 @@ class NightlyReports:
         history_path = self.out_dir / "history.jsonl"
         try:
             doc = sources.in_server(self.time_range, self.audit, self.settings, self.since_s)
-            report = build_report(doc, source=self.source, since_s=self.since_s, history=read_history(history_path))
+            report = build_report(
+                doc, source=self.source, since_s=self.since_s, history=read_history(history_path)
+            )
             write_report(report, out, history_path)
         except Exception:  # the server goes on whatever a report meets
             log.exception("the nightly report failed; the next one tries again")
             return None
-        log.info("nightly report written to %s: %d broken hops", out / "report.html", report["figures"]["broken_hops"])
+        log.info(
+            "nightly report written to %s: %d broken hops",
+            out / "report.html",
+            report["figures"]["broken_hops"],
+        )
         self.prune(today)
         return out
 
@@ -80,8 +107,11 @@ class NightlyReports:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.info("removed the report of %s (older than %d days)", folder.name, self.keep_days)
         history_path = self.out_dir / "history.jsonl"
-        kept = [s for s in read_history(history_path)
-                if datetime.fromisoformat(s["generated_at"]).astimezone(self.tz).date() >= oldest]  # fmt: skip
+        kept = [
+            s
+            for s in read_history(history_path)
+            if datetime.fromisoformat(s["generated_at"]).astimezone(self.tz).date() >= oldest
+        ]
         tmp = history_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(s) + "\n" for s in kept))
         tmp.replace(history_path)

@@ -24,8 +24,13 @@ _TIME_AXIS = alt.Axis(format="%m-%d %H:%M", labelAngle=-30)
 
 
 def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(_TEMPLATES), autoescape=select_autoescape(["html"]),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = Environment(
+        loader=FileSystemLoader(_TEMPLATES),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters |= {"pct": _pct, "num": _num, "when": _when, "ratio": _ratio}
     return env
 
@@ -64,9 +69,11 @@ def graph_svg(report: dict) -> str | None:
     try:
         svg = graphviz.Source(to_dot(repaired)).pipe(format="svg").decode()
     except graphviz.ExecutableNotFound:
-        log.warning("Graphviz's dot is not installed (apt-get install graphviz): the report has no graph image")
+        log.warning(
+            "Graphviz's dot is not installed (apt-get install graphviz): the report has no graph image"
+        )
         return None
-    return svg[svg.index("<svg"):]  # inline: no XML prolog or doctype
+    return svg[svg.index("<svg") :]  # inline: no XML prolog or doctype
 
 
 def _svg(chart: alt.TopLevelMixin) -> str:
@@ -77,24 +84,50 @@ def _svg(chart: alt.TopLevelMixin) -> str:
 
 def trend_svg(report: dict) -> str:
     points = report["history"] + [{"window_end": report["window"]["end"], "figures": report["figures"]}]
-    frame = pd.DataFrame([{"window end": pd.to_datetime(p["window_end"], unit="ns", utc=True),
-                           "context health": p["figures"]["context_health"],
-                           "orphan roots / roots": p["figures"]["orphan_rate"],
-                           "broken hops": p["figures"]["broken_hops"]} for p in points])  # fmt: skip
-    shares = frame.melt(id_vars="window end", value_vars=["context health", "orphan roots / roots"], var_name="figure")
-    left = alt.Chart(shares, width=380, height=180, title="Context health and orphan rate").mark_line(point=True).encode(
-        x=alt.X("window end:T", title=None, axis=_TIME_AXIS), y=alt.Y("value:Q", title=None, axis=alt.Axis(format="%")),
-        color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)))  # fmt: skip
-    right = alt.Chart(frame, width=300, height=180, title="Broken hops").mark_bar(color="#c0392b").encode(
-        x=alt.X("window end:T", title=None, axis=_TIME_AXIS), y=alt.Y("broken hops:Q", title=None, axis=alt.Axis(tickMinStep=1)))  # fmt: skip
+    frame = pd.DataFrame(
+        [
+            {
+                "window end": pd.to_datetime(p["window_end"], unit="ns", utc=True),
+                "context health": p["figures"]["context_health"],
+                "orphan roots / roots": p["figures"]["orphan_rate"],
+                "broken hops": p["figures"]["broken_hops"],
+            }
+            for p in points
+        ]
+    )
+    shares = frame.melt(
+        id_vars="window end", value_vars=["context health", "orphan roots / roots"], var_name="figure"
+    )
+    left = (
+        alt.Chart(shares, width=380, height=180, title="Context health and orphan rate")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("window end:T", title=None, axis=_TIME_AXIS),
+            y=alt.Y("value:Q", title=None, axis=alt.Axis(format="%")),
+            color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)),
+        )
+    )
+    right = (
+        alt.Chart(frame, width=300, height=180, title="Broken hops")
+        .mark_bar(color="#c0392b")
+        .encode(
+            x=alt.X("window end:T", title=None, axis=_TIME_AXIS),
+            y=alt.Y("broken hops:Q", title=None, axis=alt.Axis(tickMinStep=1)),
+        )
+    )
     return _svg(alt.hconcat(left, right))
 
 
 def distorted_edges(report: dict) -> list[dict]:
     """The sampled hops whose callee side is not always stored with the caller's."""
-    return [e for e in (report["audit"].get("sampling") or {}).get("edges", [])
-            if any((e[k]["value"] is not None and e[k]["value"] < 1)
-                   for k in ("propagation_rate", "conditional_capture_rate"))]  # fmt: skip
+    return [
+        e
+        for e in (report["audit"].get("sampling") or {}).get("edges", [])
+        if any(
+            (e[k]["value"] is not None and e[k]["value"] < 1)
+            for k in ("propagation_rate", "conditional_capture_rate")
+        )
+    ]
 
 
 def sampling_svg(report: dict) -> str | None:
@@ -102,18 +135,33 @@ def sampling_svg(report: dict) -> str | None:
     their 95% intervals."""
     rows = []
     for e in distorted_edges(report):
-        for key, label in (("propagation_rate", "propagation rate"), ("conditional_capture_rate", "callee stored")):
+        for key, label in (
+            ("propagation_rate", "propagation rate"),
+            ("conditional_capture_rate", "callee stored"),
+        ):
             f = e[key]
             if f["value"] is not None and f["ci_low"] is not None:
-                rows.append({"hop": f"{e['caller']} → {e['callee']} ({e['protocol']})", "figure": label,
-                             "value": f["value"], "low": f["ci_low"], "high": f["ci_high"]})  # fmt: skip
+                rows.append(
+                    {
+                        "hop": f"{e['caller']} → {e['callee']} ({e['protocol']})",
+                        "figure": label,
+                        "value": f["value"],
+                        "low": f["ci_low"],
+                        "high": f["ci_high"],
+                    }
+                )
     if not rows:
         return None
     frame = pd.DataFrame(rows)
-    base = alt.Chart(frame).encode(y=alt.Y("hop:N", title=None, sort=None), yOffset="figure:N",
-                                   color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)))  # fmt: skip
-    bars = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title="95% interval", axis=alt.Axis(format="%"),
-                                                        scale=alt.Scale(domain=[0, 1])), x2="high:Q")  # fmt: skip
+    base = alt.Chart(frame).encode(
+        y=alt.Y("hop:N", title=None, sort=None),
+        yOffset="figure:N",
+        color=alt.Color("figure:N", legend=alt.Legend(orient="bottom", title=None)),
+    )
+    bars = base.mark_rule(strokeWidth=2).encode(
+        x=alt.X("low:Q", title="95% interval", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        x2="high:Q",
+    )
     dots = base.mark_point(filled=True, size=50).encode(x="value:Q")
     return _svg((bars + dots).properties(width=520, height=alt.Step(14), title="Sampling: per hop"))
 
@@ -121,14 +169,23 @@ def sampling_svg(report: dict) -> str | None:
 def _context(report: dict) -> dict:
     broken = [h for h in report["hops"] if h["broken"]]
     sampling = report["audit"].get("sampling") or {}
-    return {"r": report, "broken": broken, "headline": HEADLINE, "comparison_names": COMPARISON,
-            "overall": sampling.get("overall") or {}, "sampling_edges": distorted_edges(report),
-            "sampling_services": sampling.get("services", [])}  # fmt: skip
+    return {
+        "r": report,
+        "broken": broken,
+        "headline": HEADLINE,
+        "comparison_names": COMPARISON,
+        "overall": sampling.get("overall") or {},
+        "sampling_edges": distorted_edges(report),
+        "sampling_services": sampling.get("services", []),
+    }
 
 
 def render_html(report: dict) -> str:
-    ctx = _context(report) | {"graph": graph_svg(report), "trend": trend_svg(report),
-                              "sampling_chart": sampling_svg(report)}  # fmt: skip
+    ctx = _context(report) | {
+        "graph": graph_svg(report),
+        "trend": trend_svg(report),
+        "sampling_chart": sampling_svg(report),
+    }
     return _env().get_template("report.html.j2").render(**ctx)
 
 

@@ -36,13 +36,17 @@ def report_window(time_range: dict, since_s: float, settle_s: float, now_ns: int
 
 
 def document(result: AuditResult) -> dict:
-    return json.loads("".join(result.document_chunks(findings=False, extra={"summary": summary_lines(result)})))
+    return json.loads(
+        "".join(result.document_chunks(findings=False, extra={"summary": summary_lines(result)}))
+    )
 
 
 def _require(doc: dict | None, window: Window) -> dict:
     if doc is None or doc.get("run") is None:
-        raise StoreError(f"no spans start between {_when(window.start_ns)} and {_when(window.end_ns)} (the report's "
-                         "window, after the settle time): nothing to report")  # fmt: skip
+        raise StoreError(
+            f"no spans start between {_when(window.start_ns)} and {_when(window.end_ns)} (the report's "
+            "window, after the settle time): nothing to report"
+        )
     return doc
 
 
@@ -50,8 +54,13 @@ def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="seconds")
 
 
-def from_file(db: str, settings: AuditSettings, since_s: float, memory_limit: str = "2GB",
-              progress: Callable[[str], None] = lambda step: None) -> dict:  # fmt: skip
+def from_file(
+    db: str,
+    settings: AuditSettings,
+    since_s: float,
+    memory_limit: str = "2GB",
+    progress: Callable[[str], None] = lambda step: None,
+) -> dict:
     from ..store.reader import LocalReader
 
     reader = LocalReader(db)
@@ -59,8 +68,16 @@ def from_file(db: str, settings: AuditSettings, since_s: float, memory_limit: st
         window = report_window(reader.time_range(), since_s, settings.settle_s)
     finally:
         reader.close()
-    result = audit_store(db, settings, since_ns=window.start_ns, until_ns=window.end_ns, resume=False, save=False,
-                         memory_limit=memory_limit, progress=progress)  # fmt: skip
+    result = audit_store(
+        db,
+        settings,
+        since_ns=window.start_ns,
+        until_ns=window.end_ns,
+        resume=False,
+        save=False,
+        memory_limit=memory_limit,
+        progress=progress,
+    )
     return _require(document(result) if result else None, window)
 
 
@@ -69,13 +86,23 @@ def from_server(url: str, settings: AuditSettings, since_s: float) -> dict:
 
     remote = RemoteReader(url)
     window = report_window(remote.time_range(), since_s, settings.settle_s)
-    doc = remote.audit({"settings": settings.to_dict(), "since_ns": window.start_ns, "until_ns": window.end_ns,
-                        "save": False})  # fmt: skip
+    doc = remote.audit(
+        {
+            "settings": settings.to_dict(),
+            "since_ns": window.start_ns,
+            "until_ns": window.end_ns,
+            "save": False,
+        }
+    )
     return _require(doc, window)
 
 
-def in_server(time_range: Callable[[], dict], audit: Callable[..., AuditResult | None], settings: AuditSettings,
-              since_s: float) -> dict:  # fmt: skip
+def in_server(
+    time_range: Callable[[], dict],
+    audit: Callable[..., AuditResult | None],
+    settings: AuditSettings,
+    since_s: float,
+) -> dict:
     """For serve's own report: `time_range` and `audit(settings, since_ns=, until_ns=, resume=, save=)`
     are the server's (its reader, and its one-at-a-time audits)."""
     window = report_window(time_range(), since_s, settings.settle_s)

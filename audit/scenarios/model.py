@@ -44,7 +44,9 @@ class Drop(_Strict):
 
     probability: float = Field(ge=0, le=1)
     cause: str
-    where: Literal["wire", "thread_pool"] = "wire"  # wire: callee starts a trace; thread_pool: caller's exit does
+    where: Literal["wire", "thread_pool"] = (
+        "wire"  # wire: callee starts a trace; thread_pool: caller's exit does
+    )
 
 
 class Call(_Strict):
@@ -97,7 +99,9 @@ class Entrypoint(_Strict):
 class Scenario(_Strict):
     name: str
     description: str = ""
-    start_unix_s: float = 1_764_115_200.0  # 2025-11-26T00:00:00Z: fixed, so the same seed gives the same bytes
+    start_unix_s: float = (
+        1_764_115_200.0  # 2025-11-26T00:00:00Z: fixed, so the same seed gives the same bytes
+    )
     duration_s: float = Field(default=60, gt=0)
     services: dict[str, Service]
     entrypoints: list[Entrypoint] = Field(min_length=1)
@@ -120,7 +124,9 @@ class Scenario(_Strict):
             raise ValueError(f"{where}: unknown service {service!r}")
         ops = self.services[service].operations
         if operation not in ops:
-            raise ValueError(f"{where}: service {service!r} has no operation {operation!r} (has {sorted(ops)})")
+            raise ValueError(
+                f"{where}: service {service!r} has no operation {operation!r} (has {sorted(ops)})"
+            )
         return ops[operation]
 
 

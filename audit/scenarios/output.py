@@ -11,7 +11,11 @@ from typing import IO
 import grpc
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class SendError(RuntimeError):
@@ -37,7 +41,9 @@ class OtlpGrpcSender:
                 return
             except grpc.RpcError as e:
                 if e.code() not in _RETRYABLE or attempt == self.max_attempts:
-                    raise SendError(f"OTLP export to {self.target} failed: {e.code().name}: {e.details()}") from None
+                    raise SendError(
+                        f"OTLP export to {self.target} failed: {e.code().name}: {e.details()}"
+                    ) from None
                 self.retries += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

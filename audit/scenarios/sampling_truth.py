@@ -12,10 +12,16 @@ _PROTOCOL = {"kafka": "messaging"}
 def truth_figures(truth: list[dict]) -> dict[tuple, float]:
     """{(figure, key): true value} from every generated span."""
     by_id = {t["span_id"]: t for t in truth}
-    edges: dict[tuple, list[int]] = defaultdict(lambda: [0] * 6)  # calls, kept, exit stored, both, orphans, no up
+    edges: dict[tuple, list[int]] = defaultdict(
+        lambda: [0] * 6
+    )  # calls, kept, exit stored, both, orphans, no up
     for t in truth:
         parent = by_id.get(t["true_parent_span_id"])
-        if t["kind"] not in ("SERVER", "CONSUMER") or parent is None or parent["kind"] not in ("CLIENT", "PRODUCER"):
+        if (
+            t["kind"] not in ("SERVER", "CONSUMER")
+            or parent is None
+            or parent["kind"] not in ("CLIENT", "PRODUCER")
+        ):
             continue
         e = edges[(parent["service"], t["service"], _PROTOCOL.get(t["protocol"], t["protocol"]))]
         e[0] += 1
@@ -57,7 +63,9 @@ def truth_figures(truth: list[dict]) -> dict[tuple, float]:
     out[("fragmentation_factor", ())] = fragments / len(requests)
     out[("trace_completeness", ())] = complete / stored_entries
     if errors:
-        out[("hidden_error_share", ())] = sum(bool(root_cause.get(t["trace_id"])) for t in errors) / len(errors)
+        out[("hidden_error_share", ())] = sum(bool(root_cause.get(t["trace_id"])) for t in errors) / len(
+            errors
+        )
     if undercounts:
         out[("latency_undercount", ())] = statistics.median(undercounts)
     services: dict[str, list[int]] = defaultdict(lambda: [0, 0])

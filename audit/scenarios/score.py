@@ -51,14 +51,18 @@ class Score:
 
     def summary(self) -> dict:
         return {
-            "detection": {k: {"precision": p.value, "recall": r.value, "n": r.total}
-                          for k, (p, r) in self.detection.items()},
-            "stitching": {k: {n: getattr(s, n).value for n in ("precision", "recall", "abstention")}
-                          | {"orphans_parent_stored": s.recall.total, "orphans_parent_not_stored": s.abstention.total}
-                          for k, s in self.stitching.items()},
+            "detection": {
+                k: {"precision": p.value, "recall": r.value, "n": r.total}
+                for k, (p, r) in self.detection.items()
+            },
+            "stitching": {
+                k: {n: getattr(s, n).value for n in ("precision", "recall", "abstention")}
+                | {"orphans_parent_stored": s.recall.total, "orphans_parent_not_stored": s.abstention.total}
+                for k, s in self.stitching.items()
+            },
             "edges": [asdict(e) for e in self.edges],
             "cause_accuracy": self.causes.value,
-        }  # fmt: skip
+        }
 
 
 def _protocol(truth_protocol: str | None) -> str:
@@ -72,9 +76,17 @@ def score(truth: Iterable[dict], result: dict, exit_peers: dict[tuple[str, str],
     spans: dict[tuple[str, str], tuple] = {}
     for r in truth:
         spans[(r["trace_id"], r["span_id"])] = (
-            r["service"], r["kind"], r["exported"], r["parent_span_id"], r["true_parent_trace_id"],
-            r["true_parent_span_id"], r["cause"], r["hop"], r["protocol"], r["linked"],
-        )  # fmt: skip
+            r["service"],
+            r["kind"],
+            r["exported"],
+            r["parent_span_id"],
+            r["true_parent_trace_id"],
+            r["true_parent_span_id"],
+            r["cause"],
+            r["hop"],
+            r["protocol"],
+            r["linked"],
+        )
     findings: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
     for f in result["findings"]:
         findings[f["kind"]][(f["trace_id"], f["span_id"])] = f
@@ -89,7 +101,10 @@ def score(truth: Iterable[dict], result: dict, exit_peers: dict[tuple[str, str],
     for kind in ("orphan_root", "in_process_break"):
         truth_set = {k for k, v in true_kind.items() if v == kind}
         found = set(findings[kind])
-        detection[kind] = (Rate(len(found & truth_set), len(found)), Rate(len(found & truth_set), len(truth_set)))
+        detection[kind] = (
+            Rate(len(found & truth_set), len(found)),
+            Rate(len(found & truth_set), len(truth_set)),
+        )
 
     stitching: dict[str, StitchScore] = defaultdict(StitchScore)
     causes = Rate()
@@ -167,6 +182,16 @@ def _edges(spans: dict, result: dict, exit_peers: dict) -> list[EdgeScore]:
     for key in sorted(set(calls) | {k for k, (c, p) in found.items() if c > p}):
         true_rate = propagated[key] / calls[key] if calls[key] else 1.0
         fc, fp = found.get(key, (0, 0))
-        out.append(EdgeScore(key[0], key[1], round(true_rate, 4), calls[key], round(fp / fc, 4) if fc else None,
-                             fc, true_rate < 1.0, fc > fp))  # fmt: skip
+        out.append(
+            EdgeScore(
+                key[0],
+                key[1],
+                round(true_rate, 4),
+                calls[key],
+                round(fp / fc, 4) if fc else None,
+                fc,
+                true_rate < 1.0,
+                fc > fp,
+            )
+        )
     return out

@@ -28,9 +28,12 @@ _MS = 1_000_000
 _HANDOFF = Latency(median=0.05, p99=0.5)  # a thread pool's hand-off, in ms
 _P56 = 1 << 56
 SERVER, CLIENT, PRODUCER, CONSUMER, INTERNAL = (
-    Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT, Span.SPAN_KIND_PRODUCER, Span.SPAN_KIND_CONSUMER,
+    Span.SPAN_KIND_SERVER,
+    Span.SPAN_KIND_CLIENT,
+    Span.SPAN_KIND_PRODUCER,
+    Span.SPAN_KIND_CONSUMER,
     Span.SPAN_KIND_INTERNAL,
-)  # fmt: skip
+)
 
 
 def threshold(probability: float) -> int:
@@ -105,7 +108,13 @@ class _Span:
         return _Ctx(self.trace_id, self.span_id, self.sampled, self.th)
 
 
-_KINDS = {SERVER: "SERVER", CLIENT: "CLIENT", PRODUCER: "PRODUCER", CONSUMER: "CONSUMER", INTERNAL: "INTERNAL"}
+_KINDS = {
+    SERVER: "SERVER",
+    CLIENT: "CLIENT",
+    PRODUCER: "PRODUCER",
+    CONSUMER: "CONSUMER",
+    INTERNAL: "INTERNAL",
+}
 
 
 class Simulator:
@@ -139,15 +148,35 @@ class Simulator:
 
     # -- the request tree -----------------------------------------------------------------------
 
-    def _new_span(self, service, name, kind, start_ns, parent: _Ctx | None, *, remote: bool,
-                  trace_id: bytes | None = None) -> _Span:  # fmt: skip
+    def _new_span(
+        self,
+        service,
+        name,
+        kind,
+        start_ns,
+        parent: _Ctx | None,
+        *,
+        remote: bool,
+        trace_id: bytes | None = None,
+    ) -> _Span:
         tid = parent.trace_id if parent is not None else (trace_id or self._trace_id())
         sampled, th = self._decide(service, tid, parent)
-        return _Span(service, name, kind, tid, self.rng.randbytes(8), parent, remote, start_ns,
-                     sampled=sampled, th=th)  # fmt: skip
+        return _Span(
+            service, name, kind, tid, self.rng.randbytes(8), parent, remote, start_ns, sampled=sampled, th=th
+        )
 
-    def _handle(self, service: str, operation: str, kind: int, start_ns: int, parent: _Ctx | None,
-                out: list[_Span], *, remote: bool = True, path: str | None = None) -> _Span:  # fmt: skip
+    def _handle(
+        self,
+        service: str,
+        operation: str,
+        kind: int,
+        start_ns: int,
+        parent: _Ctx | None,
+        out: list[_Span],
+        *,
+        remote: bool = True,
+        path: str | None = None,
+    ) -> _Span:
         """The callee side: a span for `operation` in `service` and all the calls it makes."""
         op = self.scenario.services[service].operations[operation]
         span = self._new_span(service, operation, kind, start_ns, parent, remote=remote)
@@ -173,7 +202,12 @@ class Simulator:
             # started after the pool's hand-off delay
             t += int(self._ms(_HANDOFF) * _MS)
             client = self._new_span(caller.service, "", exit_kind, t, None, remote=False)
-            client.true_parent, client.cause, client.hop, client.protocol = caller, call.drop.cause, hop, call.protocol
+            client.true_parent, client.cause, client.hop, client.protocol = (
+                caller,
+                call.drop.cause,
+                hop,
+                call.protocol,
+            )
             dropped = False  # the wire itself propagates the (new) context
         else:
             client = self._new_span(caller.service, "", exit_kind, t, caller.ctx(), remote=False)
@@ -219,8 +253,9 @@ class Simulator:
             server.hop = hop
         return client.end_ns
 
-    def _batch_consume(self, call: Call, producer: _Span, dropped: bool, consume_at: int, hop: str,
-                       out: list[_Span]) -> None:  # fmt: skip
+    def _batch_consume(
+        self, call: Call, producer: _Span, dropped: bool, consume_at: int, hop: str, out: list[_Span]
+    ) -> None:
         """Messages wait until `kafka_batch` of them are there; then one consumer span, a new trace,
         links to every producer that injected. Its truth parent is the message that completed it."""
         pending = self.batches.setdefault((call.to, call.operation), [])
@@ -228,16 +263,21 @@ class Simulator:
         if len(pending) < call.kafka_batch:
             return
         del self.batches[(call.to, call.operation)]
-        consumer = self._handle(call.to, call.operation, CONSUMER, max(c for _, _, c in pending), None, out,
-                                remote=False)  # fmt: skip
+        consumer = self._handle(
+            call.to, call.operation, CONSUMER, max(c for _, _, c in pending), None, out, remote=False
+        )
         consumer.links.extend(p.ctx() for p, was_dropped, _ in pending if not was_dropped)
         consumer.true_parent, consumer.hop, consumer.protocol = producer, hop, "kafka"
         consumer.linked = bool(consumer.links)
         consumer.cause = None if consumer.linked else (call.drop.cause if call.drop else None)
-        consumer.attrs.update({
-            "messaging.system": "kafka", "messaging.destination.name": call.operation,
-            "messaging.operation.type": "process", "messaging.batch.message_count": len(pending),
-        })  # fmt: skip
+        consumer.attrs.update(
+            {
+                "messaging.system": "kafka",
+                "messaging.destination.name": call.operation,
+                "messaging.operation.type": "process",
+                "messaging.batch.message_count": len(pending),
+            }
+        )
         consumer.name = f"process {call.operation}"
 
     # -- attributes, per the semantic conventions --------------------------------------------------
@@ -249,59 +289,107 @@ class Simulator:
         port = self.scenario.services[service].port
         method, _, route = operation.partition(" ")
         if route.startswith("/"):  # an HTTP operation: "GET /cart/{id}"
-            span.attrs.update({
-                "http.request.method": method, "http.route": route, "url.path": path or self._path(route),
-                "url.scheme": "http", "server.address": self._host(service), "server.port": port,
-                "http.response.status_code": 200,
-            })  # fmt: skip
+            span.attrs.update(
+                {
+                    "http.request.method": method,
+                    "http.route": route,
+                    "url.path": path or self._path(route),
+                    "url.scheme": "http",
+                    "server.address": self._host(service),
+                    "server.port": port,
+                    "http.response.status_code": 200,
+                }
+            )
         elif "/" in operation:  # an RPC operation: "shop.Cart/GetCart"
             rpc_service, _, rpc_method = operation.partition("/")
-            span.attrs.update({"rpc.service": rpc_service, "rpc.method": rpc_method,
-                               "server.address": self._host(service), "server.port": port})  # fmt: skip
+            span.attrs.update(
+                {
+                    "rpc.service": rpc_service,
+                    "rpc.method": rpc_method,
+                    "server.address": self._host(service),
+                    "server.port": port,
+                }
+            )
 
     def _path(self, route: str) -> str:
-        return "/".join(str(self.rng.randrange(1, 10**6)) if p.startswith("{") else p for p in route.split("/"))
+        return "/".join(
+            str(self.rng.randrange(1, 10**6)) if p.startswith("{") else p for p in route.split("/")
+        )
 
     def _client_attrs(self, client: _Span, call: Call) -> None:
         a = client.attrs
         if call.protocol == "http":
             method, _, route = call.operation.partition(" ")
             port = self.scenario.services[call.to].port
-            a.update({"http.request.method": method, "server.address": self._host(call.to), "server.port": port,
-                      "url.full": f"http://{self._host(call.to)}:{port}{self._path(route)}",
-                      "http.response.status_code": 200})  # fmt: skip
+            a.update(
+                {
+                    "http.request.method": method,
+                    "server.address": self._host(call.to),
+                    "server.port": port,
+                    "url.full": f"http://{self._host(call.to)}:{port}{self._path(route)}",
+                    "http.response.status_code": 200,
+                }
+            )
             client.name = method
         elif call.protocol in ("grpc", "rpc"):
             rpc_service, _, rpc_method = call.operation.partition("/")
-            a.update({"rpc.system": "grpc" if call.protocol == "grpc" else call.rpc_system,
-                      "rpc.service": rpc_service, "rpc.method": rpc_method,
-                      "server.address": self._host(call.to), "server.port": self.scenario.services[call.to].port})  # fmt: skip
+            a.update(
+                {
+                    "rpc.system": "grpc" if call.protocol == "grpc" else call.rpc_system,
+                    "rpc.service": rpc_service,
+                    "rpc.method": rpc_method,
+                    "server.address": self._host(call.to),
+                    "server.port": self.scenario.services[call.to].port,
+                }
+            )
             client.name = call.operation
         elif call.protocol == "kafka":
             partition = str(self.rng.randrange(6))
             offset = self.offsets.get((call.operation, partition), 0)
             self.offsets[(call.operation, partition)] = offset + 1
-            a.update({"messaging.system": "kafka", "messaging.destination.name": call.operation,
-                      "messaging.operation.type": "send", "messaging.destination.partition.id": partition,
-                      "messaging.kafka.offset": offset, "server.address": "kafka.svc.cluster.local"})  # fmt: skip
+            a.update(
+                {
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": call.operation,
+                    "messaging.operation.type": "send",
+                    "messaging.destination.partition.id": partition,
+                    "messaging.kafka.offset": offset,
+                    "server.address": "kafka.svc.cluster.local",
+                }
+            )
             client.name = f"send {call.operation}"
         elif call.protocol == "db":
-            a.update({"db.system.name": call.db_system, "db.operation.name": call.operation or "SELECT",
-                      "server.address": call.to, "server.port": 5432})  # fmt: skip
+            a.update(
+                {
+                    "db.system.name": call.db_system,
+                    "db.operation.name": call.operation or "SELECT",
+                    "server.address": call.to,
+                    "server.port": 5432,
+                }
+            )
             client.name = f"{call.operation or 'SELECT'} {call.to}"
         else:  # external
-            a.update({"http.request.method": "POST", "server.address": call.to, "server.port": 443,
-                      "url.full": f"https://{call.to}/{call.operation.lstrip('/')}"})  # fmt: skip
+            a.update(
+                {
+                    "http.request.method": "POST",
+                    "server.address": call.to,
+                    "server.port": 443,
+                    "url.full": f"https://{call.to}/{call.operation.lstrip('/')}",
+                }
+            )
             client.name = "POST"
 
     def _consumer_attrs(self, consumer: _Span, producer: _Span) -> None:
         p = producer.attrs
-        consumer.attrs.update({
-            "messaging.system": "kafka", "messaging.destination.name": p["messaging.destination.name"],
-            "messaging.operation.type": "process",
-            "messaging.destination.partition.id": p["messaging.destination.partition.id"],
-            "messaging.kafka.offset": p["messaging.kafka.offset"],
-        })  # fmt: skip
+        consumer.attrs.update(
+            {
+                "messaging.system": "kafka",
+                "messaging.destination.name": p["messaging.destination.name"],
+                "messaging.operation.type": "process",
+                "messaging.destination.partition.id": p["messaging.destination.partition.id"],
+                "messaging.kafka.offset": p["messaging.kafka.offset"],
+            }
+        )
         consumer.name = f"process {p['messaging.destination.name']}"
 
     # -- arrivals and output --------------------------------------------------------------------
@@ -322,7 +410,9 @@ class Simulator:
             step = self.rng.expovariate(e.rate_per_s) * 1e9 if e.rate_per_s else e.every_s * 1e9
             heapq.heappush(heap, (t + step, i))
 
-    def run(self, max_spans: int | None = None) -> Iterator[tuple[ExportTraceServiceRequest, list[TruthRecord]]]:
+    def run(
+        self, max_spans: int | None = None
+    ) -> Iterator[tuple[ExportTraceServiceRequest, list[TruthRecord]]]:
         """Yield export requests of about `spans_per_request` spans, each with the truth of every
         span generated since the previous one (exported or not)."""
         start_ns = int(self.scenario.start_unix_s * 1e9)
@@ -350,14 +440,24 @@ class Simulator:
     def _truth(self, s: _Span, request_id: int) -> TruthRecord:
         tp = s.true_parent
         return TruthRecord(
-            trace_id=s.trace_id.hex(), span_id=s.span_id.hex(), service=s.service, kind=_KINDS[s.kind],
-            name=s.name, request_id=request_id, exported=s.sampled,
+            trace_id=s.trace_id.hex(),
+            span_id=s.span_id.hex(),
+            service=s.service,
+            kind=_KINDS[s.kind],
+            name=s.name,
+            request_id=request_id,
+            exported=s.sampled,
             parent_span_id=s.parent.span_id.hex() if s.parent else None,
             true_parent_trace_id=tp.trace_id.hex() if tp else (s.parent.trace_id.hex() if s.parent else None),
             true_parent_span_id=tp.span_id.hex() if tp else (s.parent.span_id.hex() if s.parent else None),
-            cause=s.cause, hop=s.hop, protocol=s.protocol, linked=s.linked, error=s.error,
-            start_ns=s.start_ns, end_ns=max(s.end_ns, s.start_ns),
-        )  # fmt: skip
+            cause=s.cause,
+            hop=s.hop,
+            protocol=s.protocol,
+            linked=s.linked,
+            error=s.error,
+            start_ns=s.start_ns,
+            end_ns=max(s.end_ns, s.start_ns),
+        )
 
 
 class _Batch:
@@ -373,27 +473,35 @@ class _Batch:
         scope = self.scopes.get(s.service)
         if scope is None:
             rs = self.request.resource_spans.add()
-            rs.resource.attributes.extend([
-                to_key_value("service.name", s.service), to_key_value("host.name", f"{s.service}-0"),
-                to_key_value("telemetry.sdk.name", "ctxaudit-simulator"),
-            ])  # fmt: skip
+            rs.resource.attributes.extend(
+                [
+                    to_key_value("service.name", s.service),
+                    to_key_value("host.name", f"{s.service}-0"),
+                    to_key_value("telemetry.sdk.name", "ctxaudit-simulator"),
+                ]
+            )
             scope = rs.scope_spans.add()
             scope.scope.name = "ctxaudit.simulator"
             self.scopes[s.service] = scope
         service = self.scenario.services[s.service]
         skew = int(service.clock_skew_ms * _MS)
         span = scope.spans.add(
-            trace_id=s.trace_id, span_id=s.span_id, name=s.name, kind=s.kind,
-            start_time_unix_nano=s.start_ns + skew, end_time_unix_nano=max(s.end_ns, s.start_ns) + skew,
+            trace_id=s.trace_id,
+            span_id=s.span_id,
+            name=s.name,
+            kind=s.kind,
+            start_time_unix_nano=s.start_ns + skew,
+            end_time_unix_nano=max(s.end_ns, s.start_ns) + skew,
             trace_state=f"ot=th:{th_value(s.th)}" if service.sampler.writes_threshold else "",
             flags=0x101 | (0x200 if s.parent is not None and s.parent_remote else 0),
-        )  # fmt: skip
+        )
         if s.parent is not None:
             span.parent_span_id = s.parent.span_id
         span.attributes.extend(to_key_value(k, v) for k, v in s.attrs.items())
         if s.error:
             span.status.code = Status.STATUS_CODE_ERROR
         for link in s.links:
-            span.links.add(trace_id=link.trace_id, span_id=link.span_id, flags=0x101 if link.sampled else 0x100)
+            span.links.add(
+                trace_id=link.trace_id, span_id=link.span_id, flags=0x101 if link.sampled else 0x100
+            )
         self.size += 1
-

@@ -34,10 +34,14 @@ class ThreadedAioServer:
             raise OSError(f"cannot listen for {what} on {self.host}:{self.port}: {e.strerror}") from None
         self.port = sock.getsockname()[1]
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(app, sock, ssl_context, runner_options), self._loop).result()
+        asyncio.run_coroutine_threadsafe(
+            self._serve(app, sock, ssl_context, runner_options), self._loop
+        ).result()
         return self.port
 
-    async def _serve(self, app: web.Application, sock: socket.socket, ssl_context, runner_options: dict) -> None:
+    async def _serve(
+        self, app: web.Application, sock: socket.socket, ssl_context, runner_options: dict
+    ) -> None:
         self._runner = web.AppRunner(app, access_log=None, **runner_options)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()

@@ -92,23 +92,44 @@ class Query:
 
 QUERIES: dict[str, Query] = {
     "stats": Query("stats", {}, "spans, traces, services, links and the time range"),
-    "store_counts": Query("store_counts", {}, "spans, traces (approximate) and services: cheap on a large store"),
+    "store_counts": Query(
+        "store_counts", {}, "spans, traces (approximate) and services: cheap on a large store"
+    ),
     "time_range": Query("time_range", {}, "the first and the newest span start"),
     "protocol_summary": Query("protocol_summary", {}, "spans and roots per service, protocol and kind"),
     "trace": Query("span_rows_of_trace", {"trace_id": (_hex_id(128), True)}, "every span of one trace"),
-    "links": Query("links_of_span", {"trace_id": (_hex_id(128), True), "span_id": (_hex_id(64), True)},
-                   "the span links of one span"),  # fmt: skip
-    "audit_run": Query("audit_run", {"run_id": (_run_id, False)}, "an audit run (the last by default), its edges"),
-    "audit_runs": Query("audit_runs", {"limit": (_int_between(1, 10_000), False)},
-                        "the newest audit runs, with finding counts per kind"),
-    "findings": Query("findings", {
-        "run_id": (_run_id, False), "kind": (_one_of(FINDING_KINDS), False), "service": (_name, False),
-        "caller": (_name, False), "callee": (_name, False), "protocol": (_one_of(_PROTOCOLS), False),
-        "cause": (_name, False), "trace_id": (_hex_id(128), False), "since_ns": (_int_between(0, 2**64 - 1), False),
-        "until_ns": (_int_between(0, 2**64 - 1), False), "limit": (_int_between(1, 10_000), False),
-        "offset": (_int_between(0, 10**12), False),
-    }, "one page of a run's findings (the last run by default), filtered; since_ns/until_ns bound the span start"),
-}  # fmt: skip
+    "links": Query(
+        "links_of_span",
+        {"trace_id": (_hex_id(128), True), "span_id": (_hex_id(64), True)},
+        "the span links of one span",
+    ),
+    "audit_run": Query(
+        "audit_run", {"run_id": (_run_id, False)}, "an audit run (the last by default), its edges"
+    ),
+    "audit_runs": Query(
+        "audit_runs",
+        {"limit": (_int_between(1, 10_000), False)},
+        "the newest audit runs, with finding counts per kind",
+    ),
+    "findings": Query(
+        "findings",
+        {
+            "run_id": (_run_id, False),
+            "kind": (_one_of(FINDING_KINDS), False),
+            "service": (_name, False),
+            "caller": (_name, False),
+            "callee": (_name, False),
+            "protocol": (_one_of(_PROTOCOLS), False),
+            "cause": (_name, False),
+            "trace_id": (_hex_id(128), False),
+            "since_ns": (_int_between(0, 2**64 - 1), False),
+            "until_ns": (_int_between(0, 2**64 - 1), False),
+            "limit": (_int_between(1, 10_000), False),
+            "offset": (_int_between(0, 10**12), False),
+        },
+        "one page of a run's findings (the last run by default), filtered; since_ns/until_ns bound the span start",
+    ),
+}
 
 
 def _to_json(value) -> object:
@@ -127,8 +148,17 @@ class ReadApi:
     """Serves `reader` over HTTP on host:port (port 0 picks a free one); with `ingest_health`
     (a snapshot function) and `auditor`, also the live server's ingest figures and audits."""
 
-    def __init__(self, reader: StoreReader, host: str, port: int, *, ingest_health: Callable[[], dict] | None = None,
-                 auditor: Auditor | None = None, access: Access = OPEN, threads: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        reader: StoreReader,
+        host: str,
+        port: int,
+        *,
+        ingest_health: Callable[[], dict] | None = None,
+        auditor: Auditor | None = None,
+        access: Access = OPEN,
+        threads: int = 4,
+    ):
         self.reader, self.ingest_health, self.auditor, self.access = reader, ingest_health, auditor, access
         self._server = ThreadedAioServer("read-api", host, port, threads=threads)
 
@@ -142,14 +172,19 @@ class ReadApi:
         app = web.Application(middlewares=[self._authenticate] if self.access.auth else [])
         app.router.add_route("*", "/{version}/{name}", self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
-        self._server.start(app, "the read API", ssl_context=self.access.tls.ssl_context() if self.access.tls else None)
+        self._server.start(
+            app, "the read API", ssl_context=self.access.tls.ssl_context() if self.access.tls else None
+        )
         return self.url
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
         if not self.access.auth.allows(request.headers.items()):  # every path, before anything is looked at
-            return _error(401, "missing or wrong token: send Authorization: Bearer <token> (clients read "
-                               f"${TOKEN_ENV})", {"WWW-Authenticate": 'Bearer realm="ctxaudit"'})  # fmt: skip
+            return _error(
+                401,
+                f"missing or wrong token: send Authorization: Bearer <token> (clients read ${TOKEN_ENV})",
+                {"WWW-Authenticate": 'Bearer realm="ctxaudit"'},
+            )
         return await handler(request)
 
     def stop(self) -> None:
@@ -167,17 +202,29 @@ class ReadApi:
                 return _error(405, "an audit is requested with POST", {"Allow": "POST"})
             return await self._audit(request)
         if request.method != "GET":
-            return _error(405, "the read API answers GET (and POST /v1/audit): it never writes spans",
-                          {"Allow": "GET"})  # fmt: skip
+            return _error(
+                405, "the read API answers GET (and POST /v1/audit): it never writes spans", {"Allow": "GET"}
+            )
         if name == "queries":
-            listing = {n: {"params": {p: ("required" if req else "optional") for p, (_, req) in q.params.items()},
-                           "doc": q.doc} for n, q in QUERIES.items()}  # fmt: skip
+            listing = {
+                n: {
+                    "params": {p: ("required" if req else "optional") for p, (_, req) in q.params.items()},
+                    "doc": q.doc,
+                }
+                for n, q in QUERIES.items()
+            }
             if self.ingest_health:
-                listing["ingest"] = {"params": {}, "doc": "how ingestion is going: spans/s, refusals, queue depth"}
+                listing["ingest"] = {
+                    "params": {},
+                    "doc": "how ingestion is going: spans/s, refusals, queue depth",
+                }
             if self.auditor:
-                listing["audit"] = {"method": "POST", "params": {"findings": "optional"},
-                                    "doc": "run an audit in the server (JSON body: settings, since_ns, until_ns, "
-                                           "all, save); the result document with a text summary"}  # fmt: skip
+                listing["audit"] = {
+                    "method": "POST",
+                    "params": {"findings": "optional"},
+                    "doc": "run an audit in the server (JSON body: settings, since_ns, until_ns, "
+                    "all, save); the result document with a text summary",
+                }
             return web.json_response(listing)
         if name == "ingest" and self.ingest_health:
             return web.json_response(self.ingest_health())
@@ -196,7 +243,6 @@ class ReadApi:
             log.exception("read API query %s failed", name)
             return _error(500, "internal error; see the server log")
         return web.Response(text=json.dumps(_to_json(result)), content_type="application/json")
-
 
     async def _audit(self, request: web.Request) -> web.StreamResponse:
         unknown = set(request.query) - {"findings"}
@@ -221,8 +267,16 @@ class ReadApi:
             log.exception("requested audit failed")
             return _error(500, "the audit failed; see the server log")
         if result is None:
-            return web.json_response({"schema_version": SCHEMA_VERSION, "run": None, "edges": [], "sampling": {},
-                                      "summary": [], "findings": []})  # fmt: skip
+            return web.json_response(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "run": None,
+                    "edges": [],
+                    "sampling": {},
+                    "summary": [],
+                    "findings": [],
+                }
+            )
         # millions of findings go out a piece at a time, rendered on the pool
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)

@@ -13,17 +13,54 @@ from .errors import translate
 
 # the findings table's columns, 128-bit ids rebuilt from their two 64-bit halves
 _FINDING_COLUMNS = (
-    "kind", "(trace_hi::UHUGEINT << 64) | trace_lo", "span_id", "service", "span_name", "span_kind", "start_ns",
-    "protocol", "system", "caller", "callee", "cause", "candidates", "detail",
-    "(parent_trace_hi::UHUGEINT << 64) | parent_trace_lo", "parent_span_id", "parent_service", "confidence",
-)  # fmt: skip
-_EDGE_COLUMNS = ("caller", "callee", "protocol", "system", "callee_instrumented", "calls", "propagated", "stitched",
-                 "cause")  # fmt: skip
+    "kind",
+    "(trace_hi::UHUGEINT << 64) | trace_lo",
+    "span_id",
+    "service",
+    "span_name",
+    "span_kind",
+    "start_ns",
+    "protocol",
+    "system",
+    "caller",
+    "callee",
+    "cause",
+    "candidates",
+    "detail",
+    "(parent_trace_hi::UHUGEINT << 64) | parent_trace_lo",
+    "parent_span_id",
+    "parent_service",
+    "confidence",
+)
+_EDGE_COLUMNS = (
+    "caller",
+    "callee",
+    "protocol",
+    "system",
+    "callee_instrumented",
+    "calls",
+    "propagated",
+    "stitched",
+    "cause",
+)
 
 
-def save_run(con: duckdb.DuckDBPyConnection, path: str, *, window_start_ns: int, window_end_ns: int, spans: int,
-             traces: int, seconds: float, entrypoints: list[str], roots: dict, settings: dict, findings: pa.Table,
-             edges: pa.Table, sampling: dict) -> int:  # fmt: skip
+def save_run(
+    con: duckdb.DuckDBPyConnection,
+    path: str,
+    *,
+    window_start_ns: int,
+    window_end_ns: int,
+    spans: int,
+    traces: int,
+    seconds: float,
+    entrypoints: list[str],
+    roots: dict,
+    settings: dict,
+    findings: pa.Table,
+    edges: pa.Table,
+    sampling: dict,
+) -> int:
     """Store one run; return its id. `findings` and `edges` have the columns above."""
     cols = ", ".join(_FINDING_COLUMNS)
     edge_cols = ", ".join(_EDGE_COLUMNS)
@@ -33,8 +70,18 @@ def save_run(con: duckdb.DuckDBPyConnection, path: str, *, window_start_ns: int,
         con.execute(
             "INSERT INTO audit_runs (run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds, "
             "entrypoints, roots, settings, sampling) VALUES (?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, window_start_ns, window_end_ns, spans, traces, seconds, entrypoints, json.dumps(roots),
-             json.dumps(settings), json.dumps(sampling)],
+            [
+                run_id,
+                window_start_ns,
+                window_end_ns,
+                spans,
+                traces,
+                seconds,
+                entrypoints,
+                json.dumps(roots),
+                json.dumps(settings),
+                json.dumps(sampling),
+            ],
         )
         con.register("run_findings", findings)
         con.execute(f"INSERT INTO audit_findings SELECT $run, {cols} FROM run_findings", {"run": run_id})

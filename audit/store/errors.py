@@ -54,5 +54,7 @@ def translate(error: duckdb.Error, path: str, *, writing: bool) -> StoreError:
             + ("create the folder first." if writing else "run `ctxaudit serve --db PATH` to create it.")
         )
     if "No space left" in text or "disk" in text.lower():
-        return StoreUnavailable(f"cannot write to {path}: {text}. Free some disk space; writes resume by themselves.")
+        return StoreUnavailable(
+            f"cannot write to {path}: {text}. Free some disk space; writes resume by themselves."
+        )
     return StoreUnavailable(f"DuckDB error on {path}: {text}") if writing else StoreError(f"{path}: {text}")

@@ -126,7 +126,9 @@ class StoreReader:
             return self._con.cursor().execute(sql, params or []).fetchall()
         except duckdb.Error as e:
             if "Table with name spans does not exist" in str(e):
-                raise StoreError(f"{self.path} is a DuckDB file but not a ctxaudit store (no spans table)") from None
+                raise StoreError(
+                    f"{self.path} is a DuckDB file but not a ctxaudit store (no spans table)"
+                ) from None
             raise translate(e, self.path, writing=False) from None
 
     def stats(self) -> StoreStats:
@@ -139,7 +141,8 @@ class StoreReader:
         """Spans, traces (approximate: HyperLogLog, a tenth of the cost of the exact count on
         millions of spans) and services: the overview's headline."""
         spans, traces, services = self._query(
-            "SELECT count(*), approx_count_distinct(trace_id), count(DISTINCT service_name) FROM spans")[0]
+            "SELECT count(*), approx_count_distinct(trace_id), count(DISTINCT service_name) FROM spans"
+        )[0]
         return {"spans": spans, "traces_approx": traces, "services": services}
 
     def time_range(self) -> dict:
@@ -192,8 +195,11 @@ class StoreReader:
         """An audit run (the last one by default) with its edges; None if there is none."""
         if not self._has_runs():
             return None
-        where, params = ("run_id = ?", [run_id]) if run_id is not None else (
-            "run_id = (SELECT max(run_id) FROM audit_runs)", [])  # fmt: skip
+        where, params = (
+            ("run_id = ?", [run_id])
+            if run_id is not None
+            else ("run_id = (SELECT max(run_id) FROM audit_runs)", [])
+        )
         runs = self._dicts(f"SELECT * FROM audit_runs WHERE {where}", params)
         if not runs:
             return None
@@ -201,8 +207,9 @@ class StoreReader:
         run["roots"] = json.loads(run["roots"])
         run["settings"] = json.loads(run["settings"])
         run["sampling"] = json.loads(run["sampling"]) if run.get("sampling") else None
-        run["edges"] = self._dicts("SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL",
-                                   [run["run_id"]])  # fmt: skip
+        run["edges"] = self._dicts(
+            "SELECT * EXCLUDE (run_id) FROM audit_edges WHERE run_id = ? ORDER BY ALL", [run["run_id"]]
+        )
         for e in run["edges"]:  # as the result document's edges have them
             e["dropped"] = e["calls"] - e["propagated"]
             e["propagation_rate"] = round(e["propagated"] / e["calls"], 4) if e["calls"] else None
@@ -226,10 +233,22 @@ class StoreReader:
             run["orphan_rate"] = orphans / (orphans + entries) if orphans + entries else None
         return runs
 
-    def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
-                 caller: str | None = None, callee: str | None = None, protocol: str | None = None,
-                 cause: str | None = None, trace_id: int | None = None, since_ns: int | None = None,
-                 until_ns: int | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
+    def findings(
+        self,
+        run_id: int | None = None,
+        *,
+        kind: str | None = None,
+        service: str | None = None,
+        caller: str | None = None,
+        callee: str | None = None,
+        protocol: str | None = None,
+        cause: str | None = None,
+        trace_id: int | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict:
         """One page of a run's findings (the last run by default), filtered on any of the given
         fields and on the span's start (in [since_ns, until_ns)), in start order, as the result
         document renders them; `total` counts them all."""
@@ -237,8 +256,14 @@ class StoreReader:
             return {"run_id": None, "total": 0, "findings": []}
         if run_id is None:
             run_id = self._query("SELECT max(run_id) FROM audit_runs")[0][0]
-        filters = {"kind": kind, "service": service, "caller": caller, "callee": callee, "protocol": protocol,
-                   "cause": cause}  # fmt: skip
+        filters = {
+            "kind": kind,
+            "service": service,
+            "caller": caller,
+            "callee": callee,
+            "protocol": protocol,
+            "cause": cause,
+        }
         where = " AND ".join(["run_id = ?"] + [f"{k} = ?" for k, v in filters.items() if v is not None])
         params = [run_id] + [v for v in filters.values() if v is not None]
         if trace_id is not None:
@@ -249,8 +274,10 @@ class StoreReader:
                 where += f" AND start_ns {op} ?"
                 params.append(bound)
         (total,) = self._query(f"SELECT count(*) FROM audit_findings WHERE {where}", params)[0]
-        rows = self._dicts(f"{_FINDING_ROWS} WHERE {where} ORDER BY start_ns, kind, span_id LIMIT ? OFFSET ?",
-                           params + [limit, offset])  # fmt: skip
+        rows = self._dicts(
+            f"{_FINDING_ROWS} WHERE {where} ORDER BY start_ns, kind, span_id LIMIT ? OFFSET ?",
+            params + [limit, offset],
+        )
         return {"run_id": run_id, "total": total, "findings": [finding_dict(r) for r in rows]}
 
     def close(self) -> None:

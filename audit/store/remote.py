@@ -60,8 +60,10 @@ class RemoteReader:
             raise StoreError(f"the server at {self.url} answered {e.code}: {message}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise StoreError(f"cannot reach ctxaudit serve's read API at {self.url} ({reason}); is the server "
-                             "running, with --api at that address?") from None  # fmt: skip
+            raise StoreError(
+                f"cannot reach ctxaudit serve's read API at {self.url} ({reason}); is the server "
+                "running, with --api at that address?"
+            ) from None
 
     def ingest(self) -> dict:
         """The server's ingest figures now (collector_ext/ingest_health.py)."""
@@ -111,14 +113,37 @@ class RemoteReader:
     def audit_runs(self, limit: int = 100) -> list[dict]:
         return self._get("audit_runs", limit=limit)
 
-    def findings(self, run_id: int | None = None, *, kind: str | None = None, service: str | None = None,
-                 caller: str | None = None, callee: str | None = None, protocol: str | None = None,
-                 cause: str | None = None, trace_id: int | None = None, since_ns: int | None = None,
-                 until_ns: int | None = None, limit: int = 100, offset: int = 0) -> dict:  # fmt: skip
-        return self._get("findings", run_id=run_id, kind=kind, service=service, caller=caller, callee=callee,
-                         protocol=protocol, cause=cause, since_ns=since_ns, until_ns=until_ns, limit=limit,
-                         offset=offset,
-                         trace_id=None if trace_id is None else f"{trace_id:032x}")  # fmt: skip
+    def findings(
+        self,
+        run_id: int | None = None,
+        *,
+        kind: str | None = None,
+        service: str | None = None,
+        caller: str | None = None,
+        callee: str | None = None,
+        protocol: str | None = None,
+        cause: str | None = None,
+        trace_id: int | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict:
+        return self._get(
+            "findings",
+            run_id=run_id,
+            kind=kind,
+            service=service,
+            caller=caller,
+            callee=callee,
+            protocol=protocol,
+            cause=cause,
+            since_ns=since_ns,
+            until_ns=until_ns,
+            limit=limit,
+            offset=offset,
+            trace_id=None if trace_id is None else f"{trace_id:032x}",
+        )
 
     def close(self) -> None:
         pass

@@ -33,8 +33,15 @@ class Pruned:
 
 
 class Retention:
-    def __init__(self, source, path: str, *, days: float | None = None, max_bytes: int | None = None,
-                 clock=time.time_ns):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        path: str,
+        *,
+        days: float | None = None,
+        max_bytes: int | None = None,
+        clock=time.time_ns,
+    ):
         """`source`: a DuckDB connection or a SpanStore; each pass takes a fresh cursor from it."""
         self.source, self.path, self.days, self.max_bytes, self.clock = source, path, days, max_bytes, clock
         self._size_after_last_delete: tuple[int, int] | None = None
@@ -53,7 +60,8 @@ class Retention:
     @staticmethod
     def _used(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
         block_size, used, total = con.execute(
-            "SELECT block_size, used_blocks, total_blocks FROM pragma_database_size()").fetchone()
+            "SELECT block_size, used_blocks, total_blocks FROM pragma_database_size()"
+        ).fetchone()
         return used * block_size, total
 
     def _size_cutoff(self, con: duckdb.DuckDBPyConnection) -> int | None:
@@ -63,8 +71,9 @@ class Retention:
         if self._size_after_last_delete == (used, total):
             return None  # what the last pass freed is not counted before a checkpoint: do not delete twice
         share = 1 - self.max_bytes * _SIZE_HEADROOM / used  # the oldest share of spans to delete
-        (cutoff,) = con.execute("SELECT approx_quantile(start_ns::BIGINT, ?::FLOAT) FROM spans",
-                                [min(share, 1.0)]).fetchone()  # fmt: skip
+        (cutoff,) = con.execute(
+            "SELECT approx_quantile(start_ns::BIGINT, ?::FLOAT) FROM spans", [min(share, 1.0)]
+        ).fetchone()
         return None if cutoff is None else int(cutoff)
 
     def prune_once(self) -> Pruned:

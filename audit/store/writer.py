@@ -99,7 +99,9 @@ class SpanStore:
             return
         now = time.monotonic()
         if now - self._last_reopen < self.REOPEN_EVERY_S:
-            raise StoreUnavailable(f"cannot write to {self.path} since a failed write; it is reopened once a second")
+            raise StoreUnavailable(
+                f"cannot write to {self.path} since a failed write; it is reopened once a second"
+            )
         self._last_reopen = now
         with contextlib.suppress(duckdb.Error):
             self._con.close()
@@ -111,15 +113,22 @@ class SpanStore:
             self._invalidated = True
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
-                log.error("writing %s failed (%s): refusing spans, retryably, until writes succeed again", self.path,
-                          error)  # fmt: skip
-            return StoreUnavailable(f"cannot write to {self.path} ({error}); free disk space or fix the I/O error: "
-                                    "writes resume by themselves")  # fmt: skip
+                log.error(
+                    "writing %s failed (%s): refusing spans, retryably, until writes succeed again",
+                    self.path,
+                    error,
+                )
+            return StoreUnavailable(
+                f"cannot write to {self.path} ({error}); free disk space or fix the I/O error: "
+                "writes resume by themselves"
+            )
         return translate(error, self.path, writing=True)
 
     def _succeeded(self) -> None:
         if self._failing_since is not None:
-            log.warning("writes to %s resumed after %.0f s", self.path, time.monotonic() - self._failing_since)
+            log.warning(
+                "writes to %s resumed after %.0f s", self.path, time.monotonic() - self._failing_since
+            )
             self._failing_since = None
 
     def append(self, batches: list[SpanBatch]) -> None:

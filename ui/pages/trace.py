@@ -29,18 +29,40 @@ parent = next((f["probable_parent"] for f in found if f["probable_parent"]), Non
 rows = [dict(s, fragment="this trace") for s in spans]
 if parent:
     rows += [dict(s, fragment="stitched parent trace") for s in data.trace(int(parent["trace_id"], 16))]
-    st.info(f"Its root's probable parent is span {parent['span_id']} in {parent['service']}, trace "
-            f"{parent['trace_id']}, with confidence {parent['confidence']:.2f}: the context broke on that hop.")
+    st.info(
+        f"Its root's probable parent is span {parent['span_id']} in {parent['service']}, trace "
+        f"{parent['trace_id']}, with confidence {parent['confidence']:.2f}: the context broke on that hop."
+    )
 for f in found:
-    st.warning(f"**{f['kind']}** at {f['service']} ({f['caller'] or '?'} → {f['callee'] or '?'}, {f['protocol']}): "
-               f"{f['explanation']} Fix: {f['fix']}")
+    st.warning(
+        f"**{f['kind']}** at {f['service']} ({f['caller'] or '?'} → {f['callee'] or '?'}, {f['protocol']}): "
+        f"{f['explanation']} Fix: {f['fix']}"
+    )
 start = min(r["start_ns"] for r in rows)
-frame = pd.DataFrame([{
-    "span": f"{r['service_name']}: {r['name']}", "fragment": r["fragment"], "kind": r["kind"],
-    "start ms": (r["start_ns"] - start) / 1e6, "end ms": (max(r["end_ns"], r["start_ns"]) - start) / 1e6,
-    "span id": f"{r['span_id']:016x}", "status": r["status_code"],
-} for r in sorted(rows, key=lambda r: r["start_ns"])])  # fmt: skip
-st.altair_chart(alt.Chart(frame).mark_bar().encode(
-    x="start ms:Q", x2="end ms:Q", y=alt.Y("span:N", sort=None, title=None), color="fragment:N",
-    tooltip=["span", "kind", "span id", "status", "start ms", "end ms"],
-).properties(height=max(120, 22 * len(frame))), width="stretch")  # fmt: skip
+frame = pd.DataFrame(
+    [
+        {
+            "span": f"{r['service_name']}: {r['name']}",
+            "fragment": r["fragment"],
+            "kind": r["kind"],
+            "start ms": (r["start_ns"] - start) / 1e6,
+            "end ms": (max(r["end_ns"], r["start_ns"]) - start) / 1e6,
+            "span id": f"{r['span_id']:016x}",
+            "status": r["status_code"],
+        }
+        for r in sorted(rows, key=lambda r: r["start_ns"])
+    ]
+)
+st.altair_chart(
+    alt.Chart(frame)
+    .mark_bar()
+    .encode(
+        x="start ms:Q",
+        x2="end ms:Q",
+        y=alt.Y("span:N", sort=None, title=None),
+        color="fragment:N",
+        tooltip=["span", "kind", "span id", "status", "start ms", "end ms"],
+    )
+    .properties(height=max(120, 22 * len(frame))),
+    width="stretch",
+)
