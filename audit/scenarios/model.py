@@ -47,6 +47,8 @@ class Drop(_Strict):
     where: Literal["wire", "thread_pool"] = (
         "wire"  # wire: callee starts a trace; thread_pool: caller's exit does
     )
+    # thread_pool: how long after the handler's previous step the pool runs the work
+    handoff_ms: Latency = Latency(median=0.05, p99=0.5)
 
 
 class Call(_Strict):
@@ -61,6 +63,7 @@ class Call(_Strict):
     kafka_lag_ms: Latency = Latency(median=30, p99=400)
     kafka_link: bool = False  # the consumer starts a new trace with a link to the producer
     kafka_batch: int = Field(default=1, ge=1)  # >1: one consumer span per N messages, linking to each
+    record_url: bool = True  # http: False for a client that records no `url.full` (no path to match on)
     drop: Drop | None = None
 
 

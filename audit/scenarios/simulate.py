@@ -25,7 +25,6 @@ from ..store.otlp_values import to_key_value
 from .model import Call, Latency, Scenario
 
 _MS = 1_000_000
-_HANDOFF = Latency(median=0.05, p99=0.5)  # a thread pool's hand-off, in ms
 _P56 = 1 << 56
 SERVER, CLIENT, PRODUCER, CONSUMER, INTERNAL = (
     Span.SPAN_KIND_SERVER,
@@ -200,7 +199,7 @@ class Simulator:
         if dropped and call.drop.where == "thread_pool":
             # the work ran on a pool thread without the caller's context: the exit is a root,
             # started after the pool's hand-off delay
-            t += int(self._ms(_HANDOFF) * _MS)
+            t += int(self._ms(call.drop.handoff_ms) * _MS)
             client = self._new_span(caller.service, "", exit_kind, t, None, remote=False)
             client.true_parent, client.cause, client.hop, client.protocol = (
                 caller,
@@ -330,6 +329,8 @@ class Simulator:
                     "http.response.status_code": 200,
                 }
             )
+            if not call.record_url:
+                del a["url.full"]
             client.name = method
         elif call.protocol in ("grpc", "rpc"):
             rpc_service, _, rpc_method = call.operation.partition("/")
