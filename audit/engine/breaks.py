@@ -1,7 +1,17 @@
 """In-process breaks: a root CLIENT, PRODUCER or INTERNAL span that starts while its own service
-is handling a request in another trace. Its probable parent is one of those requests; the one
-with an event (its start, or the end of one of its spans) just before the root started is the
-likeliest, since a handler hands work to a pool right after its previous step."""
+is handling a request in another trace. Its probable parent is one of those requests.
+
+Which one is learned from the data, per break operation, in the spirit of TraceWeaver's
+delay model: a pool is handed work after a fixed step of the handler (the end of a certain
+child span, with a gap of some distribution), and the handler often goes on with a certain
+step when the work is done. Each candidate request is described by its last event before the
+break started (which step, how long before) and its first event after the break ended. How
+such features fall for a request that has nothing to do with the break is measured at shifted
+instants (the same breaks moved by a second or so); what the true parents add on top of that
+background is the excess of the real candidates' features over it. The excess is an honest
+estimate: where the features do not separate candidates, it is noise, the likelihood ratios
+stay near 1, and the confidence stays near 1/candidates: the matcher abstains.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +20,53 @@ import numpy as np
 
 _BUCKET_NS = 1_000_000_000
 _P56 = float(1 << 56)
-# how soon after a handler's previous step its pool starts the work: learned per run as the
-# lower quartile of every break's nearest gap (true hand-offs are the short ones), within these
-HANDOFF_NS = (5_000.0, 2_000_000.0)
 
+# candidate requests: stored SERVER/CONSUMER spans of the break's service, in another trace,
+# in flight when the break started; `{roots}` is the breaks (or the shifted breaks)
 _ENCLOSING = """
-CREATE OR REPLACE TEMP TABLE break_pairs AS
-WITH r AS (SELECT rid, trace_id, service, name, start_ns FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')),
+CREATE OR REPLACE TEMP TABLE {table} AS
+WITH r AS ({roots}),
      s AS (SELECT rid, trace_id, span_id, service, start_ns, end_ns, th,
                   unnest(range((start_ns // $b)::BIGINT, (end_ns // $b)::BIGINT + 1)) AS bucket
            FROM w WHERE kind IN ('SERVER', 'CONSUMER') AND service IN (SELECT service FROM r)
              AND end_ns >= start_ns AND end_ns - start_ns < 3600000000000)
 SELECT r.rid AS break_rid, s.rid AS parent_rid, s.trace_id AS parent_trace, s.span_id AS parent_span,
-       r.service, r.start_ns, s.end_ns::BIGINT - s.start_ns::BIGINT AS parent_duration,
-       coalesce(s.th, 0)::DOUBLE AS parent_th
+       r.service, r.name, r.start_ns, r.end_ns, coalesce(s.th, 0)::DOUBLE AS parent_th
 FROM r JOIN s ON r.service = s.service AND (r.start_ns // $b)::BIGINT = s.bucket
 WHERE r.start_ns BETWEEN s.start_ns AND s.end_ns AND r.trace_id <> s.trace_id
 """
+_ROOTS = """SELECT rid, trace_id, service, name, start_ns::BIGINT AS start_ns,
+  greatest(end_ns, start_ns)::BIGINT AS end_ns FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')"""
+# the same breaks at instants moved by 0.3-3 s either way: whatever request is in flight
+# there has nothing to do with them (a hash of the row id makes the shift reproducible)
+_SHIFTED = """SELECT rid, trace_id, service, name, start_ns + d AS start_ns, end_ns + d AS end_ns FROM (
+  SELECT r.*, (300000000 + hash(r.rid, k) % 2700000000)::BIGINT * (CASE WHEN hash(k, r.rid) % 2 = 0
+         THEN 1 ELSE -1 END) AS d
+  FROM ({roots}) r JOIN break_ops USING (service, name), range({shifts}) t(k))"""
+# each candidate's last event in the break's service before the break started (a span's end, or
+# the request's start) and its first event after the break ended (a span's start, or its end)
+_FEATURES = """
+WITH before AS (
+  SELECT trace_id, service, end_ns::BIGINT AS t, name FROM w WHERE service IN (SELECT service FROM break_ops)
+  UNION ALL
+  SELECT trace_id, service, start_ns::BIGINT, '<start>' FROM w WHERE kind IN ('SERVER', 'CONSUMER')
+    AND service IN (SELECT service FROM break_ops)),
+after AS (
+  SELECT trace_id, service, start_ns::BIGINT AS t, name FROM w WHERE kind NOT IN ('SERVER', 'CONSUMER')
+    AND service IN (SELECT service FROM break_ops)
+  UNION ALL
+  SELECT trace_id, service, end_ns::BIGINT, '<end>' FROM w WHERE kind IN ('SERVER', 'CONSUMER')
+    AND service IN (SELECT service FROM break_ops)),
+p AS (SELECT * FROM {table} JOIN break_ops USING (service, name)),
+p1 AS (SELECT p.*, p.start_ns - b.t AS gap1, b.name AS name1 FROM p ASOF LEFT JOIN before b
+       ON b.trace_id = p.parent_trace AND b.service = p.service AND b.t <= p.start_ns)
+SELECT p1.break_rid, p1.parent_rid, p1.service || chr(0) || p1.name AS op, p1.parent_th,
+       p1.gap1, coalesce(p1.name1, '<none>') AS name1, a.t - p1.end_ns AS gap2,
+       coalesce(a.name, '<none>') AS name2
+FROM p1 ASOF LEFT JOIN after a ON a.trace_id = p1.parent_trace AND a.service = p1.service AND a.t >= p1.end_ns
+"""
+_SHIFTS = 2  # shifted copies of each break: the background sample is twice the real one
+
 _BREAK_OPS = """
 SELECT r.service, r.name, mode(r.kind), count(DISTINCT r.rid) AS roots, count(DISTINCT p.break_rid) AS during
 FROM roots r LEFT JOIN break_pairs p ON p.break_rid = r.rid
@@ -64,7 +104,7 @@ def break_operations(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int)
     often than chance (the service's duty cycle) explains: the request handed it work. Where
     requests are always in flight, timing cannot tell, and a root exit (CLIENT, PRODUCER) is
     taken for a break while a root INTERNAL span is taken for a job (cron, poller)."""
-    con.execute(_ENCLOSING, {"b": _BUCKET_NS})
+    con.execute(_ENCLOSING.format(table="break_pairs", roots=_ROOTS), {"b": _BUCKET_NS})
     duty = dict(con.execute(_DUTY, {"b": _BUCKET_NS, "wlo": start_ns, "whi": end_ns}).fetchall())
     breaks, jobs = [], []
     for service, name, kind, roots, during in con.execute(_BREAK_OPS).fetchall():
@@ -77,34 +117,105 @@ def break_operations(con: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int)
 
 
 def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
-    """Columns rid, parent_rid, confidence, candidates: each break's likeliest request.
+    """Columns rid, parent_rid, confidence, candidates: each break's likeliest request, for the
+    breaks of the operations in `break_ops` (break_pairs built by `break_operations`).
 
-    A request's likelihood falls off exponentially with the time since its last event; "none
-    of these" (the real parent was not sampled) weighs the odds of that, spread evenly over
-    the requests' duration."""
-    cols = con.execute(_GAPS).fetchnumpy()
-    if len(cols["break_rid"]) == 0:
-        return {
-            "rid": np.zeros(0, np.int64),
-            "parent_rid": np.zeros(0, np.int64),
-            "confidence": np.zeros(0),
-            "candidates": np.zeros(0, np.int64),
-        }
-    brk, parent = cols["break_rid"].astype(np.int64), cols["parent_rid"].astype(np.int64)
-    gap = np.maximum(cols["gap"].astype(float), 0.0)
-    nearest = np.full(int(brk.max()) + 1, np.inf)
-    np.minimum.at(nearest, brk, gap)
-    scale = float(np.clip(np.percentile(nearest[np.isfinite(nearest)], 25), *HANDOFF_NS))
-    p_stored = np.clip((_P56 - cols["parent_th"]) / _P56, 1e-6, 1.0)
-    weight = np.exp(-gap / scale) / scale
-    # "none of these": the real request was not sampled, and some candidate's event fell near the
-    # root's start by chance; each candidate contributes its rate of events
-    rate = cols["events"].astype(float) / np.maximum(cols["parent_duration"].astype(float), scale)
-    null = (1.0 - p_stored) / p_stored * rate
-    order = np.lexsort((-weight, brk))
-    brk, parent, weight, null = brk[order], parent[order], weight[order], null[order]
+    The confidence is the posterior of that request among its candidates and "none of these"
+    (the real request was not sampled), with each candidate's likelihood ratio from the delay
+    model learned for its break operation (`HandoffModel`)."""
+    shifted = _SHIFTED.format(roots=_ROOTS, shifts=_SHIFTS)
+    con.execute(_ENCLOSING.format(table="break_bg_pairs", roots=shifted), {"b": _BUCKET_NS})
+    real = con.execute(_FEATURES.format(table="break_pairs")).fetchnumpy()
+    background = con.execute(_FEATURES.format(table="break_bg_pairs")).fetchnumpy()
+    con.execute("DROP TABLE break_bg_pairs")
+    n = len(real["break_rid"])
+    empty = {"rid": np.zeros(0, np.int64), "parent_rid": np.zeros(0, np.int64), "confidence": np.zeros(0)}
+    if n == 0:
+        return empty | {"candidates": np.zeros(0, np.int64)}
+    brk, parent = real["break_rid"].astype(np.int64), real["parent_rid"].astype(np.int64)
+    ratio = np.ones(n)
+    for op in np.unique(real["op"]):
+        i, j = np.nonzero(real["op"] == op)[0], np.nonzero(background["op"] == op)[0]
+        model = HandoffModel.fit(_subset(real, i), _subset(background, j), brk[i])
+        ratio[i] = model.ratio(_subset(real, i))
+    return posterior(brk, parent, ratio, np.clip((_P56 - real["parent_th"]) / _P56, 1e-6, 1.0))
+
+
+def _subset(cols: dict, i: np.ndarray) -> dict:
+    return {k: v[i] for k, v in cols.items()}
+
+
+def posterior(brk, parent, ratio, p_stored) -> dict[str, np.ndarray]:
+    """Per break, its best candidate and that candidate's posterior. Before the data, each of a
+    break's N candidates is the parent with probability p/N (p: the chance that the parent was
+    sampled at all, from the candidates' thresholds) and none is with 1 - p; a candidate's
+    likelihood ratio (true parent against unrelated request) updates that."""
+    order = np.lexsort((-ratio, brk))
+    brk, parent, ratio, p_stored = brk[order], parent[order], ratio[order], p_stored[order]
     starts = np.r_[0, np.nonzero(np.diff(brk))[0] + 1]  # each break's candidates, best first
     counts = np.diff(np.r_[starts, len(brk)])
-    total = np.add.reduceat(weight, starts) + np.add.reduceat(null, starts)
-    confidence = weight[starts] / total
+    p = np.add.reduceat(p_stored, starts) / counts
+    none = counts * (1.0 - p) / p
+    confidence = ratio[starts] / (np.add.reduceat(ratio, starts) + none)
     return {"rid": brk[starts], "parent_rid": parent[starts], "confidence": confidence, "candidates": counts}
+
+
+_BINS = 80  # gap bins: a tenth of a decade each from 1 µs to 100 s, after bin 0 (no such event)
+_Z = 2.0  # an excess within this many standard deviations of the background's noise is none
+_SMOOTH = np.array([0.25, 0.5, 0.25])
+
+
+def _cells(names: np.ndarray, gaps: np.ndarray, vocab: dict[str, int]) -> np.ndarray:
+    """(step, gap bin) -> one cell number; steps outside the vocabulary share the last row."""
+    other = len(vocab)
+    row = np.fromiter((vocab.get(x, other) for x in names), np.int64, len(names))
+    g = np.ma.filled(np.ma.asarray(gaps).astype(float), np.nan)
+    missing = np.isnan(g)
+    lg = np.log10(np.maximum(np.where(missing, 1.0, g), 1_000.0)) - 3.0
+    b = np.where(missing, 0, 1 + np.clip((lg * 10).astype(np.int64), 0, _BINS - 2))
+    return row * _BINS + b
+
+
+def _histogram(cells: np.ndarray, rows: int) -> np.ndarray:
+    h = np.bincount(cells, minlength=rows * _BINS).astype(float).reshape(rows, _BINS)
+    smooth = h.copy()
+    smooth[:, 1:] = np.apply_along_axis(lambda x: np.convolve(x, _SMOOTH, mode="same"), 1, h[:, 1:])
+    return smooth.ravel()
+
+
+class HandoffModel:
+    """Per break operation: the likelihood ratio, true parent against unrelated request, of a
+    candidate's (previous step, gap before) and (next step, gap after), each a histogram over
+    step x log-gap. The background is measured at shifted instants; the true parents' share is
+    what the real candidates show in excess of it (E[real] = (N - p) background + p true)."""
+
+    def __init__(self, vocab: dict[str, int], lr1: np.ndarray, lr2: np.ndarray):
+        self.vocab, self.lr1, self.lr2 = vocab, lr1, lr2
+
+    @classmethod
+    def fit(cls, real: dict, background: dict, brk: np.ndarray) -> HandoffModel:
+        names = np.concatenate([real["name1"], real["name2"], background["name1"], background["name2"]])
+        kept, counts = np.unique(names.astype(str), return_counts=True)
+        kept = kept[np.argsort(-counts)][:30]
+        vocab = {str(x): k for k, x in enumerate(kept)}
+        rows = len(vocab) + 1
+        p = np.clip((_P56 - real["parent_th"]) / _P56, 1e-6, 1.0)
+        per_break = np.unique(brk, return_index=True)[1]
+        trues = float(p[per_break].sum())  # expected true parents among the candidates
+        lrs = []
+        for name, gap in (("name1", "gap1"), ("name2", "gap2")):
+            h = _histogram(_cells(real[name], real[gap], vocab), rows)
+            bg = _histogram(_cells(background[name], background[gap], vocab), rows)
+            p_bg = (bg + 1.0 / len(bg)) / (bg.sum() + 1.0)
+            expected = max(len(real[name]) - trues, 0.0) * p_bg
+            excess = np.maximum(h - expected - _Z * np.sqrt(expected + 1.0), 0.0)
+            if excess.sum() > trues:
+                excess *= trues / excess.sum()
+            p_true = excess / max(trues, 1e-9) + (1.0 - excess.sum() / max(trues, 1e-9)) * p_bg
+            lrs.append(p_true / p_bg)
+        return cls(vocab, *lrs)
+
+    def ratio(self, cols: dict) -> np.ndarray:
+        c1 = _cells(cols["name1"], cols["gap1"], self.vocab)
+        c2 = _cells(cols["name2"], cols["gap2"], self.vocab)
+        return self.lr1[c1] * self.lr2[c2]

@@ -49,6 +49,8 @@ class Drop(_Strict):
     )
     # thread_pool: how long after the handler's previous step the pool runs the work
     handoff_ms: Latency = Latency(median=0.05, p99=0.5)
+    # thread_pool, on a call to a db or external peer: False for a handler that goes on at once
+    handler_waits: bool = True
 
 
 class Call(_Strict):

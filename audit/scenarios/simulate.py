@@ -196,9 +196,11 @@ class Simulator:
         dropped = call.drop is not None and self.rng.random() < call.drop.probability
         hop = f"{caller.service}->{call.to}"
         exit_kind = PRODUCER if call.protocol == "kafka" else CLIENT
+        handed_at = None  # a handler that does not wait for its pool goes on from here
         if dropped and call.drop.where == "thread_pool":
             # the work ran on a pool thread without the caller's context: the exit is a root,
             # started after the pool's hand-off delay
+            handed_at = None if call.drop.handler_waits else t
             t += int(self._ms(call.drop.handoff_ms) * _MS)
             client = self._new_span(caller.service, "", exit_kind, t, None, remote=False)
             client.true_parent, client.cause, client.hop, client.protocol = (
@@ -216,7 +218,7 @@ class Simulator:
 
         if call.protocol in ("db", "external"):
             client.end_ns = t + int(net)
-            return client.end_ns
+            return client.end_ns if handed_at is None else handed_at
 
         wire = None if dropped else client.ctx()
         if call.protocol == "kafka":
