@@ -144,6 +144,17 @@ def read_jaeger(files: list[str]) -> list[Span]:
     return spans
 
 
+def dedupe(spans: list[Span]) -> list[Span]:
+    """One span per (trace id, span id): minute files of a capture can repeat a span."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for s in spans:
+        if (s.trace_id, s.span_id) not in seen:
+            seen.add((s.trace_id, s.span_id))
+            out.append(s)
+    return out
+
+
 def limit_traces(spans: list[Span], n: int | None) -> list[Span]:
     """The first n traces by start time (a contiguous stretch of traffic)."""
     if not n:
@@ -274,8 +285,16 @@ def cut(spans: list[Span], by_key: dict, share: float, drop_share: float, rng: r
         new_trace[id(s)] = trace
         stack.extend((c, trace) for c in children[(s.trace_id, s.span_id)])
     dropped: set[str] = set()
-    if drop_share:
-        dropped = {new_trace[id(p)] for _, p in truth if rng.random() < drop_share}
+    if drop_share:  # whole caller fragments, until about that share of the cut hops lost their caller
+        parents_in: Counter = Counter(new_trace[id(p)] for _, p in truth)
+        fragments = sorted(parents_in)
+        rng.shuffle(fragments)
+        lost = 0
+        for fragment in fragments:
+            if lost >= drop_share * len(truth):
+                break
+            dropped.add(fragment)
+            lost += parents_in[fragment]
     orphans = []
     for s, p in truth:
         if new_trace[id(s)] in dropped:
@@ -305,17 +324,27 @@ def cut(spans: list[Span], by_key: dict, share: float, drop_share: float, rng: r
 
 
 def _in_flight(hops: list[Span], by_key: dict) -> dict[int, int]:
-    """For each call, the calls on the same hop (caller service -> callee service) whose callee
-    span is running at its start, itself included."""
-    per_hop: dict[tuple[str, str], list[Span]] = defaultdict(list)
+    """For each call, the calls on the same hop (caller service -> callee service) in flight at
+    its start: distinct caller-side spans (the exit span, or the caller's own span when it has no
+    client span) that are running then, its own included. These are the candidates a matcher
+    working from timing alone has to tell apart."""
+    per_hop: dict[tuple[str, str], dict[int, Span]] = defaultdict(dict)
     for s in hops:
-        per_hop[(by_key[(s.trace_id, s.parent_id)].service, s.service)].append(s)
+        p = by_key[(s.trace_id, s.parent_id)]
+        per_hop[(p.service, s.service)][id(p)] = p
     out = {}
-    for calls in per_hop.values():
-        starts = sorted(s.start_ns for s in calls)
-        ends = sorted(max(s.end_ns, s.start_ns + 1) for s in calls)
-        for s in calls:
-            out[id(s)] = bisect.bisect_right(starts, s.start_ns) - bisect.bisect_right(ends, s.start_ns)
+    for s in hops:
+        p = by_key[(s.trace_id, s.parent_id)]
+        out[id(s)] = (p.service, s.service)
+    counts = {}
+    for hop, parents in per_hop.items():
+        starts = sorted(p.start_ns for p in parents.values())
+        ends = sorted(max(p.end_ns, p.start_ns + 1) for p in parents.values())
+        counts[hop] = (starts, ends)
+    for s in hops:
+        starts, ends = counts[out[id(s)]]
+        t = s.start_ns
+        out[id(s)] = max(1, bisect.bisect_right(starts, t) - bisect.bisect_right(ends, t))
     return out
 
 
@@ -546,7 +575,11 @@ def _example(out: list, o: Orphan, by_key: dict, named: dict | None, finding: di
         ex["named"] = {
             "service": named["service"],
             "name": n.name if n else None,
+            "kind": n.kind if n else None,
             "confidence": named["confidence"],
+            "same_trace_as_truth": named["trace_id"] == o.parent[0],
+            "starts_us_after_orphan": (n.start_ns - s.start_ns) / 1000 if n and s else None,
+            "true_parent_starts_us_after_orphan": (p.start_ns - s.start_ns) / 1000 if p and s else None,
         }
     if finding:
         ex["evidence"] = finding.get("evidence")
@@ -610,7 +643,7 @@ def main() -> None:
         spans = read_jaeger(expand(args.paths, ".json"))
     else:
         spans = read_trastrainer_csv(expand(args.paths, ".csv"))
-    spans = limit_traces(spans, args.max_traces)
+    spans = limit_traces(dedupe(spans), args.max_traces)
     by_key = index(spans)
     capture_roots_before = {(s.trace_id, s.span_id) for s in spans if s.parent_id is None}
     n_traces = len({s.trace_id for s in spans})
