@@ -5,91 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import yaml
 
-from .engine import AuditConfig, AuditResult, choose_window, run_audit
+from .engine import AuditResult, choose_window, run_audit
+from .settings import AUDIT_MEMORY_LIMIT, AuditSettings
 from .store.audit_runs import last_window_end, save_run
 from .store.errors import StoreError, translate
 from .store.writer import SpanStore
-
-
-class AuditSettingsError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    config: AuditConfig
-    settle_s: float = 60.0
-    context_s: float = 120.0
-
-    @classmethod
-    def load(cls, path: str | None, **overrides) -> AuditSettings:
-        """From an optional YAML file (keys: entrypoints, min_confidence, assume_sampling_probability,
-        settle_s, context_s, default_skew_ms, default_max_lag_s, entry_candidate_share), then non-None
-        overrides. `to_dict` gives what this reads back."""
-        doc: dict = {}
-        if path is not None:
-            try:
-                doc = yaml.safe_load(Path(path).read_text()) or {}
-            except OSError as e:
-                raise AuditSettingsError(f"cannot read {path}: {e.strerror}") from None
-            except yaml.YAMLError as e:
-                raise AuditSettingsError(f"{path}: not valid YAML: {e}") from None
-            if not isinstance(doc, dict):
-                raise AuditSettingsError(f"{path}: expected a mapping of settings")
-        doc |= {k: v for k, v in overrides.items() if v is not None}
-        known = {
-            "entrypoints",
-            "min_confidence",
-            "assume_sampling_probability",
-            "settle_s",
-            "context_s",
-            "default_skew_ms",
-            "default_max_lag_s",
-            "entry_candidate_share",
-        }
-        unknown = set(doc) - known
-        if unknown:
-            raise AuditSettingsError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        entrypoints = doc.pop("entrypoints", [])
-        if isinstance(entrypoints, str):
-            entrypoints = [e.strip() for e in entrypoints.split(",") if e.strip()]
-        if not isinstance(entrypoints, list) or not all(isinstance(e, str) for e in entrypoints):
-            raise AuditSettingsError("entrypoints must be a list of SVC or SVC:OPERATION strings")
-        assumed = doc.pop("assume_sampling_probability", None)
-        numbers = {k: v for k, v in doc.items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
-        if numbers:
-            raise AuditSettingsError(f"setting(s) {sorted(numbers)} must be numbers")
-        settle, context = float(doc.pop("settle_s", 60.0)), float(doc.pop("context_s", 120.0))
-        confidence = float(doc.get("min_confidence", 0.6))
-        if not 0.0 <= confidence <= 1.0:
-            raise AuditSettingsError("min_confidence must be between 0 and 1")
-        if settle < 0 or context < 0:
-            raise AuditSettingsError("settle_s and context_s must not be negative")
-        if assumed is not None and not (isinstance(assumed, (int, float)) and 0 < assumed <= 1):
-            raise AuditSettingsError("assume_sampling_probability must be a number in (0, 1]")
-        return cls(
-            AuditConfig(
-                entrypoints=frozenset(entrypoints),
-                assume_sampling_probability=assumed,
-                **{k: float(v) for k, v in doc.items()},
-            ),
-            settle,
-            context,
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self.config) | {
-            "entrypoints": sorted(self.config.entrypoints),
-            "settle_s": self.settle_s,
-            "context_s": self.context_s,
-        }
 
 
 def audit_store(
@@ -100,7 +25,7 @@ def audit_store(
     until_ns: int | None = None,
     resume: bool = True,
     save: bool = True,
-    memory_limit: str = "2GB",
+    memory_limit: str = AUDIT_MEMORY_LIMIT,
     progress: Callable[[str], None] = lambda step: None,
 ) -> AuditResult | None:
     """Audit the next window of `db` (None: nothing new); save the run unless `save` is False.

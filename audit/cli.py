@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 import click
 
 from . import __version__
-from .cli_params import Duration, Time, TimeOfDay, Zone, hostport
+from .cli_params import Duration, Time, TimeOfDay, Zone, hostport, setting
+from .settings import AUDIT_MEMORY_LIMIT, AuditSettings, ServeSettings, SettingsError
 from .store.errors import StoreError
 
 log = logging.getLogger("ctxaudit")
@@ -75,71 +76,16 @@ def main(verbose: bool) -> None:
     metavar="HOST:PORT",
     help="Read API listen address (loopback only): the UI and `--server` commands read through it; 'off' to disable.",
 )
-@click.option(
-    "--audit-every",
-    type=click.FloatRange(min=0),
-    default=300,
-    show_default=True,
-    metavar="SECONDS",
-    help="Audit the newest settled window this often, and save the run (the UI shows it); 0: never.",
-)
-@click.option(
-    "--audit-settle",
-    type=click.FloatRange(min=0),
-    default=60,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long the periodic audit waits for late spans before a window counts as settled.",
-)
-@click.option(
-    "--max-body-mib",
-    type=click.FloatRange(min=0.001),
-    default=16,
-    show_default=True,
-    help="Largest request accepted, after decompression (413 / RESOURCE_EXHAUSTED beyond).",
-)
-@click.option(
-    "--queue-spans",
-    type=click.IntRange(min=1),
-    default=200_000,
-    show_default=True,
-    help="Spans waiting for commit before requests are refused with a retryable answer.",
-)
-@click.option(
-    "--inflight-mib",
-    type=click.FloatRange(min=0.001),
-    default=256,
-    show_default=True,
-    help="Request bytes being decoded or committed before requests are refused (retryable).",
-)
-@click.option(
-    "--decoders",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Decode worker processes [default: CPU count]; 0 decodes in the server process.",
-)
-@click.option("--memory-limit", default="512MB", show_default=True, help="DuckDB memory limit.")
-@click.option(
-    "--checkpoint-mib",
-    type=click.IntRange(min=1),
-    default=128,
-    show_default=True,
-    help="WAL size at which DuckDB checkpoints; larger is faster but replays longer after a crash.",
-)
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=30,
-    show_default=True,
-    help="Seconds to let requests in flight finish on SIGTERM/SIGINT.",
-)
-@click.option(
-    "--log-interval",
-    type=click.FloatRange(min=0),
-    default=10,
-    show_default=True,
-    help="Seconds between ingest progress lines on stderr; 0 for none.",
-)
+@setting(ServeSettings, "audit_every", metavar="SECONDS")
+@setting(ServeSettings, "audit_settle", metavar="SECONDS")
+@setting(ServeSettings, "max_body_mib")
+@setting(ServeSettings, "queue_spans")
+@setting(ServeSettings, "inflight_mib")
+@setting(ServeSettings, "decoders")
+@setting(ServeSettings, "memory_limit")
+@setting(ServeSettings, "checkpoint_mib")
+@setting(ServeSettings, "drain_timeout", metavar="SECONDS")
+@setting(ServeSettings, "log_interval", metavar="SECONDS")
 @click.option(
     "--report-at",
     type=TimeOfDay(),
@@ -160,13 +106,7 @@ def main(verbose: bool) -> None:
     metavar="DIR",
     help="Where the daily reports go, one folder per day [default: DB's name + '-reports'].",
 )
-@click.option(
-    "--report-keep-days",
-    type=click.IntRange(min=1),
-    default=30,
-    show_default=True,
-    help="Days of reports kept; older ones are removed.",
-)
+@setting(ServeSettings, "report_keep_days")
 @click.option(
     "--report-since",
     type=Duration(),
@@ -175,18 +115,8 @@ def main(verbose: bool) -> None:
     metavar="DURATION",
     help="How far back each daily report reaches.",
 )
-@click.option(
-    "--retain-days",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="DAYS",
-    help="Delete spans that started more than DAYS ago, in the background [default: keep all].",
-)
-@click.option(
-    "--retain-gib",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="GIB",
-    help="Delete the oldest spans once the stored data exceed GIB [default: no limit].",
-)
+@setting(ServeSettings, "retain_days", metavar="DAYS")
+@setting(ServeSettings, "retain_gib", metavar="GIB")
 @click.option(
     "--token-file",
     type=click.Path(dir_okay=False),
@@ -215,28 +145,16 @@ def serve(
     grpc_address,
     http_address,
     api_address,
-    audit_every,
-    audit_settle,
-    max_body_mib,
-    queue_spans,
-    inflight_mib,
-    decoders,
-    memory_limit,
-    checkpoint_mib,
-    drain_timeout,
-    log_interval,
     report_at,
     report_tz,
     report_dir,
-    report_keep_days,
     report_since,
-    retain_days,
-    retain_gib,
     token_file,
     token_header,
     tls_cert,
     tls_key,
     tls_client_ca,
+    **knobs,
 ) -> None:
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
 
@@ -245,8 +163,8 @@ def serve(
     """
     from collector_ext.addresses import is_loopback, parse_hostport
 
-    from .access import Access, AccessError, TlsFiles, TokenAuth
-    from .serve import DailyReport, ServeConfig, ServeError, run
+    from .net.access import Access, AccessError, TlsFiles, TokenAuth
+    from .server.serve import DailyReport, ServeConfig, ServeError, run
 
     if not grpc_address and not http_address:
         raise click.UsageError("both receivers are off: enable --grpc or --http")
@@ -285,27 +203,16 @@ def serve(
                     "network in clear; set --tls-cert and --tls-key",
                     address,
                 )
+    settings = ServeSettings(**knobs)
+    report = DailyReport(report_at, report_tz, report_dir, settings.report_keep_days, report_since)
     config = ServeConfig(
         db,
         grpc_address,
         http_address,
         api_address,
-        audit_every=audit_every,
-        audit_settle=audit_settle,
-        max_body_bytes=int(max_body_mib * (1 << 20)),
-        queue_spans=queue_spans,
-        inflight_bytes=int(inflight_mib * (1 << 20)),
-        decoders=decoders,
-        memory_limit=memory_limit,
-        checkpoint_mib=checkpoint_mib,
-        drain_timeout=drain_timeout,
-        log_interval=log_interval,
-        report=DailyReport(report_at, report_tz, report_dir, report_keep_days, report_since)
-        if report_at
-        else None,
+        settings,
+        report=report if report_at else None,
         access=Access(auth, tls),
-        retain_days=retain_days,
-        retain_bytes=int(retain_gib * (1 << 30)) if retain_gib else None,
     )
     try:
         run(config, lambda line: click.echo(line, err=True))
@@ -327,7 +234,7 @@ def _reader(db: str, server: str | None):
     if server and ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("give --db or --server, not both")
     if server:
-        from .store.remote import RemoteReader
+        from .read.remote import RemoteReader
 
         return RemoteReader(server)
     from .store.reader import LocalReader
@@ -396,41 +303,22 @@ def _when(ns: int) -> str:
 @click.option(
     "--all", "from_first", is_flag=True, help="Start at the first span, not where the last run ended."
 )
-@click.option(
-    "--settle",
-    type=click.FloatRange(min=0),
-    help="Seconds to wait for late spans before auditing them [default: 60].",
-)
-@click.option(
-    "--context",
-    type=click.FloatRange(min=0),
-    help="Seconds read either side of the window for parents, children and candidates [default: 120].",
-)
+@setting(AuditSettings, "settle_s", "--settle", metavar="SECONDS", default_from_file=True)
+@setting(AuditSettings, "context_s", "--context", metavar="SECONDS", default_from_file=True)
 @click.option(
     "--entrypoints",
     multiple=True,
     metavar="SVC[:OPERATION],...",
     help="Real entry points (their roots are not orphans), besides those learned; repeatable.",
 )
-@click.option(
-    "--min-confidence",
-    type=click.FloatRange(0, 1),
-    help="Name a probable parent only at this confidence or above [default: 0.6].",
-)
-@click.option(
-    "--assume-probability",
-    type=click.FloatRange(0, 1, min_open=True),
-    metavar="P",
-    help="Sampling probability to assume for spans without ot=th in their tracestate "
-    "[default: none; such spans are left out of the sampling figures and counted].",
-)
+@setting(AuditSettings, "min_confidence", default_from_file=True)
+@setting(AuditSettings, "assume_sampling_probability", "--assume-probability", metavar="P")
 @click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
     metavar="FILE",
-    help="YAML settings: entrypoints, min_confidence, assume_sampling_probability, settle_s, "
-    "context_s, default_skew_ms, default_max_lag_s.",
+    help=f"YAML settings: {', '.join(AuditSettings.model_fields)} (docs/cli.md).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the result document (docs/audit-json.md) instead of text."
@@ -438,7 +326,7 @@ def _when(ns: int) -> str:
 @click.option("--no-save", is_flag=True, help="Do not store the run (opens the file read-only).")
 @click.option(
     "--memory-limit",
-    default="2GB",
+    default=AUDIT_MEMORY_LIMIT,
     show_default=True,
     help="DuckDB memory limit for the audit; beyond it, work spills to disk (slower). With --db only.",
 )
@@ -453,11 +341,11 @@ def audit(
     since,
     until,
     from_first,
-    settle,
-    context,
+    settle_s,
+    context_s,
     entrypoints,
     min_confidence,
-    assume_probability,
+    assume_sampling_probability,
     config_file,
     as_json,
     no_save,
@@ -470,7 +358,7 @@ def audit(
     Each run audits a settled window and by default starts where the last one ended.
     With --server, the running server audits its own store (it holds the file).
     """
-    from .audit_job import AuditSettings, AuditSettingsError, audit_store, summary_lines
+    from .audit_job import audit_store, summary_lines
 
     listed = ",".join(entrypoints) if entrypoints else None
     try:
@@ -478,11 +366,11 @@ def audit(
             config_file,
             entrypoints=listed,
             min_confidence=min_confidence,
-            assume_sampling_probability=assume_probability,
-            settle_s=settle,
-            context_s=context,
+            assume_sampling_probability=assume_sampling_probability,
+            settle_s=settle_s,
+            context_s=context_s,
         )
-    except AuditSettingsError as e:
+    except SettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
     if server:
         _audit_in_server(
@@ -541,7 +429,7 @@ def _nothing_new(as_json: bool) -> None:
 
 def _audit_in_server(server: str, request: dict, as_json: bool) -> None:
     """`audit --server`: the server runs it on its store, beside ingestion, and answers with the document."""
-    from .store.remote import RemoteReader
+    from .read.remote import RemoteReader
 
     ctx = click.get_current_context()
     for option in ("db", "memory_limit"):
@@ -713,11 +601,7 @@ def ui(db, server, port, host) -> None:
     metavar="FILE",
     help="The history file, for trends and the comparison [default: DIR/history.jsonl].",
 )
-@click.option(
-    "--settle",
-    type=click.FloatRange(min=0),
-    help="Leave spans this recent for later (seconds) [default: 60].",
-)
+@setting(AuditSettings, "settle_s", "--settle", metavar="SECONDS", default_from_file=True)
 @click.option(
     "--config",
     "config_file",
@@ -726,10 +610,13 @@ def ui(db, server, port, host) -> None:
     help="The audit's YAML settings, as for `ctxaudit audit --config`.",
 )
 @click.option(
-    "--memory-limit", default="2GB", show_default=True, help="DuckDB memory limit for the audit (--db only)."
+    "--memory-limit",
+    default=AUDIT_MEMORY_LIMIT,
+    show_default=True,
+    help="DuckDB memory limit for the audit (--db only).",
 )
 def report(
-    db, server, since_s, out_dir, fail_on, previous, history, settle, config_file, memory_limit
+    db, server, since_s, out_dir, fail_on, previous, history, settle_s, config_file, memory_limit
 ) -> None:
     """Audit the last --since of the store and write a report: the broken hops with cause and
     fix, what changed since the previous report, trends, the service graph and the sampling
@@ -740,7 +627,6 @@ def report(
     """
     from pathlib import Path
 
-    from .audit_job import AuditSettings, AuditSettingsError
     from .report.command import ReportRequest, report_from_file, report_from_server
     from .report.gate import GateError, Threshold
 
@@ -752,8 +638,8 @@ def report(
     except GateError as e:
         raise click.BadParameter(str(e), param_hint="--fail-on") from None
     try:
-        settings = AuditSettings.load(config_file, settle_s=settle)
-    except AuditSettingsError as e:
+        settings = AuditSettings.load(config_file, settle_s=settle_s)
+    except SettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
     request = ReportRequest(
         Path(out_dir), since_s, settings, thresholds, Path(history) if history else None, previous
@@ -892,7 +778,7 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
     """Run `ctxaudit serve` and the demo fleet against it, then audit what was stored."""
     from pathlib import Path
 
-    from .audit_job import AuditSettings, audit_store, summary_lines
+    from .audit_job import audit_store, summary_lines
     from .demo import run_demo
 
     try:
@@ -916,7 +802,7 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
         from .report.command import ReportRequest, report_from_file
 
         settings = AuditSettings.load(None, settle_s=0)
-        report_from_file(ReportRequest(out, 86400, settings, []), db, "2GB", lambda step: None)
+        report_from_file(ReportRequest(out, 86400, settings, []), db, AUDIT_MEMORY_LIMIT, lambda step: None)
         click.echo(f"\nreport: {out / 'report.html'} (and report.md, report.json)")
     except (StoreError, OSError) as e:
         click.echo(f"report: not written: {e}", err=True)
@@ -924,6 +810,48 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
         f"\nnext: ctxaudit ui --db {db};  ctxaudit report --db {db} --out {out};  "
         f"ctxaudit audit --db {db} --all --json | less"
     )
+
+
+@main.command("import")
+@click.option(
+    "--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to create or add to."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jaeger", "zipkin", "otlp-json"]),  # audit.capture.FORMATS
+    default=None,
+    help="The files' format [default: detected from each file's content].",
+)
+@click.option("--memory-limit", default="512MB", show_default=True, help="DuckDB memory limit.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def import_captures(db: str, fmt: str | None, memory_limit: str, files: tuple[str, ...]) -> None:
+    """Load trace captures (Jaeger JSON, Zipkin v2 JSON, OTLP/JSON lines; gzip or not) into a store.
+
+    Spans go through the receivers' own decoding; spans stored already are skipped, so importing
+    a file twice stores nothing new. At a bad file: what was read before it stays, exit 1."""
+    from collector_ext.ingest import decode_batch
+
+    from .capture import BadCapture
+    from .import_job import Importer
+    from .store.writer import SpanStore, SpanWriter
+
+    def decode(body: bytes, content_type: str):
+        return decode_batch(body, content_type, False, len(body))
+
+    try:
+        writer = SpanWriter(SpanStore(db, memory_limit=memory_limit))
+    except StoreError as e:
+        _fail(str(e))
+    importer = Importer(writer, decode, progress=lambda line: click.echo(line, err=True))
+    try:
+        importer.run(files, fmt)
+    except (BadCapture, StoreError) as e:
+        click.echo(importer.stats.summary() + "; stopped at the error below (what was read before it stays)")
+        _fail(str(e))
+    finally:
+        writer.close()
+    click.echo(importer.stats.summary())
 
 
 if __name__ == "__main__":

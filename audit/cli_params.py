@@ -88,3 +88,39 @@ class Time(click.ParamType):
         if t.tzinfo is None:
             t = t.replace(tzinfo=UTC)
         return int(t.timestamp() * 1e9)
+
+
+def setting(model, name: str, *flags: str, default_from_file: bool = False, **options):
+    """A click option for the setting `name` declared in `model` (audit/settings.py): its type,
+    bounds, default and help come from the declaration. `flags` default to --NAME-WITH-DASHES.
+    With `default_from_file`, the option's own default is None (a --config file or the
+    declaration supplies it) and the help shows the declared default."""
+    field = model.model_fields[name]
+    bounds = {}
+    for m in field.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(m, key, None) is not None:
+                bounds[key] = getattr(m, key)
+    annotation = field.annotation
+    base = next(
+        (t for t in (int, float, str) if annotation is t or t in getattr(annotation, "__args__", ())), str
+    )
+    if base in (int, float) and bounds:
+        kind = click.IntRange if base is int else click.FloatRange
+        low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+        ptype = kind(low, high, min_open="gt" in bounds, max_open="lt" in bounds)
+    else:
+        ptype = base
+    help_text = field.description or ""
+    default = field.default
+    if default_from_file or default is None:
+        if default is not None and "[default" not in help_text:
+            help_text += (
+                f" [default: {default:g}]" if isinstance(default, float) else f" [default: {default}]"
+            )
+        kw = {"default": None}
+    else:
+        kw = {"default": default, "show_default": True}
+    return click.option(
+        *(flags or ("--" + name.replace("_", "-"),)), name, type=ptype, help=help_text, **(kw | options)
+    )

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .fleet.runner import FleetRun, run_fleet
-from .serve_process import start_server, stop_server
+from .server.process import start_server, stop_server
 
 
 def run_demo(db: str, truth: str, seconds: float, rate: float) -> FleetRun:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 import psutil
 
-from audit.serve_process import start_server, stop_server
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
 
 from .payloads import encoded_requests

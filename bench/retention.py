@@ -20,9 +20,9 @@ import time
 
 import duckdb
 
-from audit.serve_process import start_server, stop_server
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 
 from .soak import FreshLoad
 

@@ -26,9 +26,9 @@ import grpc
 import psutil
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from audit.serve_process import start_server, stop_server
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 
 from .ingest import EXPORT, one_run
 from .payloads import build_request, encoded_requests

@@ -15,10 +15,11 @@ import statistics
 import sys
 import time
 
-from audit.audit_job import AuditSettings, audit_store
-from audit.serve_process import start_server, stop_server
+from audit.audit_job import audit_store
+from audit.settings import AuditSettings
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 from graph.service_graph import build_graphs, to_dot
 
 

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 
-from audit.access import OPEN, UNAUTHENTICATED, Access
+from audit.net.access import OPEN, UNAUTHENTICATED, Access
 
 from .addresses import parse_hostport
 from .decode import PROTOBUF, encode_response, response_for

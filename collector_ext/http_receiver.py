@@ -14,8 +14,8 @@ import grpc
 from aiohttp import web
 from google.rpc.status_pb2 import Status
 
-from audit.access import OPEN, UNAUTHENTICATED, Access
-from audit.store.aio_server import ThreadedAioServer
+from audit.net.access import OPEN, UNAUTHENTICATED, Access
+from audit.net.aio_host import ThreadedAioServer
 
 from .addresses import parse_hostport
 from .decode import JSON, PROTOBUF, encode_response, response_for

@@ -20,6 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from audit.settings import ServeSettings
 from audit.store.batch import SpanBatch
 from audit.store.errors import StoreError
 from audit.store.writer import QueueFull, SpanWriter
@@ -27,6 +28,7 @@ from audit.store.writer import QueueFull, SpanWriter
 from .columns import to_span_batch
 from .decode import JSON, PROTOBUF, BadRequest, TooLarge, decode_request, gunzip
 
+_DEFAULTS = ServeSettings()  # declared in audit/settings.py
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = (PROTOBUF, JSON)
@@ -115,8 +117,8 @@ class Ingestor:
         writer: SpanWriter,
         *,
         decoders: int = os.cpu_count() or 1,
-        max_body_bytes: int = 16 << 20,
-        max_inflight_bytes: int = 256 << 20,
+        max_body_bytes: int = _DEFAULTS.max_body_bytes,
+        max_inflight_bytes: int = _DEFAULTS.inflight_bytes,
         commit_timeout: float = 30.0,
     ):
         self.writer = writer

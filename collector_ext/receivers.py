@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from audit.access import OPEN, Access
+from audit.net.access import OPEN, Access
 
 from .grpc_receiver import GrpcReceiver
 from .http_receiver import HttpReceiver

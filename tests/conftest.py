@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from audit.settings import ServeSettings
 from audit.store.reader import LocalReader
 from audit.store.writer import SpanStore, SpanWriter
 from collector_ext.ingest import Ingestor
 from collector_ext.receivers import OtlpReceivers
+
+DEFAULTS = ServeSettings()
 
 
 @dataclass
@@ -49,9 +52,9 @@ def make_server(tmp_path):
     def start(
         *,
         decoders: int = 0,
-        max_body_bytes: int = 16 << 20,
-        queue_spans: int = 200_000,
-        inflight_bytes: int = 256 << 20,
+        max_body_bytes: int = DEFAULTS.max_body_bytes,
+        queue_spans: int = DEFAULTS.queue_spans,
+        inflight_bytes: int = DEFAULTS.inflight_bytes,
         name: str = "store.duckdb",
     ) -> RunningServer:
         db = str(tmp_path / name)

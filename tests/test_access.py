@@ -15,11 +15,11 @@ import trustme
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-from audit.access import TokenAuth
-from audit.serve_process import start_server, stop_server
+from audit.net.access import TokenAuth
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from audit.store.errors import StoreError
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 from tests.test_roundtrip_sdk import emit
 
 TOKEN = "s3cret-token-0123456789abcdef"

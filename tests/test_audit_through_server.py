@@ -13,8 +13,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from audit.serve_process import start_server, stop_server
-from audit.store.remote import RemoteReader
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from tests.audit_helpers import simulated_store
 from tests.test_ui_pages import PAGES
 
@@ -90,7 +90,7 @@ def test_a_served_audit_document_equals_the_files(served):
         (b"not json", "not JSON"),
         (b'{"sql": "DROP TABLE spans"}', "unknown key"),
         (b'{"settings": {"min_confidence": 2}}', "between 0 and 1"),
-        (b'{"settings": {"min_confidence": "high"}}', "must be numbers"),
+        (b'{"settings": {"min_confidence": "high"}}', "must be a number"),
         (b'{"settings": {"shell": "rm"}}', "unknown setting"),
         (b'{"settings": []}', "settings must be an object"),
         (b'{"since_ns": "yesterday"}', "Unix nanoseconds"),

@@ -14,9 +14,9 @@ import time
 import grpc
 import pytest
 
-from audit.serve_process import start_server, stop_server
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 from tests.otlp_builders import request, spans
 from tests.test_lifecycle import EXPORT, Sender, stored_traces
 

@@ -60,7 +60,7 @@ headers = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from audit.serve_process import start_server, stop_server
+    from audit.server.process import start_server, stop_server
 
     proc, _, http_url = start_server(
         str(tmp_path_factory.mktemp("fuzz") / "f.duckdb"), "--audit-every", "0", "--max-body-mib", "1"

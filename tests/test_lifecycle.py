@@ -11,7 +11,7 @@ import grpc
 import psutil
 import pytest
 
-from audit.serve_process import start_server, stop_server
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
 from tests.otlp_builders import request, spans
 

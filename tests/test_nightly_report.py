@@ -9,8 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from zoneinfo import ZoneInfo
 
-from audit.report.nightly import NightlyReports, next_run
-from audit.serve_process import start_server, stop_server
+from audit.server.daily_report import NightlyReports, next_run
+from audit.server.process import start_server, stop_server
 from tests.audit_helpers import simulated_store
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import Compression, OTLPSpanExporter
 
-from audit.serve_process import start_server, stop_server
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
 from tests.test_roundtrip_sdk import emit
 

@@ -5,10 +5,10 @@ import subprocess
 import sys
 import time
 
+from audit.read.remote import RemoteReader
 from audit.scenarios.output import read_truth
-from audit.serve_process import start_server, stop_server
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 
 
 def _simulate(tmp_path, port: int, seed: int) -> None:

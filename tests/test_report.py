@@ -15,7 +15,7 @@ from audit.report.compare import compare
 from audit.report.gate import GateError, Threshold
 from audit.report.sources import report_window
 from audit.scenarios.model import BUNDLED
-from audit.serve_process import start_server, stop_server
+from audit.server.process import start_server, stop_server
 from audit.store.errors import StoreError
 from tests.audit_helpers import simulated_store
 

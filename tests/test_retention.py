@@ -6,9 +6,9 @@ import time
 import duckdb
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-from audit.serve_process import start_server, stop_server
+from audit.read.remote import RemoteReader
+from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 from audit.store.retention import Retention
 from tests.audit_helpers import audited_store
 from tests.test_roundtrip_sdk import emit

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from audit.serve_process import start_server, stop_server
+from audit.server.process import start_server, stop_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")

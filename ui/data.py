@@ -8,9 +8,9 @@ import os
 
 import streamlit as st
 
+from audit.read.remote import RemoteReader
 from audit.store.errors import StoreError
 from audit.store.reader import LocalReader
-from audit.store.remote import RemoteReader
 
 TTL_S = 30  # a live server keeps ingesting: cached answers age out
 

@@ -5,8 +5,8 @@ candidate generation) runs as SQL in DuckDB; Python only learns small models fro
 and solves the small assignment problems of stitching.
 """
 
+from ..contract.document import AuditResult, Edge
 from .config import AuditConfig, AuditWindow
-from .result import AuditResult, Edge
 from .run import run_audit
 from .window import choose_window
 

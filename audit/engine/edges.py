@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .result import Edge
+from ..contract.document import Edge
 
 # One row per exit in the window and callee it reached (or should have): the edges below count
 # them, and the sampling figures (sampling_edges.py) weigh them.

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import duckdb
 
+from ..contract.document import AuditResult
 from .config import AuditConfig, AuditWindow
 from .edges import build_edges
 from .findings import FINDINGS_SELECT, FindingBuilder
 from .learn import learn
-from .result import AuditResult
 from .sampling import sampling_figures
 from .scan import scan
 from .targets import resolve_exits

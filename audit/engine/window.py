@@ -17,8 +17,8 @@ def choose_window(
     now_ns: int,
     since_ns: int | None = None,
     until_ns: int | None = None,
-    settle_s: float = 60.0,
-    context_s: float = 120.0,
+    settle_s: float,
+    context_s: float,
 ) -> AuditWindow | None:
     """None when there is nothing (new) to audit."""
     if first_start_ns is None or last_start_ns is None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..audit_job import AuditSettings
+from ..settings import AuditSettings
 from . import sources
 from .build import build_report, read_history, read_previous, verdicts, write_report
 from .gate import Threshold, exit_code

@@ -5,7 +5,7 @@ gate's thresholds name."""
 
 from __future__ import annotations
 
-from ..engine.causes import CAUSES
+from ..contract.causes import CAUSES
 
 # headline figures: name -> what it is (the report and the gate's grammar list them)
 HEADLINE = {

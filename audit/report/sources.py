@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..audit_job import AuditSettings, audit_store, summary_lines
+from ..audit_job import audit_store, summary_lines
+from ..settings import AuditSettings
 from ..engine import AuditResult
 from ..store.errors import StoreError
 
@@ -82,7 +83,7 @@ def from_file(
 
 
 def from_server(url: str, settings: AuditSettings, since_s: float) -> dict:
-    from ..store.remote import RemoteReader
+    from ..read.remote import RemoteReader
 
     remote = RemoteReader(url)
     window = report_window(remote.time_range(), since_s, settings.settle_s)

@@ -14,7 +14,7 @@ from datetime import datetime
 import duckdb
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from ..engine.result import FINDING_KINDS, finding_dict
+from ..contract.document import FINDING_KINDS, finding_dict
 from .errors import StoreError, translate
 from .otlp_values import attributes, to_json
 

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from ..settings import ServeSettings
 from .batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch
 from .errors import StoreError, StoreUnavailable, translate
 from .migrations import apply_migrations
 
 log = logging.getLogger(__name__)
+_DEFAULTS = ServeSettings()  # declared in audit/settings.py
 
 
 class QueueFull(Exception):
@@ -65,7 +67,13 @@ class SpanStore:
 
     REOPEN_EVERY_S = 1.0
 
-    def __init__(self, path: str, *, memory_limit: str = "512MB", checkpoint_mib: int = 128):
+    def __init__(
+        self,
+        path: str,
+        *,
+        memory_limit: str = _DEFAULTS.memory_limit,
+        checkpoint_mib: int = _DEFAULTS.checkpoint_mib,
+    ):
         self.path = path
         # DuckDB checkpoints when the WAL passes this size. Its default (16 MiB) rewrites the
         # growing row group so often that commits cost 3x more (bench: docs/performance.md).
@@ -186,7 +194,13 @@ _STOP = object()
 class SpanWriter:
     """The only writer thread; it owns the store. Group-commits whatever is queued."""
 
-    def __init__(self, store: SpanStore, *, max_queued_spans: int = 200_000, max_group_spans: int = 100_000):
+    def __init__(
+        self,
+        store: SpanStore,
+        *,
+        max_queued_spans: int = _DEFAULTS.queue_spans,
+        max_group_spans: int = 100_000,
+    ):
         self.store = store
         self.max_queued_spans = max_queued_spans
         self.max_group_spans = max_group_spans

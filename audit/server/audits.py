@@ -8,31 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
-from .audit_job import AuditSettings, AuditSettingsError, audit_connection, summary_lines
-from .engine import AuditResult
+from ..audit_job import audit_connection, summary_lines
+from ..engine import AuditResult
+from ..settings import AuditRequest, AuditSettings
+from ..store.errors import StoreError
+from ..store.writer import SpanStore
 from .periodic import Periodic
-from .store.errors import StoreError
-from .store.writer import SpanStore
 
 log = logging.getLogger(__name__)
-
-# what an audit request (POST /v1/audit) may say, as `ctxaudit audit`'s options
-REQUEST_KEYS = {"settings", "since_ns", "until_ns", "all", "save"}
-
-
-class AuditRequestError(ValueError):
-    """The request itself is wrong (HTTP 400); nothing ran."""
-
-
-@dataclass(frozen=True)
-class AuditRequest:
-    settings: AuditSettings
-    since_ns: int | None
-    until_ns: int | None
-    resume: bool
-    save: bool
 
 
 class ServerAudits:
@@ -63,32 +47,8 @@ class ServerAudits:
 
     @staticmethod
     def parse_request(body: object) -> AuditRequest:
-        """An audit request from the read API's JSON body; AuditRequestError if it is wrong."""
-        if not isinstance(body, dict):
-            raise AuditRequestError("the body must be a JSON object")
-        unknown = set(body) - REQUEST_KEYS
-        if unknown:
-            raise AuditRequestError(f"unknown key(s) {sorted(unknown)}; known: {sorted(REQUEST_KEYS)}")
-        for key in ("since_ns", "until_ns"):
-            if body.get(key) is not None and (not isinstance(body[key], int) or isinstance(body[key], bool)):
-                raise AuditRequestError(f"{key} must be Unix nanoseconds (an integer)")
-        for key in ("all", "save"):
-            if not isinstance(body.get(key, False), bool):
-                raise AuditRequestError(f"{key} must be true or false")
-        if not isinstance(body.get("settings", {}), dict):
-            raise AuditRequestError("settings must be an object (the keys of `ctxaudit audit --config`)")
-        try:
-            settings = AuditSettings.load(None, **body.get("settings", {}))
-        except AuditSettingsError as e:
-            raise AuditRequestError(str(e)) from None
-        since = body.get("since_ns")
-        return AuditRequest(
-            settings,
-            since,
-            body.get("until_ns"),
-            resume=not body.get("all", False) and since is None,
-            save=body.get("save", True),
-        )
+        """An audit request from the read API's JSON body; SettingsError (HTTP 400) if it is wrong."""
+        return AuditRequest.parse(body)
 
     def run_request(self, request: AuditRequest) -> tuple[AuditResult | None, list[str]]:
         """Run a requested audit (after any in progress): its result and text summary, or

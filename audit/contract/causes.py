@@ -83,6 +83,15 @@ _CAUSES = (
         "See the orphan roots on this edge for the cause; if there are none, check the callee's sampler.",
     ),
     Cause(
+        "caller_no_client_span",
+        "The caller has no client span: its server or internal span is the direct parent of the callee's "
+        "(OpenTracing-era or hand-made instrumentation). The callee's operation usually arrives with that "
+        "parent but sometimes starts a new trace: some of the caller's calls do not inject the context.",
+        "Inject the context at every call site of this call (tracer.inject / propagate.inject into the "
+        "request's headers or envelope); better, instrument the client library so each call has a CLIENT "
+        "span that injects.",
+    ),
+    Cause(
         "unknown",
         "A root span in the middle of a call chain whose upstream could not be identified.",
         "Check whether this service is an entry point (then list it with --entrypoints); otherwise find "

@@ -24,11 +24,11 @@ from typing import Protocol
 
 from aiohttp import web
 
-from ..access import OPEN, TOKEN_ENV, Access
-from ..engine.result import FINDING_KINDS, SCHEMA_VERSION, AuditResult
-from .aio_server import ThreadedAioServer
-from .errors import StoreError
-from .reader import StoreReader
+from ..contract.document import FINDING_KINDS, SCHEMA_VERSION, AuditResult
+from ..net.access import OPEN, TOKEN_ENV, Access
+from ..net.aio_host import ThreadedAioServer
+from ..store.errors import StoreError
+from ..store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 

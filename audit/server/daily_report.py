@@ -12,10 +12,10 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from ..audit_job import AuditSettings
-from ..periodic import Periodic
-from . import sources
-from .build import build_report, read_history, write_report
+from ..settings import AuditSettings
+from ..report import sources
+from ..report.build import build_report, read_history, write_report
+from .periodic import Periodic
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import urllib.parse
 import urllib.request
 from typing import BinaryIO
 
-from ..access import CA_ENV, TOKEN_ENV
-from .errors import StoreError
-from .reader import ServiceCount, StoreStats
+from ..net.access import CA_ENV, TOKEN_ENV
+from ..store.errors import StoreError
+from ..store.reader import ServiceCount, StoreStats
 
 AUDIT_TIMEOUT_S = 3600.0  # an audit of tens of millions of spans takes minutes
 

@@ -20,15 +20,15 @@ from collector_ext.ingest import Ingestor
 from collector_ext.ingest_health import IngestHealth
 from collector_ext.receivers import OtlpReceivers
 
-from .access import OPEN, Access
-from .audit_job import AuditSettings
+from ..net.access import OPEN, Access
+from ..settings import AuditSettings, ServeSettings
+from ..store.errors import StoreError
+from ..store.reader import StoreReader
+from ..store.retention import Retention
+from ..store.writer import SpanStore, SpanWriter
+from .audits import ServerAudits
 from .periodic import Periodic
-from .server_audits import ServerAudits
-from .store.api import ReadApi
-from .store.errors import StoreError
-from .store.reader import StoreReader
-from .store.retention import Retention
-from .store.writer import SpanStore, SpanWriter
+from .read_api import ReadApi
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +48,9 @@ class ServeConfig:
     grpc_address: str | None
     http_address: str | None
     api_address: str | None
-    audit_every: float = 300.0
-    audit_settle: float = 60.0
-    max_body_bytes: int = 16 << 20
-    queue_spans: int = 200_000
-    inflight_bytes: int = 256 << 20
-    decoders: int | None = None
-    memory_limit: str = "512MB"
-    checkpoint_mib: int = 128
-    drain_timeout: float = 30.0
-    log_interval: float = 10.0
+    settings: ServeSettings = ServeSettings()
     report: DailyReport | None = None
     access: Access = OPEN
-    retain_days: float | None = None
-    retain_bytes: int | None = None
 
 
 class ServeError(Exception):
@@ -71,25 +60,27 @@ class ServeError(Exception):
 def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     """Serve until SIGTERM or SIGINT. `say` prints the ready and stop lines (stderr)."""
     try:
-        store = SpanStore(c.db, memory_limit=c.memory_limit, checkpoint_mib=c.checkpoint_mib)
+        store = SpanStore(
+            c.db, memory_limit=c.settings.memory_limit, checkpoint_mib=c.settings.checkpoint_mib
+        )
     except StoreError as e:
         raise ServeError(str(e)) from None
-    writer = SpanWriter(store, max_queued_spans=c.queue_spans)
+    writer = SpanWriter(store, max_queued_spans=c.settings.queue_spans)
     ingestor = Ingestor(
         writer,
-        decoders=(os.cpu_count() or 1) if c.decoders is None else c.decoders,
-        max_body_bytes=c.max_body_bytes,
-        max_inflight_bytes=c.inflight_bytes,
+        decoders=(os.cpu_count() or 1) if c.settings.decoders is None else c.settings.decoders,
+        max_body_bytes=c.settings.max_body_bytes,
+        max_inflight_bytes=c.settings.inflight_bytes,
     )
     receivers = OtlpReceivers(
         ingestor,
         grpc_address=c.grpc_address,
         http_address=c.http_address,
-        drain_timeout=c.drain_timeout,
+        drain_timeout=c.settings.drain_timeout,
         access=c.access,
     )
     health = IngestHealth(ingestor, writer)
-    audits = ServerAudits(store, AuditSettings.load(None, settle_s=c.audit_settle), c.audit_every)
+    audits = ServerAudits(store, AuditSettings(settle_s=c.settings.audit_settle), c.settings.audit_every)
     # the API and the daily report read on a connection of their own to the same database
     reader = StoreReader(store, c.db)
     api = (
@@ -123,7 +114,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     audits.start()
     nightly = _daily_report(c, audits, reader)
     retention = _retention(c, store)
-    while not stop.wait(c.log_interval or None):
+    while not stop.wait(c.settings.log_interval or None):
         h = health.snapshot()
         log.info(
             "stored %d spans (%.0f/s over the last minute), %d rejected, %d requests refused (retryable), "
@@ -171,7 +162,7 @@ def _listening(c: ServeConfig, receivers: OtlpReceivers, api: ReadApi | None) ->
 def _daily_report(c: ServeConfig, audits: ServerAudits, reader: StoreReader):
     if c.report is None:
         return None
-    from .report.nightly import NightlyReports
+    from .daily_report import NightlyReports
 
     r = c.report
     nightly = NightlyReports(
@@ -194,9 +185,9 @@ RETENTION_EVERY_S = 60.0
 
 def _retention(c: ServeConfig, store: SpanStore) -> Periodic | None:
     """A pass soon after the start, then every minute."""
-    if c.retain_days is None and c.retain_bytes is None:
+    if c.settings.retain_days is None and c.settings.retain_bytes is None:
         return None
-    retention = Retention(store, c.db, days=c.retain_days, max_bytes=c.retain_bytes)
+    retention = Retention(store, c.db, days=c.settings.retain_days, max_bytes=c.settings.retain_bytes)
     delays = iter([1.0])
 
     def prune() -> None:
