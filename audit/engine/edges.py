@@ -8,6 +8,7 @@ from __future__ import annotations
 import duckdb
 
 from ..contract.document import Edge
+from .virtual_exits import add_virtual_calls
 
 # One row per exit in the window and callee it reached (or should have): the edges below count
 # them, and the sampling figures (sampling_edges.py) weigh them.
@@ -51,6 +52,7 @@ GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 def build_edges(con: duckdb.DuckDBPyConnection) -> list[Edge]:
     """Create the temp table `edge_calls`; return the edges it adds up to."""
     con.execute(_EDGE_CALLS)
+    add_virtual_calls(con)  # calls from caller spans that are not CLIENT spans
     edges = []
     for caller, callee, protocol, system, instrumented, calls, propagated, stitched, cause in con.execute(
         _EDGES

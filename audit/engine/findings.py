@@ -14,6 +14,7 @@ from .breaks import break_operations, stitch_breaks
 from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
+from .virtual_exits import add_virtual_candidates, virtual_callers
 from .tables import temp_table
 
 _ORPHAN_OPS = """
@@ -66,7 +67,7 @@ _FINDINGS = """
 CREATE OR REPLACE TEMP TABLE findings AS
 SELECT 'orphan_root' AS kind, o.trace_id, o.span_id, o.service, o.name AS span_name, o.kind AS span_kind,
        o.start_ns, o.protocol, coalesce(s.messaging_system, s.rpc_system) AS system, o.caller,
-       o.service AS callee, g.cause, o.candidates, NULL::VARCHAR AS detail,
+       o.service AS callee, g.cause, o.candidates, mx.detail,
        CASE WHEN o.confidence IS NOT NULL THEN o.parent_trace_id END AS parent_trace_id,
        CASE WHEN o.confidence IS NOT NULL THEN o.parent_span_id END AS parent_span_id,
        CASE WHEN o.confidence IS NOT NULL THEN o.parent_service END AS parent_service,
@@ -76,6 +77,7 @@ JOIN orphan_causes g ON g.service = o.service AND g.name = o.name AND g.protocol
   AND g.caller IS NOT DISTINCT FROM o.caller AND g.destination IS NOT DISTINCT FROM o.destination
   AND g.via_unknown_address = o.via_unknown_address
 JOIN roots s ON s.rid = o.rid
+LEFT JOIN mixed_ops mx ON mx.service = o.service AND mx.name = o.name
 UNION ALL
 SELECT 'in_process_break', r.trace_id, r.span_id, r.service, r.name, r.kind, r.start_ns, r.protocol,
        coalesce(r.messaging_system, r.rpc_system, r.db_system), r.service, coalesce(x.target, r.service),
@@ -150,6 +152,7 @@ class FindingBuilder:
         con, config = self.con, self.config
         self.progress("finding stitching candidates")
         build_candidates(con, self.learned, config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9)
+        add_virtual_candidates(con, self.learned)  # caller spans that are not CLIENT spans (virtual_exits.py)
         audited = self._audited_orphans()
         self.progress(f"stitching {len(audited):,} orphan roots")
         temp_table(con, "stitched", stitch(con, self.learned, audited).table())
@@ -190,9 +193,12 @@ class FindingBuilder:
             con.execute("SELECT DISTINCT caller, callee FROM hops WHERE NOT via_link").fetchall()
         )
         rows = con.execute(_ORPHAN_GROUPS).fetchall()
+        no_client_span = virtual_callers(con)
         causes = []
         for service, _, protocol, caller, destination, via_unknown_address in rows:
-            if protocol == "messaging":
+            if (caller, service) in no_client_span:
+                cause = "caller_no_client_span"
+            elif protocol == "messaging":
                 others = continuing.get(destination or "", set()) - {service}
                 cause = "consumer_does_not_extract" if others else "producer_does_not_inject"
             elif protocol == "grpc":

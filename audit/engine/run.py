@@ -15,6 +15,7 @@ from .learn import learn
 from .sampling import sampling_figures
 from .scan import scan
 from .targets import resolve_exits
+from .virtual_exits import learn_call_patterns
 
 
 def run_audit(
@@ -31,6 +32,7 @@ def run_audit(
     spans, traces = scan(con, window, progress)
     progress("learning addresses and timing from propagated calls")
     learned = learn(con, window, config)
+    learn_call_patterns(con, window, learned)  # callers without client spans (virtual_exits.py)
     resolve_exits(con, learned)
     builder = FindingBuilder(con, window, learned, config, progress)
     builder.build()
@@ -54,6 +56,7 @@ def run_audit(
         "stitched",
         "break_pairs",
         "break_parents",
+        "vhops",
     ):
         con.execute(f"DROP TABLE IF EXISTS {name}")
     sampling = sampling_figures(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import duckdb
 
 from .config import AuditWindow
+from .kinds import apply_inferred_kinds, infer_kinds
 
 # Where a span says it connects to. Older instrumentation names only the URL (`http.url`), and
 # `http.host` carries a port: both reduce to a host and a port so the two sides compare.
@@ -131,10 +132,13 @@ def scan(con: duckdb.DuckDBPyConnection, window: AuditWindow, progress=lambda st
     con.execute(_DUPLICATES)
     if con.execute("SELECT count(*) FROM dropped").fetchone()[0]:
         con.execute("DELETE FROM w WHERE rid IN (SELECT rid FROM dropped)")
+    inferred = infer_kinds(con)  # spans without a kind: from where their parent is (kinds.py)
     progress("joining parents and children")
     con.execute(_HOPS)
     con.execute(_EXITS, {"lo": window.read_from_ns, **inner})
     con.execute(_ROOTS, inner)
+    if inferred:
+        apply_inferred_kinds(con, "roots")
     con.execute(_DANGLING, inner)
     spans, traces = con.execute(
         "SELECT count(*), count(DISTINCT trace_id) FROM w WHERE start_ns >= $wlo AND start_ns < $whi", inner
