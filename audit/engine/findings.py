@@ -14,8 +14,8 @@ from .breaks import break_operations, stitch_breaks
 from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
-from .virtual_exits import add_virtual_candidates, virtual_callers
 from .tables import temp_table
+from .virtual_exits import add_virtual_candidates, virtual_callers
 
 _ORPHAN_OPS = """
 SELECT o.service, o.name, count(*), count(c.oid) FROM cand_orphans o
