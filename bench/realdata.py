@@ -58,6 +58,7 @@ _GRPC_NAME = re.compile(r"^/?(?:grpc\.)?((?:[\w-]+\.)+[\w-]+)/([\w-]+)$")
 _HTTP_CLIENT_NAME = re.compile(r"^HTTP (GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS)$")
 _MESSAGING_NAME = re.compile(r"^(.+) (send|process|receive)$")
 BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 50), (51, 200), (201, 1000), (1001, 10**12))
+DEFAULT_MIN_CONFIDENCE = 0.6  # `ctxaudit audit`'s default: the figures a user sees
 BINS = tuple(round(0.5 + 0.1 * i, 1) for i in range(5))  # lower edges: 0.5 .. 0.9
 
 
@@ -520,18 +521,11 @@ def score(orphans: list[Orphan], result: dict, by_key: dict, capture_roots: set)
             "hop": f"{o.caller} -> {o.callee}",
         }
         for g, label in labels.items():
-            s = groups[g][label]
-            s.orphans += 1
-            s.detected += f is not None
-            if named:
-                s.precision.total += 1
-                s.precision.hits += right
-            if o.parent_stored:
-                s.recall.total += 1
-                s.recall.hits += right
-            else:
-                s.abstention.total += 1
-                s.abstention.hits += not named
+            _tally(groups[g][label], f is not None, named, right, o.parent_stored)
+        named_at_default = named if named and named["confidence"] >= DEFAULT_MIN_CONFIDENCE else None
+        _tally(
+            groups["all"]["at default confidence"], f is not None, named_at_default, right, o.parent_stored
+        )
         if named:
             b = max(x for x in BINS if x <= max(0.5, min(named["confidence"], 0.999)))
             bins[b].total += 1
@@ -547,6 +541,8 @@ def score(orphans: list[Orphan], result: dict, by_key: dict, capture_roots: set)
         named = f.get("probable_parent")
         if named:
             groups["all"]["all"].precision.total += 1
+            if named["confidence"] >= DEFAULT_MIN_CONFIDENCE:
+                groups["all"]["at default confidence"].precision.total += 1
             b = max(x for x in BINS if x <= max(0.5, min(named["confidence"], 0.999)))
             bins[b].total += 1
         if len(examples["false"]) < 5:
@@ -559,6 +555,20 @@ def score(orphans: list[Orphan], result: dict, by_key: dict, capture_roots: set)
         ],
         "examples": examples,
     }
+
+
+def _tally(s: Group, detected: bool, named: dict | None, right: bool, parent_stored: bool) -> None:
+    s.orphans += 1
+    s.detected += detected
+    if named:
+        s.precision.total += 1
+        s.precision.hits += right
+    if parent_stored:
+        s.recall.total += 1
+        s.recall.hits += bool(named) and right
+    else:
+        s.abstention.total += 1
+        s.abstention.hits += not named
 
 
 def _example(out: list, o: Orphan, by_key: dict, named: dict | None, finding: dict | None = None) -> None:
