@@ -6,7 +6,8 @@ bucket, and the orphan starts where the exit allows (inside the call, or after t
 within the lag). Keys are tried strongest first; an orphan keeps only its strongest kind.
 Python scores the survivors with the edge's timing model and solves a one-to-one
 minimum-cost assignment in which every orphan may also stay without a parent (it was never
-stored); the confidence weighs the chosen parent against the nearest other assignments.
+stored); the confidence is the chosen pair's marginal probability over all assignments
+(`_marginals`), so every competitor counts, not only the nearest.
 """
 
 from __future__ import annotations
@@ -219,8 +220,43 @@ def _assign(oid, eid, cost, null, p_stored) -> Stitched:
     match = _solve(row, col, cost, null_cost, n_o, n_e)
 
     chosen = match[row] == col  # the pairs the assignment picked
-    confidence = _confidence(row, col, cost, null_cost, match, chosen, n_e)
+    confidence = _marginals(row, col, cost, null_cost, n_o, n_e)
     return Stitched(orphans[row[chosen]], exits[col[chosen]], confidence[chosen])
+
+
+_SINKHORN_ROUNDS = 200
+
+
+def _marginals(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
+    """Per pair, the probability that the orphan's parent is that exit, under the Gibbs
+    distribution of the assignment's own costs (a match costs its cost, an orphan without a
+    parent its null cost, an exit without an orphan nothing): every orphan is matched once
+    (to an exit or to no parent), every exit at most once. The marginals are approximated by
+    Sinkhorn balancing of exp(-cost), which weighs every competitor of a pair, also those
+    several moves away in the assignment, and the density of unrelated concurrent exits.
+    Where orphans share candidates, Sinkhorn's marginals err on the low side (on one pair
+    against "neither", it gives the square root of the odds): the confidence is conservative."""
+    shift = np.full(n_o, np.inf)  # per orphan, its cheapest option: scaling a row changes nothing
+    np.minimum.at(shift, row, cost)
+    shift = np.minimum(shift, null_cost)
+    k = np.exp(-np.clip(cost - shift[row], 0.0, 700.0))
+    k_null = np.exp(-np.clip(null_cost - shift, 0.0, 700.0))
+    r, c = np.ones(n_o), np.ones(n_e)
+    for _ in range(_SINKHORN_ROUNDS):
+        r = 1.0 / (np.bincount(row, k * c[col], minlength=n_o) + k_null)
+        c_new = 1.0 / (np.bincount(col, k * r[row], minlength=n_e) + 1.0)
+        if np.allclose(c_new, c, rtol=1e-4, atol=0.0):
+            c = c_new
+            break
+        c = c_new
+    r = 1.0 / (np.bincount(row, k * c[col], minlength=n_o) + k_null)
+    marginal = r[row] * k * c[col]
+    # an orphan whose candidates nobody else has: its marginal is exact, a plain share of its
+    # own options (Sinkhorn balancing understates a clear winner: sqrt of its odds on one pair)
+    alone = np.ones(n_o, bool)
+    np.logical_and.at(alone, row, np.bincount(col, minlength=n_e)[col] == 1)
+    exact = k / (np.bincount(row, k, minlength=n_o) + k_null)[row]
+    return np.where(alone[row], exact, marginal)
 
 
 _DENSE_LIMIT = 1500  # orphans in one ambiguous group solved densely; beyond, the sparse solver
@@ -291,44 +327,3 @@ def _solve_groups(group, row, col, cost, null_cost, n_o: int, n_e: int, match: n
             got_rows, got_cols = linear_sum_assignment(dense)
         took = got_cols < m
         match[rows[got_rows[took]]] = cols[got_cols[took]]
-
-
-def _confidence(row, col, cost, null_cost, match, chosen, n_e) -> np.ndarray:
-    """Per pair, for the chosen ones: how much likelier the assignment is than its nearest
-    alternatives, each one or two moves away: the orphan takes no parent (and another orphan
-    takes its exit), takes a free candidate, or swaps candidates with the orphan that holds one. A FIFO queue whose lag jitter exceeds the
-    gap between messages makes shifted assignments almost as likely: confidence stays low."""
-    owner = np.full(n_e, -1)
-    owner[col[chosen]] = row[chosen]
-    chosen_cost = np.full(len(null_cost), np.inf)
-    chosen_cost[row[chosen]] = cost[chosen]
-    mine = chosen_cost[row]  # the cost of this pair's orphan's own choice
-    # the pair (m, j): the holder m of this candidate taking the orphan's current exit j instead
-    pair_key = row.astype(np.int64) * n_e + col
-    order = np.argsort(pair_key)
-    holder = owner[col]
-    j = np.where(match[row] < n_e, match[row], 0)
-    swap_key = np.where(holder >= 0, holder, 0).astype(np.int64) * n_e + j
-    at = np.clip(np.searchsorted(pair_key[order], swap_key), 0, len(order) - 1)
-    found = pair_key[order][at] == swap_key
-    holder_takes_j = np.where(found & (match[row] < n_e), cost[order][at], np.inf)
-    holder_now = np.where(holder >= 0, chosen_cost[np.maximum(holder, 0)], 0.0)
-    holder_alt = np.minimum(holder_takes_j, null_cost[np.maximum(holder, 0)])
-    delta = np.where(holder >= 0, cost - mine + holder_alt - holder_now, cost - mine)
-    alternatives = np.where(chosen, 0.0, np.exp(-np.clip(delta, -50.0, 50.0)))
-    # the orphan gives its exit up (no parent) and the orphan that gains most by taking that
-    # exit does: what an orphan whose parent was never sampled competes with
-    current = np.where(np.isfinite(chosen_cost), chosen_cost, null_cost)
-    gain = np.where(chosen, np.inf, cost - current[row])  # (m, j): m moves to j
-    best_gain = np.full(n_e, np.inf)
-    np.minimum.at(best_gain, col, gain)
-    taken = match < n_e
-    release = np.full(len(null_cost), np.inf)
-    release[taken] = null_cost[taken] - chosen_cost[taken] + best_gain[match[taken]]
-    mass = (
-        np.ones(len(null_cost))
-        + np.exp(-np.clip(null_cost - chosen_cost, -50.0, 50.0))
-        + np.exp(-np.clip(release, -50.0, 50.0))
-    )
-    np.add.at(mass, row, alternatives)
-    return 1.0 / mass[row]
