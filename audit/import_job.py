@@ -7,6 +7,7 @@ across batches and files are found too; the next batch is converted meanwhile.""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .capture import BadCapture, open_capture
+from .capture import BadCapture, Payload
+from .capture.convert import converted
 from .store.batch import SpanBatch
 from .store.dedup import drop_stored
 from .store.writer import SpanWriter
@@ -45,7 +47,8 @@ class ImportStats:
 
 
 class Importer:
-    """Owns nothing: the caller opens and closes the writer."""
+    """Owns nothing: the caller opens and closes the writer. Large imports convert in a worker
+    process (`audit.capture.convert`) while this one decodes and stores."""
 
     def __init__(
         self,
@@ -55,12 +58,16 @@ class Importer:
         batch_spans: int = 4000,
         progress: Callable[[str], None] | None = None,
         progress_every_s: float = 5.0,
+        worker_from_bytes: int = 16 << 20,
     ):
         self.writer = writer
         self.decode = decode
         self.batch_spans = batch_spans
         self.progress = progress
         self.progress_every_s = progress_every_s
+        self.worker_from_bytes = (
+            worker_from_bytes  # convert in a worker process from this many bytes of files
+        )
         self.stats = ImportStats()
         self._cursor = writer.store.cursor()
         self._pending: list[SpanBatch] = []
@@ -72,9 +79,17 @@ class Importer:
     def run(self, files: Sequence[str], fmt: str | None = None) -> ImportStats:
         """Import every file in turn. Raises `BadCapture` (naming the file and the position) at the
         first bad one, after committing everything read before that position."""
+        in_worker = sum(os.path.getsize(f) for f in files) >= self.worker_from_bytes
         try:
-            for n, path in enumerate(files, start=1):
-                self._import_file(path, fmt, f"{path} ({n}/{len(files)})")
+            for item in converted(files, fmt, self.batch_spans, in_worker=in_worker):
+                if item.payload is None:
+                    self.stats.files += 1
+                    self.stats.formats[item.format] += 1
+                    continue
+                self._add(files[item.index], item.payload)
+                if self._pending_spans >= self.batch_spans:
+                    self._flush()
+                    self._report(f"{files[item.index]} ({item.index + 1}/{len(files)})")
         except (BadCapture, KeyboardInterrupt):
             self._finish()  # what was read before stays
             raise
@@ -85,22 +100,15 @@ class Importer:
         self._flush()
         self._wait()
 
-    def _import_file(self, path: str, fmt: str | None, label: str) -> None:
-        with open_capture(path, fmt, batch_spans=self.batch_spans) as capture:
-            for payload in capture.payloads():
-                try:
-                    batch = self.decode(payload.body, payload.content_type)
-                except ValueError as e:
-                    raise BadCapture(payload.position, str(e), path) from None
-                if batch.rejected:
-                    raise BadCapture(payload.position, f"spans refused: {batch.rejection_message()}", path)
-                self._pending.append(batch)
-                self._pending_spans += batch.accepted
-                if self._pending_spans >= self.batch_spans:
-                    self._flush()
-                    self._report(label)
-            self.stats.files += 1
-            self.stats.formats[capture.format] += 1
+    def _add(self, path: str, payload: Payload) -> None:
+        try:
+            batch = self.decode(payload.body, payload.content_type)
+        except ValueError as e:
+            raise BadCapture(payload.position, str(e), path) from None
+        if batch.rejected:
+            raise BadCapture(payload.position, f"spans refused: {batch.rejection_message()}", path)
+        self._pending.append(batch)
+        self._pending_spans += batch.accepted
 
     def _flush(self) -> None:
         if not self._pending:

@@ -12,10 +12,12 @@ those are absent, since that is where the call went."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
 from collections.abc import Iterator
 
 from .otlp import ERROR, KIND, STATUS, RequestBuilder, as_int, hex_id, micros, set_typed
-from .source import PROTOBUF, BadCapture, Payload, load_json
+from .source import PROTOBUF, BadCapture, Payload
 
 _PEER = ("peer.hostname", "peer.ipv4", "peer.ipv6", "peer.port")
 _SERVER = ("server.address", "net.peer.name", "server.port", "net.peer.port")
@@ -27,32 +29,90 @@ class _Bad(ValueError):
 
 
 def payloads(stream, batch_spans: int) -> Iterator[Payload]:
-    doc = load_json(stream)
-    traces = _traces(doc)
-    builder, first = RequestBuilder(), 0
-    for ti, trace in enumerate(traces):
+    builder, first, batch = RequestBuilder(), 0, []
+    traces = _traces(stream)
+    ti = -1
+    while True:
+        try:
+            trace = next(traces)
+        except StopIteration:
+            break
+        except BadCapture:  # not valid JSON from here on: the whole traces before are fine
+            if builder.spans:
+                yield Payload(builder.body(), PROTOBUF, _span_of(first, ti))
+            raise
+        ti += 1
         try:
             _add_trace(builder, trace)
         except _Bad as e:
-            # what came before this trace is fine: hand it over, then stop here
-            if ti > first:
+            if batch:  # the traces before this one are whole: hand them over, then stop here
                 again = RequestBuilder()
-                for trace_before in traces[first:ti]:
+                for trace_before in batch:
                     _add_trace(again, trace_before)
                 yield Payload(again.body(), PROTOBUF, _span_of(first, ti - 1))
             raise BadCapture(f"data[{ti}]{e.args[1]}", e.args[0]) from None
+        batch.append(trace)
         if builder.spans >= batch_spans:
             yield Payload(builder.body(), PROTOBUF, _span_of(first, ti))
-            builder, first = RequestBuilder(), ti + 1
+            builder, first, batch = RequestBuilder(), ti + 1, []
     if builder.spans:
-        yield Payload(builder.body(), PROTOBUF, _span_of(first, len(traces) - 1))
+        yield Payload(builder.body(), PROTOBUF, _span_of(first, ti))
 
 
 def _span_of(first: int, last: int) -> str:
     return f"data[{first}]" if first == last else f"data[{first}..{last}]"
 
 
-def _traces(doc) -> list:
+_DATA = re.compile(r'\s*\{\s*"data"\s*:\s*\[')
+_SPACE = re.compile(r"\s*")
+
+
+def _traces(stream) -> Iterator:
+    """The traces of `{"data": [...]}` one at a time (memory: the text, and one trace as objects),
+    or those of any other shape the whole document at once."""
+    raw = stream.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadCapture(f"byte {e.start}", "not valid UTF-8 text") from None
+    del raw
+    m = _DATA.match(text)
+    if m is None:
+        yield from _whole(text)
+        return
+    decoder = json.JSONDecoder()
+    pos = _SPACE.match(text, m.end()).end()
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            trace, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise BadCapture(f"line {e.lineno} column {e.colno}", f"not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise BadCapture("", "not valid JSON (nested too deeply)") from None
+        yield trace
+        pos = _SPACE.match(text, pos).end()
+        sep = text[pos : pos + 1]
+        if sep == "]":
+            return  # what follows the list (total, limit, errors...) is the API's paging: not read
+        if sep != ",":
+            lineno = text.count("\n", 0, pos) + 1
+            colno = pos - text.rfind("\n", 0, pos)
+            found = repr(sep) if sep else "the end of the file"
+            raise BadCapture(
+                f"line {lineno} column {colno}", f"not valid JSON (expected ',' or ']', found {found})"
+            )
+        pos = _SPACE.match(text, pos + 1).end()
+
+
+def _whole(text: str) -> list:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadCapture(f"line {e.lineno} column {e.colno}", f"not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise BadCapture("", "not valid JSON (nested too deeply)") from None
     if isinstance(doc, dict) and "data" in doc:
         traces = doc["data"]
         if traces is None:  # the query API's answer when nothing matched
@@ -78,9 +138,10 @@ def _add_trace(builder: RequestBuilder, trace) -> None:
         raise _Bad("processes must be an object", "")
     trace_id = trace.get("traceID")
     resources: dict = {}
+    ids = _Ids()
     for si, span in enumerate(spans):
         try:
-            _add_span(builder, span, trace_id, processes, resources)
+            _add_span(builder, span, trace_id, processes, resources, ids)
         except (ValueError, TypeError, AttributeError, KeyError) as e:
             tid = trace_id if isinstance(trace_id, str) else "?"
             raise _Bad(_message(e), f" (trace {tid:.32}) spans[{si}]") from None
@@ -123,7 +184,45 @@ def _resource(proc_id, span, processes, resources):
     return got
 
 
-def _add_span(builder: RequestBuilder, s: dict, trace_id, processes, resources) -> None:
+_SPECIAL = frozenset(
+    (
+        "span.kind",
+        "error",
+        "otel.status_code",
+        "otel.status_description",
+        "otel.scope.name",
+        "otel.library.name",
+        "otel.scope.version",
+        "otel.library.version",
+        *_PEER,
+        *_SERVER,
+    )
+)
+
+
+class _Ids(dict):
+    """Hex id -> bytes, per trace: a trace's id, and a span's id again in its children's references."""
+
+    def trace(self, value, what: str) -> bytes:
+        raw = self.get(value)
+        if raw is None:
+            raw = self[value] = hex_id(value, 32, what)
+        return raw
+
+    def span(self, value, what: str) -> bytes:
+        raw = self.get(("s", value))
+        if raw is None:
+            raw = self[("s", value)] = hex_id(value, 16, what)
+        return raw
+
+
+def _time(value, what: str) -> int:
+    if type(value) is int and value >= 0:  # the usual case, checked first
+        return value * 1000
+    return micros(value, what)
+
+
+def _add_span(builder: RequestBuilder, s: dict, trace_id, processes, resources, ids: _Ids) -> None:
     key, fill = _resource(s.get("processID"), s, processes, resources)
     tags = s.get("tags") or ()
     scope = ("", "")
@@ -131,53 +230,59 @@ def _add_span(builder: RequestBuilder, s: dict, trace_id, processes, resources) 
     status = message = None
     error = False
     peer = server = None
-    plain = []
+    special = None
     for t in tags:
-        k = t["key"]
-        if k == "span.kind":
-            kind = KIND.get(str(t.get("value")).lower(), 0)
-            if kind:
-                continue
-        elif k == "error":
-            error = t.get("value") in (True, "true")
-            continue
-        elif k == "otel.status_code":
-            status = STATUS.get(str(t.get("value")).lower())
-            continue
-        elif k == "otel.status_description":
-            message = str(t.get("value"))
-            continue
-        elif k in ("otel.scope.name", "otel.library.name"):
-            scope = (str(t.get("value")), scope[1])
-            continue
-        elif k in ("otel.scope.version", "otel.library.version"):
-            scope = (scope[0], str(t.get("value")))
-            continue
-        elif k in _PEER:
-            peer = peer or {}
-            peer[k] = t.get("value")
-        elif k in _SERVER:
-            server = True
-        plain.append(t)
+        if t["key"] in _SPECIAL:
+            special = True
+            break
+    if special:  # the tags the mapping reads; the rest are attributes as they are
+        plain = []
+        for t in tags:
+            k = t["key"]
+            if k not in _SPECIAL:
+                plain.append(t)
+            elif k == "span.kind":
+                kind = KIND.get(str(t.get("value")).lower(), 0)
+                if not kind:
+                    plain.append(t)
+            elif k == "error":
+                error = t.get("value") in (True, "true")
+            elif k == "otel.status_code":
+                status = STATUS.get(str(t.get("value")).lower())
+            elif k == "otel.status_description":
+                message = str(t.get("value"))
+            elif k in ("otel.scope.name", "otel.library.name"):
+                scope = (str(t.get("value")), scope[1])
+            elif k in ("otel.scope.version", "otel.library.version"):
+                scope = (scope[0], str(t.get("value")))
+            elif k in _PEER:
+                peer = peer or {}
+                peer[k] = t.get("value")
+                plain.append(t)
+            else:  # server.address & co.
+                server = True
+                plain.append(t)
+        tags = plain
 
     out = builder.scope_spans(key, fill, scope).spans.add()
-    out.trace_id = tid = hex_id(s.get("traceID", trace_id), 32, "traceID")
-    out.span_id = hex_id(s["spanID"], 16, "spanID")
+    out.trace_id = tid = ids.trace(s.get("traceID", trace_id), "traceID")
+    out.span_id = ids.span(s["spanID"], "spanID")
     name = s.get("operationName", "")
-    if not isinstance(name, str):
+    if type(name) is not str:
         raise ValueError(f"operationName must be a string, not {name!r:.40}")
     out.name = name
     out.kind = kind
-    start = micros(s["startTime"], "startTime")
+    start = _time(s["startTime"], "startTime")
     out.start_time_unix_nano = start
-    out.end_time_unix_nano = start + micros(s.get("duration", 0), "duration")
-    if as_int(s.get("flags", 1) or 0, "flags") & 1:
+    out.end_time_unix_nano = start + _time(s.get("duration", 0), "duration")
+    flags = s.get("flags", 1)
+    if flags == 1 or flags and as_int(flags, "flags") & 1:
         out.flags = 1  # sampled
 
     attrs = out.attributes
-    for t in plain:
+    for t in tags:
         v = t.get("value")
-        if t.get("type") == "string" and isinstance(v, str):
+        if type(v) is str and t.get("type") == "string":
             attrs.add(key=t["key"]).value.string_value = v
         else:
             set_typed(attrs.add(key=t["key"]).value, t.get("type"), v, f"tag {t['key']!r:.40}")
@@ -189,28 +294,32 @@ def _add_span(builder: RequestBuilder, s: dict, trace_id, processes, resources) 
             out.status.message = message
 
     parent = None
-    for ri, ref in enumerate(s.get("references") or ()):
-        ref_tid = hex_id(ref.get("traceID", trace_id), 32, f"references[{ri}].traceID")
-        ref_sid = hex_id(ref["spanID"], 16, f"references[{ri}].spanID")
-        ref_type = ref.get("refType", "CHILD_OF")
-        if parent is None and ref_type == "CHILD_OF" and ref_tid == tid:
-            parent = out.parent_span_id = ref_sid
-            continue
-        link = out.links.add(trace_id=ref_tid, span_id=ref_sid)
-        link.attributes.add(key="opentracing.ref_type").value.string_value = _REF_TYPES.get(
-            ref_type, str(ref_type).lower()
-        )
+    refs = s.get("references")
+    if refs:
+        for ri, ref in enumerate(refs):
+            ref_tid = ids.trace(ref.get("traceID", trace_id), f"references[{ri}].traceID")
+            ref_sid = ids.span(ref["spanID"], f"references[{ri}].spanID")
+            ref_type = ref.get("refType", "CHILD_OF")
+            if parent is None and ref_type == "CHILD_OF" and ref_tid == tid:
+                parent = out.parent_span_id = ref_sid
+                continue
+            link = out.links.add(trace_id=ref_tid, span_id=ref_sid)
+            link.attributes.add(key="opentracing.ref_type").value.string_value = _REF_TYPES.get(
+                ref_type, str(ref_type).lower()
+            )
     if parent is None and s.get("parentSpanID") not in (None, "", "0", "0000000000000000"):
-        out.parent_span_id = hex_id(s["parentSpanID"], 16, "parentSpanID")
+        out.parent_span_id = ids.span(s["parentSpanID"], "parentSpanID")
 
-    for li, log in enumerate(s.get("logs") or ()):
-        ev = out.events.add()
-        ev.time_unix_nano = micros(log["timestamp"], f"logs[{li}].timestamp")
-        for f in log.get("fields") or ():
-            if f["key"] == "event" and not ev.name:
-                ev.name = str(f.get("value"))
-            else:
-                set_typed(ev.attributes.add(key=f["key"]).value, f.get("type"), f.get("value"), f["key"])
+    logs = s.get("logs")
+    if logs:
+        for li, log in enumerate(logs):
+            ev = out.events.add()
+            ev.time_unix_nano = _time(log["timestamp"], f"logs[{li}].timestamp")
+            for f in log.get("fields") or ():
+                if f["key"] == "event" and not ev.name:
+                    ev.name = str(f.get("value"))
+                else:
+                    set_typed(ev.attributes.add(key=f["key"]).value, f.get("type"), f.get("value"), f["key"])
 
 
 def _server_from_peer(attrs, peer: dict) -> None:

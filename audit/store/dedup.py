@@ -73,8 +73,9 @@ def drop_stored(cursor, batch: SpanBatch) -> tuple[SpanBatch, int]:
     keep = _keep(n, drop)
     links = batch.links
     if links.num_rows:
-        stored = spans.take(pa.array([i for i, was in rows if was], pa.int64()))
-        stored = stored.select(["trace_id_hi", "trace_id_lo", "span_id"])
+        # (only the id columns: `take` cannot unify dictionary columns across chunks)
+        stored = spans.select(["trace_id_hi", "trace_id_lo", "span_id"])
+        stored = stored.take(pa.array([i for i, was in rows if was], pa.int64()))
         link_ids = links.select(
             ["trace_id_hi", "trace_id_lo", "span_id", "link_trace_id_hi", "link_trace_id_lo", "link_span_id"]
         ).append_column("i", pa.array(np.arange(links.num_rows, dtype=np.int64)))
