@@ -628,6 +628,17 @@ def report(label: str, info: dict, s: dict) -> None:
             print(f"   example {kind}: {json.dumps(ex, default=str)[:400]}")
 
 
+def _engine_version() -> str:
+    """The commit the audit ran at, and whether audit/engine had changes not committed yet."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "audit/engine"], capture_output=True, text=True
+    ).stdout
+    return head.strip() + (" + uncommitted engine changes" if dirty.strip() else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+")
@@ -689,6 +700,7 @@ def main() -> None:
         "seed": args.seed,
         "import": how,
         "seconds (prepare/import/audit)": f"{prep:.0f}/{imported:.0f}/{audited:.0f}",
+        "engine": _engine_version(),
     }
     report(args.label or ", ".join(args.paths), info, summary)
     if args.json:
