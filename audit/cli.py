@@ -233,13 +233,9 @@ def _reader(db: str, server: str | None):
     ctx = click.get_current_context()
     if server and ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("give --db or --server, not both")
-    if server:
-        from .read.remote import RemoteReader
+    from .read import open_reader
 
-        return RemoteReader(server)
-    from .store.reader import LocalReader
-
-    return LocalReader(db)
+    return open_reader(db=db, server=server)
 
 
 @main.command()

@@ -19,18 +19,27 @@ class SettingsError(ValueError):
     """A setting is unknown, of the wrong type or out of bounds; the message names it."""
 
 
-def explain(error: ValidationError, model: type[BaseModel], where: str = "") -> SettingsError:
-    """One readable line per problem, naming the setting and what it accepts."""
+def explain(
+    error: ValidationError, model: type[BaseModel], where: str = "", noun: str = "setting"
+) -> SettingsError:
+    """One readable line per problem, naming the setting (or key, or parameter) and what it
+    accepts."""
     unknown = [str(e["loc"][-1]) for e in error.errors() if e["type"] == "extra_forbidden"]
     lines = []
     if unknown:
-        noun = "key" if model is AuditRequest else "setting"
-        lines.append(f"unknown {noun}(s) {sorted(unknown)}; known: {sorted(model.model_fields)}")
+        lines.append(f"unknown {noun}(s) {sorted(unknown)}; known: {sorted(model.model_fields) or 'none'}")
     for e in error.errors():
         if e["type"] == "extra_forbidden":
             continue
-        name = ".".join(str(part) for part in e["loc"]) or "the settings"
-        lines.append(f"{name} {_accepts(model, e)}")
+        name = ".".join(str(part) for part in e["loc"][:1]) or "the settings"
+        if e["type"] == "missing":
+            lines.append(f"missing {noun} {name!r}")
+        else:
+            lines.append(
+                f"{noun} {name!r} {_accepts(model, e)}"
+                if noun == "parameter"
+                else f"{name} {_accepts(model, e)}"
+            )
     return SettingsError(where + "; ".join(lines))
 
 
@@ -39,25 +48,41 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _description(field) -> str | None:
+    """The field's help, or that of the annotated type inside an optional one."""
+    if field is None:
+        return None
+    if field.description:
+        return field.description
+    for arg in getattr(field.annotation, "__args__", ()):
+        for meta in getattr(arg, "__metadata__", ()):
+            if getattr(meta, "description", None):
+                return meta.description
+    return None
+
+
 def _accepts(model: type[BaseModel], e: dict) -> str:
     field = model.model_fields.get(str(e["loc"][0])) if e["loc"] else None
-    bounds = {}
-    for m in field.metadata if field else []:
-        for key in ("ge", "gt", "le", "lt"):
-            if getattr(m, key, None) is not None:
-                bounds[key] = getattr(m, key)
-    if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and bounds:
-        low = bounds.get("ge", bounds.get("gt"))
-        high = bounds.get("le", bounds.get("lt"))
+    help_text = _description(field)
+    got = f"got {_short(e['input'])}" + (f"; {help_text}" if help_text else "")
+    bounds = e.get("ctx") or {}
+    low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+    if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        if field is not None:  # the declared range, both ends, where there are two
+            for m in field.metadata:
+                low = next((v for k in ("ge", "gt") if (v := getattr(m, k, None)) is not None), low)
+                high = next((v for k in ("le", "lt") if (v := getattr(m, k, None)) is not None), high)
         if low is not None and high is not None:
-            return f"must be between {low:g} and {high:g} (got {_short(e['input'])})"
-        return f"must be {'at least' if 'ge' in bounds else 'above'} {low:g} (got {_short(e['input'])})"
+            return f"must be between {low:g} and {high:g} ({got})"
+        if low is not None:
+            return f"must be {'at least' if 'ge' in bounds else 'above'} {low:g} ({got})"
+        return f"must be {'at most' if 'le' in bounds else 'below'} {high:g} ({got})"
     if e["type"] == "finite_number":
         return "must be a finite number"
+    if e["type"] == "literal_error":
+        return f"must be one of {e['ctx']['expected']} ({got})"
     if e["type"].startswith(("float", "int")):
-        what = "an integer" if e["type"].startswith("int") else "a number"
-        help = f" ({field.description})" if field and field.description else ""
-        return f"must be {what}{help}, not {_short(e['input'])}"
+        return f"must be {'an integer' if e['type'].startswith('int') else 'a number'} ({got})"
     if e["type"].startswith("bool"):
         return "must be true or false"
     if e["type"] == "value_error":
@@ -281,4 +306,4 @@ class AuditRequest(BaseModel):
         try:
             return cls.model_validate(body | {"settings": settings})
         except ValidationError as e:
-            raise explain(e, cls) from None
+            raise explain(e, cls, noun="key") from None

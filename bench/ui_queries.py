@@ -55,9 +55,9 @@ def pages(reader) -> dict[str, callable]:
             f for f in reader.findings(kind="orphan_root", limit=200)["findings"] if f["probable_parent"]
         )
         trace_id = int(finding["trace_id"], 16)
-        reader.span_rows_of_trace(trace_id)
+        reader.trace(trace_id)
         reader.findings(None, trace_id=trace_id, limit=50)
-        reader.span_rows_of_trace(int(finding["probable_parent"]["trace_id"], 16))
+        reader.trace(int(finding["probable_parent"]["trace_id"], 16))
 
     def sampling():
         reader.audit_run()

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import networkx as nx
 
+from audit.contract.figures import propagation_rate
+
 ENTRY = "(entry)"
 
 
@@ -37,7 +39,11 @@ def _merge(g: nx.DiGraph, a: str, b: str, protocol: str, **counts) -> None:
     data = g.edges[a, b]
     if "calls" in data:
         data["dropped"] = data["calls"] - data["propagated"]
-        data["propagation_rate"] = round(data["propagated"] / data["calls"], 4) if data["calls"] else 1.0
+        rate = propagation_rate(data["propagated"], data["calls"])
+        if rate is None:  # no stored call: no rate (GraphML has no null)
+            data.pop("propagation_rate", None)
+        else:
+            data["propagation_rate"] = round(rate, 4)
 
 
 def build_graphs(edges: Iterable[dict], roots: dict[str, dict[str, int]]) -> tuple[nx.DiGraph, nx.DiGraph]:

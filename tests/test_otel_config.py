@@ -80,6 +80,6 @@ def test_the_ctxaudit_exporter_settings_reach_a_real_server(config, tmp_path):
         assert stop_server(proc) == 0
     reader = LocalReader(db)
     try:
-        assert {r["service_name"] for r in reader.span_rows_of_trace(trace_id)} == {"tee-test"}
+        assert {r["service_name"] for r in reader.trace(trace_id)} == {"tee-test"}
     finally:
         reader.close()

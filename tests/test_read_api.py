@@ -64,8 +64,8 @@ def test_remote_and_local_readers_agree(tmp_path):
             remote.store_counts(),
             remote.protocol_summary(),
             remote.audit_run(),
-            remote.span_rows_of_trace(trace_id),
-            remote.links_of_span(trace_id, span_id),
+            remote.trace(trace_id),
+            remote.links(trace_id, span_id),
             remote.audit_runs(),
             remote.findings(kind="orphan_root", callee="recommendations", limit=5),
         )
@@ -83,8 +83,8 @@ def test_remote_and_local_readers_agree(tmp_path):
             local.store_counts(),
             local.protocol_summary(),
             local.audit_run(),
-            local.span_rows_of_trace(trace_id),
-            local.links_of_span(trace_id, span_id),
+            local.trace(trace_id),
+            local.links(trace_id, span_id),
             local.audit_runs(),
             local.findings(kind="orphan_root", callee="recommendations", limit=5),
         )

@@ -81,10 +81,10 @@ def test_serve_prunes_in_the_background_while_it_ingests(tmp_path):
             assert time.monotonic() < deadline, f"still {remote.stats().spans} spans"
             time.sleep(0.5)
         traces.append(emit(exporter(), "fresh")[0])
-        assert remote.stats().spans == 6 and all(remote.span_rows_of_trace(t) for t in traces)
+        assert remote.stats().spans == 6 and all(remote.trace(t) for t in traces)
         run = remote.audit_run()
         assert run["run_id"] == 1 and remote.findings()["total"] > 0  # the audit survived its spans
         old = remote.findings(kind="orphan_root", limit=1)["findings"][0]
-        assert remote.span_rows_of_trace(int(old["trace_id"], 16)) == []
+        assert remote.trace(int(old["trace_id"], 16)) == []
     finally:
         assert stop_server(proc) == 0

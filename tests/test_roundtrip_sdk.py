@@ -76,7 +76,7 @@ def test_every_field_survives(make_server, transport):
     trace_id, span_id, link_span = emit(exporter, f"svc-{transport}")
 
     reader = server.reader()
-    [row] = reader.span_rows_of_trace(trace_id)
+    [row] = reader.trace(trace_id)
     assert row["span_id"] == span_id
     assert row["parent_span_id"] == REMOTE_SPAN
     assert row["parent_is_remote"] is True and row["flags"] & 0x300 == 0x300
@@ -108,7 +108,7 @@ def test_every_field_survives(make_server, transport):
         "orders",
         8443,
     )
-    [link] = reader.links_of_span(trace_id, span_id)
+    [link] = reader.links(trace_id, span_id)
     assert link["link_trace_id"] == 0x1234 and link["link_span_id"] == link_span
     assert link["attributes"] == {"link.reason": "batch"}
     reader.close()

@@ -5,29 +5,32 @@ through the environment: CTXAUDIT_SERVER (a URL) or CTXAUDIT_DB (a path)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import streamlit as st
 
-from audit.read.remote import RemoteReader
+from audit.contract.reader import Reader
+from audit.read import open_reader
 from audit.store.errors import StoreError
-from audit.store.reader import LocalReader
 
 TTL_S = 30  # a live server keeps ingesting: cached answers age out
 
 
 @st.cache_resource
-def reader() -> LocalReader | RemoteReader:
+def reader() -> Reader:
     server, db = os.environ.get("CTXAUDIT_SERVER"), os.environ.get("CTXAUDIT_DB")
-    return RemoteReader(server) if server else LocalReader(db or "ctxaudit.duckdb")
+    return open_reader(server=server) if server else open_reader(db=db or "ctxaudit.duckdb")
 
 
 def source() -> str:
     return os.environ.get("CTXAUDIT_SERVER") or os.environ.get("CTXAUDIT_DB") or "ctxaudit.duckdb"
 
 
-def _call(method: str, *args, **kwargs):
+@contextmanager
+def _shown():
+    """A store that cannot answer is said on the page, which stops there."""
     try:
-        return getattr(reader(), method)(*args, **kwargs)
+        yield
     except StoreError as e:
         st.error(str(e))
         st.stop()
@@ -35,27 +38,32 @@ def _call(method: str, *args, **kwargs):
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def store_counts() -> dict:
-    return _call("store_counts")
+    with _shown():
+        return reader().store_counts()
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def audit_run(run_id: int | None = None) -> dict | None:
-    return _call("audit_run", run_id)
+    with _shown():
+        return reader().audit_run(run_id)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def audit_runs(limit: int = 200) -> list[dict]:
-    return _call("audit_runs", limit)
+    with _shown():
+        return reader().audit_runs(limit)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def findings(run_id: int | None, **filters) -> dict:
-    return _call("findings", run_id, **filters)
+    with _shown():
+        return reader().findings(run_id, **filters)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def trace(trace_id: int) -> list[dict]:
-    return _call("span_rows_of_trace", trace_id)
+    with _shown():
+        return reader().trace(trace_id)
 
 
 def live() -> bool:
@@ -65,12 +73,14 @@ def live() -> bool:
 
 @st.cache_data(ttl=5, show_spinner=False)
 def ingest() -> dict:
-    return _call("ingest")
+    with _shown():
+        return reader().ingest()
 
 
 def audit_now(settle_s: float) -> dict:
     """Have the server audit what is new (and settled); the answer's `summary` says what it found."""
-    answer = _call("audit", {"settings": {"settle_s": settle_s}})
+    with _shown():
+        answer = reader().audit({"settings": {"settle_s": settle_s}})
     st.cache_data.clear()  # every cached answer predates the new run
     return answer
 

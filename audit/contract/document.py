@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from .causes import CAUSES
+from .figures import propagation_rate
 
 SCHEMA_VERSION = 1
 
@@ -33,7 +34,7 @@ class Edge:
 
     @property
     def propagation_rate(self) -> float | None:
-        return self.propagated / self.calls if self.calls else None
+        return propagation_rate(self.propagated, self.calls)
 
     @property
     def broken(self) -> bool:
@@ -50,6 +51,8 @@ def _round(x: float | None) -> float | None:
 
 
 FINDING_KINDS = ("orphan_root", "in_process_break", "dangling_parent", "unpaired_exit")
+# what a finding or an edge says the hop spoke (docs/audit-json.md)
+PROTOCOLS = ("http", "grpc", "rpc", "messaging", "db", "unknown")
 
 
 def _trace_hex(hi: int, lo: int) -> str:

@@ -1,5 +1,6 @@
-"""The reader that goes through a running `ctxaudit serve`'s read API (api.py): the same methods
-and results as `LocalReader`, for a store file that the server holds open."""
+"""The reader that goes through a running `ctxaudit serve`'s read API (audit/server/read_api.py):
+the protocol of audit/contract/reader.py, with the same results as the file reader, for a
+store file that the server holds open."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import urllib.parse
 import urllib.request
 from typing import BinaryIO
 
+from pydantic import ValidationError
+
+from ..contract.reader import StoreStats, query_model
 from ..net.access import CA_ENV, TOKEN_ENV
+from ..settings import explain
 from ..store.errors import StoreError
-from ..store.reader import ServiceCount, StoreStats
 
 AUDIT_TIMEOUT_S = 3600.0  # an audit of tens of millions of spans takes minutes
 
@@ -87,63 +91,43 @@ class RemoteReader:
         except (OSError, http.client.HTTPException) as e:  # the stream broke after it started
             raise StoreError(f"the audit document from {self.url} was cut off: {e}") from None
 
+    def _query(self, name: str, **params) -> object:
+        """One declared query (audit/contract/reader.py), its parameters checked and encoded
+        by the same declaration the server parses them with."""
+        model = query_model(name)
+        try:
+            encoded = model(**params).model_dump(mode="json", exclude_none=True)
+        except ValidationError as e:
+            raise StoreError(f"{name}: {explain(e, model, noun='parameter')}") from None
+        return self._get(name, **encoded)
+
     def stats(self) -> StoreStats:
-        d = self._get("stats")
-        d["by_service"] = [ServiceCount(**s) for s in d["by_service"]]
-        return StoreStats(**d)
+        return StoreStats.from_dict(self._query("stats"))
 
     def store_counts(self) -> dict:
-        return self._get("store_counts")
+        return self._query("store_counts")
 
     def time_range(self) -> dict:
-        return self._get("time_range")
-
-    def span_rows_of_trace(self, trace_id: int) -> list[dict]:
-        return self._get("trace", trace_id=f"{trace_id:032x}")
-
-    def links_of_span(self, trace_id: int, span_id: int) -> list[dict]:
-        return self._get("links", trace_id=f"{trace_id:032x}", span_id=f"{span_id:016x}")
+        return self._query("time_range")
 
     def protocol_summary(self) -> list[dict]:
-        return self._get("protocol_summary")
+        return self._query("protocol_summary")
+
+    def trace(self, trace_id: int) -> list[dict]:
+        return self._query("trace", trace_id=trace_id)
+
+    def links(self, trace_id: int, span_id: int) -> list[dict]:
+        return self._query("links", trace_id=trace_id, span_id=span_id)
 
     def audit_run(self, run_id: int | None = None) -> dict | None:
-        return self._get("audit_run", run_id=run_id)
+        return self._query("audit_run", run_id=run_id)
 
     def audit_runs(self, limit: int = 100) -> list[dict]:
-        return self._get("audit_runs", limit=limit)
+        return self._query("audit_runs", limit=limit)
 
-    def findings(
-        self,
-        run_id: int | None = None,
-        *,
-        kind: str | None = None,
-        service: str | None = None,
-        caller: str | None = None,
-        callee: str | None = None,
-        protocol: str | None = None,
-        cause: str | None = None,
-        trace_id: int | None = None,
-        since_ns: int | None = None,
-        until_ns: int | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> dict:
-        return self._get(
-            "findings",
-            run_id=run_id,
-            kind=kind,
-            service=service,
-            caller=caller,
-            callee=callee,
-            protocol=protocol,
-            cause=cause,
-            since_ns=since_ns,
-            until_ns=until_ns,
-            limit=limit,
-            offset=offset,
-            trace_id=None if trace_id is None else f"{trace_id:032x}",
-        )
+    def findings(self, run_id: int | None = None, **filters) -> dict:
+        """As `Reader.findings`; the filters are checked against its declaration."""
+        return self._query("findings", run_id=run_id, **filters)
 
     def close(self) -> None:
         pass

@@ -6,6 +6,7 @@ gate's thresholds name."""
 from __future__ import annotations
 
 from ..contract.causes import CAUSES
+from ..contract.figures import context_health, orphan_rate
 
 # headline figures: name -> what it is (the report and the gate's grammar list them)
 HEADLINE = {
@@ -38,14 +39,10 @@ HOP_SAMPLING = ("conditional_capture_rate", "upstream_missing_share", "volume_ra
 
 def headline(doc: dict) -> dict[str, float | int | None]:
     run, edges = doc["run"], doc["edges"]
-    instrumented = [e for e in edges if e["callee_instrumented"]]
-    calls = sum(e["calls"] for e in instrumented)
-    orphans = sum(r.get("orphan", 0) for r in run["roots"].values())
-    entries = sum(r.get("entry", 0) for r in run["roots"].values())
     overall = (doc.get("sampling") or {}).get("overall") or {}
     figures = {
-        "context_health": sum(e["propagated"] for e in instrumented) / calls if calls else None,
-        "orphan_rate": orphans / (orphans + entries) if orphans + entries else None,
+        "context_health": context_health(edges),
+        "orphan_rate": orphan_rate(run["roots"]),
         "broken_hops": sum(1 for e in edges if e["broken"]),
         "findings": sum(run["counts"].values()),
         **{name: run["counts"].get(kind, 0) for name, kind in _KINDS.items()},
@@ -106,7 +103,7 @@ def services(doc: dict) -> list[dict]:
                 "service": name,
                 "entry_roots": entries,
                 "orphan_roots": orphans,
-                "orphan_rate": orphans / (orphans + entries) if orphans + entries else None,
+                "orphan_rate": orphan_rate(r),
                 "root_inflation": (s.get("root_inflation") or {}).get("value"),
                 "parent_based": s.get("parent_based"),
             }

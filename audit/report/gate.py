@@ -15,6 +15,7 @@ import operator
 import re
 from dataclasses import dataclass
 
+from ..contract.figures import propagation_rate
 from .figures import HEADLINE, HOP_SAMPLING
 
 EXIT_FAILED = 3  # a threshold was crossed
@@ -130,7 +131,7 @@ def _value(t: Threshold, report: dict) -> tuple[float | None, str]:
             ) is not None else "no sampled figure"
         total = {k: sum(h[k] for h in hops) for k in ("calls", "propagated", "dropped", "stitched")}
         if t.name == "propagation_rate":
-            return total["propagated"] / total["calls"] if total["calls"] else None, ""
+            return propagation_rate(total["propagated"], total["calls"]), ""
         return total[t.name], ""
     if t.service:
         rows = [s for s in report["services"] if s["service"] == t.service]

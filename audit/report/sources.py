@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..audit_job import audit_store, summary_lines
-from ..settings import AuditSettings
 from ..engine import AuditResult
+from ..read import open_reader
+from ..settings import AUDIT_MEMORY_LIMIT, AuditSettings
 from ..store.errors import StoreError
 
 _S = 1_000_000_000
@@ -59,12 +60,10 @@ def from_file(
     db: str,
     settings: AuditSettings,
     since_s: float,
-    memory_limit: str = "2GB",
+    memory_limit: str = AUDIT_MEMORY_LIMIT,
     progress: Callable[[str], None] = lambda step: None,
 ) -> dict:
-    from ..store.reader import LocalReader
-
-    reader = LocalReader(db)
+    reader = open_reader(db=db)
     try:
         window = report_window(reader.time_range(), since_s, settings.settle_s)
     finally:

@@ -12,9 +12,9 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from ..settings import AuditSettings
 from ..report import sources
 from ..report.build import build_report, read_history, write_report
+from ..settings import AuditSettings
 from .periodic import Periodic
 
 log = logging.getLogger(__name__)

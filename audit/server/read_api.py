@@ -10,7 +10,8 @@ so readers elsewhere go through here). No arbitrary SQL, nothing that writes.
 The one thing a request can make the server write is an audit run, which the server itself
 computes and saves exactly as its scheduled audits do; spans are never touched.
 Errors: 404 for an unknown name (with the known ones), 400 for a bad or missing parameter,
-405 for a wrong method, 503 when the store cannot answer. The client is remote.py.
+405 for a wrong method, 503 when the store cannot answer. The client is audit/read/remote.py; the queries
+and their parameters are declared once, in audit/contract/reader.py.
 """
 
 from __future__ import annotations
@@ -19,117 +20,21 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
+from pydantic import ValidationError
 
-from ..contract.document import FINDING_KINDS, SCHEMA_VERSION, AuditResult
+from ..contract.document import SCHEMA_VERSION, AuditResult
+from ..contract.reader import QUERIES, Reader, doc, query_model
 from ..net.access import OPEN, TOKEN_ENV, Access
 from ..net.aio_host import ThreadedAioServer
+from ..settings import explain
 from ..store.errors import StoreError
-from ..store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1"
-
-
-def _hex_id(bits: int) -> Callable[[str], int]:
-    digits = bits // 4
-
-    def parse(value: str) -> int:
-        if len(value) != digits or any(c not in "0123456789abcdefABCDEF" for c in value):
-            raise ValueError(f"expected {digits} hex digits, got {value!r}")
-        return int(value, 16)
-
-    return parse
-
-
-def _run_id(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise ValueError("run ids start at 1")
-    return n
-
-
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        n = int(value)
-        if not low <= n <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return n
-
-    return parse
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return value
-
-    return parse
-
-
-def _name(value: str) -> str:
-    if not value or len(value) > 512:
-        raise ValueError("must be 1 to 512 characters")
-    return value
-
-
-_PROTOCOLS = ("http", "grpc", "rpc", "messaging", "db", "unknown")
-
-
-@dataclass(frozen=True)
-class Query:
-    """A named query: the reader method it calls and its parameters (name -> (parser, required))."""
-
-    method: str
-    params: dict[str, tuple[Callable[[str], object], bool]]
-    doc: str
-
-
-QUERIES: dict[str, Query] = {
-    "stats": Query("stats", {}, "spans, traces, services, links and the time range"),
-    "store_counts": Query(
-        "store_counts", {}, "spans, traces (approximate) and services: cheap on a large store"
-    ),
-    "time_range": Query("time_range", {}, "the first and the newest span start"),
-    "protocol_summary": Query("protocol_summary", {}, "spans and roots per service, protocol and kind"),
-    "trace": Query("span_rows_of_trace", {"trace_id": (_hex_id(128), True)}, "every span of one trace"),
-    "links": Query(
-        "links_of_span",
-        {"trace_id": (_hex_id(128), True), "span_id": (_hex_id(64), True)},
-        "the span links of one span",
-    ),
-    "audit_run": Query(
-        "audit_run", {"run_id": (_run_id, False)}, "an audit run (the last by default), its edges"
-    ),
-    "audit_runs": Query(
-        "audit_runs",
-        {"limit": (_int_between(1, 10_000), False)},
-        "the newest audit runs, with finding counts per kind",
-    ),
-    "findings": Query(
-        "findings",
-        {
-            "run_id": (_run_id, False),
-            "kind": (_one_of(FINDING_KINDS), False),
-            "service": (_name, False),
-            "caller": (_name, False),
-            "callee": (_name, False),
-            "protocol": (_one_of(_PROTOCOLS), False),
-            "cause": (_name, False),
-            "trace_id": (_hex_id(128), False),
-            "since_ns": (_int_between(0, 2**64 - 1), False),
-            "until_ns": (_int_between(0, 2**64 - 1), False),
-            "limit": (_int_between(1, 10_000), False),
-            "offset": (_int_between(0, 10**12), False),
-        },
-        "one page of a run's findings (the last run by default), filtered; since_ns/until_ns bound the span start",
-    ),
-}
 
 
 def _to_json(value) -> object:
@@ -137,7 +42,7 @@ def _to_json(value) -> object:
 
 
 class Auditor(Protocol):
-    """Runs audits inside the server (audit/server_audits.py)."""
+    """Runs audits inside the server (audits.py)."""
 
     def parse_request(self, body: object) -> object: ...  # raises ValueError for a bad request
 
@@ -150,7 +55,7 @@ class ReadApi:
 
     def __init__(
         self,
-        reader: StoreReader,
+        reader: Reader,
         host: str,
         port: int,
         *,
@@ -208,10 +113,11 @@ class ReadApi:
         if name == "queries":
             listing = {
                 n: {
-                    "params": {p: ("required" if req else "optional") for p, (_, req) in q.params.items()},
-                    "doc": q.doc,
+                    "params": {p: ("required" if f.is_required() else "optional") for p, f in params.items()},
+                    "doc": doc(n),
                 }
-                for n, q in QUERIES.items()
+                for n in QUERIES
+                for params in [query_model(n).model_fields]
             }
             if self.ingest_health:
                 listing["ingest"] = {
@@ -228,15 +134,15 @@ class ReadApi:
             return web.json_response(listing)
         if name == "ingest" and self.ingest_health:
             return web.json_response(self.ingest_health())
-        query = QUERIES.get(name)
-        if query is None:
+        if name not in QUERIES:
             return _error(404, f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
+        model = query_model(name)
         try:
-            kwargs = _parse(query, dict(request.query))
-        except ValueError as e:
-            return _error(400, f"{name}: {e}")
+            kwargs = dict(model.model_validate(dict(request.query)))
+        except ValidationError as e:
+            return _error(400, f"{name}: {explain(e, model, noun='parameter')}")
         try:
-            result = await self._server.run_blocking(lambda: getattr(self.reader, query.method)(**kwargs))
+            result = await self._server.run_blocking(lambda: getattr(self.reader, name)(**kwargs))
         except StoreError as e:
             return _error(503, str(e))
         except Exception:
@@ -292,23 +198,6 @@ class ReadApi:
             return response
         await response.write_eof()
         return response
-
-
-def _parse(query: Query, given: dict[str, str]) -> dict:
-    unknown = set(given) - set(query.params)
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; known: {sorted(query.params) or 'none'}")
-    kwargs = {}
-    for name, (parse, required) in query.params.items():
-        if name not in given:
-            if required:
-                raise ValueError(f"missing parameter {name!r}")
-            continue
-        try:
-            kwargs[name] = parse(given[name])
-        except ValueError as e:
-            raise ValueError(f"parameter {name!r}: {e}") from None
-    return kwargs
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:

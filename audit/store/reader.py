@@ -1,44 +1,22 @@
-"""The read side of the store: named queries over a DuckDB connection.
-
-Two implementations share these methods: `LocalReader`, a DB file that no server holds,
-opened read-only; and `RemoteReader` (remote.py), a running server's read API, which serves a
-`StoreReader` on its own connection (api.py). Commands and pages depend only on the methods.
+"""The read side of the store: the named queries of audit/contract/reader.py over a DuckDB
+connection. `StoreReader` answers them on a connection it is given (the server's read API
+serves one); `LocalReader` opens a DB file that no server holds, read-only. A running server's
+store is read through audit/read/remote.py instead. Commands and pages see only the protocol.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 import duckdb
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from ..contract.document import FINDING_KINDS, finding_dict
+from ..contract.figures import orphan_rate, propagation_rate
+from ..contract.reader import ServiceCount, StoreStats
 from .errors import StoreError, translate
 from .otlp_values import attributes, to_json
-
-
-@dataclass
-class ServiceCount:
-    service: str
-    spans: int
-    traces: int
-
-
-@dataclass
-class StoreStats:
-    spans: int
-    traces: int
-    services: int
-    links: int
-    first_span_start_ns: int | None
-    last_span_end_ns: int | None
-    end_before_start: int
-    by_service: list[ServiceCount] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def otlp_attributes(blob: bytes) -> str | None:
@@ -82,11 +60,12 @@ WITH r AS (SELECT run_id, finished_at, window_start_ns, window_end_ns, spans, tr
 f AS (SELECT run_id, {", ".join(f"count(*) FILTER (WHERE kind = '{k}') AS {k}" for k in FINDING_KINDS)}
       FROM audit_findings WHERE run_id IN (SELECT run_id FROM r) GROUP BY run_id),
 e AS (SELECT run_id, count(*) FILTER (WHERE calls > propagated) AS broken_edges,
-             sum(propagated) FILTER (WHERE callee_instrumented)
-             / nullif(sum(calls) FILTER (WHERE callee_instrumented), 0) AS context_health
+             coalesce(sum(propagated) FILTER (WHERE callee_instrumented), 0) AS instrumented_propagated,
+             coalesce(sum(calls) FILTER (WHERE callee_instrumented), 0) AS instrumented_calls
       FROM audit_edges WHERE run_id IN (SELECT run_id FROM r) GROUP BY run_id)
 SELECT r.*, {", ".join(f"coalesce(f.{k}, 0) AS {k}" for k in FINDING_KINDS)},
-       coalesce(e.broken_edges, 0) AS broken_edges, e.context_health
+       coalesce(e.broken_edges, 0) AS broken_edges, coalesce(e.instrumented_propagated, 0)::BIGINT
+         AS instrumented_propagated, coalesce(e.instrumented_calls, 0)::BIGINT AS instrumented_calls
 FROM r LEFT JOIN f USING (run_id) LEFT JOIN e USING (run_id) ORDER BY run_id DESC
 """
 # the saved findings in the engine's row shape (128-bit ids as halves), for finding_dict
@@ -168,7 +147,7 @@ class StoreReader:
                     r[k] = v.isoformat()
         return rows
 
-    def span_rows_of_trace(self, trace_id: int) -> list[dict]:
+    def trace(self, trace_id: int) -> list[dict]:
         """Every span of one trace, attributes and events decoded, in start order."""
         return self._dicts(
             "SELECT * EXCLUDE (otlp_rest), otlp_attributes(otlp_rest) AS attributes, "
@@ -176,7 +155,7 @@ class StoreReader:
             [str(trace_id)],
         )
 
-    def links_of_span(self, trace_id: int, span_id: int) -> list[dict]:
+    def links(self, trace_id: int, span_id: int) -> list[dict]:
         return self._dicts(
             "SELECT * FROM span_links WHERE trace_id = ?::UHUGEINT AND span_id = ?::UBIGINT",
             [str(trace_id), str(span_id)],
@@ -212,7 +191,8 @@ class StoreReader:
         )
         for e in run["edges"]:  # as the result document's edges have them
             e["dropped"] = e["calls"] - e["propagated"]
-            e["propagation_rate"] = round(e["propagated"] / e["calls"], 4) if e["calls"] else None
+            rate = propagation_rate(e["propagated"], e["calls"])
+            e["propagation_rate"] = None if rate is None else round(rate, 4)
             e["broken"] = e["dropped"] > 0
         return run
 
@@ -228,9 +208,10 @@ class StoreReader:
         runs = self._dicts(_RUNS, [limit])
         for run in runs:
             run["counts"] = {kind: run.pop(kind) for kind in FINDING_KINDS}
-            roots = json.loads(run.pop("roots")).values()
-            orphans, entries = sum(r.get("orphan", 0) for r in roots), sum(r.get("entry", 0) for r in roots)
-            run["orphan_rate"] = orphans / (orphans + entries) if orphans + entries else None
+            run["orphan_rate"] = orphan_rate(json.loads(run.pop("roots")))
+            run["context_health"] = propagation_rate(
+                run.pop("instrumented_propagated"), run.pop("instrumented_calls")
+            )
         return runs
 
     def findings(

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import streamlit as st
 
-from audit.store.reader import FINDING_KINDS
+from audit.contract.document import FINDING_KINDS
 from ui import data
 
 PROTOCOLS = ["http", "grpc", "rpc", "messaging", "db", "unknown"]

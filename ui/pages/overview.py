@@ -5,6 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from audit.contract.figures import context_health
 from ui import data
 
 st.title("Context health")
@@ -57,9 +58,7 @@ if data.live():
 run = data.audit_run()
 if run is None:
     data.no_run_yet()
-instrumented = [e for e in run["edges"] if e["callee_instrumented"]]
-calls = sum(e["calls"] for e in instrumented)
-health = sum(e["propagated"] for e in instrumented) / calls if calls else None
+health = context_health(run["edges"])
 cols[3].metric(
     "context health",
     "n/a" if health is None else f"{health:.1%}",
