@@ -25,14 +25,21 @@ from pathlib import Path
 SERVICES = ["frontend", "cart", "checkout", "payment", "shipping", "email", "currency", "catalog"]
 
 
-def jaeger_capture(spans: int, trace_spans: int, seed: int) -> dict:
+def jaeger_capture(spans: int, trace_spans: int, seed: int, t0: int = 1_700_000_000_000_000) -> dict:
     rng = random.Random(seed)
-    traces, t0 = [], 1_700_000_000_000_000
+    traces = []
     for t in range(spans // trace_spans):
         tid = f"{rng.getrandbits(128):032x}"
-        procs = {f"p{i + 1}": {"serviceName": s, "tags": [{"key": "hostname", "type": "string", "value": f"{s}-0"},
-                                                       {"key": "ip", "type": "string", "value": f"10.0.0.{i}"}]}
-                 for i, s in enumerate(SERVICES)}
+        procs = {
+            f"p{i + 1}": {
+                "serviceName": s,
+                "tags": [
+                    {"key": "hostname", "type": "string", "value": f"{s}-0"},
+                    {"key": "ip", "type": "string", "value": f"10.0.0.{i}"},
+                ],
+            }
+            for i, s in enumerate(SERVICES)
+        }
         out, ids = [], []
         start = t0 + t * 3000
         for i in range(trace_spans):
@@ -53,13 +60,30 @@ def jaeger_capture(spans: int, trace_spans: int, seed: int) -> dict:
             ]
             refs = [{"refType": "CHILD_OF", "traceID": tid, "spanID": ids[(i - 1) // 2]}] if ids else []
             logs = (
-                [{"timestamp": start + i * 10 + 5, "fields": [{"key": "event", "type": "string", "value": "x"}]}]
+                [
+                    {
+                        "timestamp": start + i * 10 + 5,
+                        "fields": [{"key": "event", "type": "string", "value": "x"}],
+                    }
+                ]
                 if i % 10 == 9
                 else []
             )
-            out.append({"traceID": tid, "spanID": sid, "flags": 1, "operationName": f"GET /api/item/{i % 7}",
-                        "references": refs, "startTime": start + i * 10, "duration": 1000 - i, "tags": tags,
-                        "logs": logs, "processID": f"p{p + 1}", "warnings": None})
+            out.append(
+                {
+                    "traceID": tid,
+                    "spanID": sid,
+                    "flags": 1,
+                    "operationName": f"GET /api/item/{i % 7}",
+                    "references": refs,
+                    "startTime": start + i * 10,
+                    "duration": 1000 - i,
+                    "tags": tags,
+                    "logs": logs,
+                    "processID": f"p{p + 1}",
+                    "warnings": None,
+                }
+            )
             ids.append(sid)
         traces.append({"traceID": tid, "spans": out, "processes": procs, "warnings": None})
     return {"data": traces, "total": 0, "limit": 0, "offset": 0, "errors": None}
@@ -68,7 +92,9 @@ def jaeger_capture(spans: int, trace_spans: int, seed: int) -> dict:
 def run_import(db: Path, files: list[Path], fmt: str | None = None) -> float:
     cmd = [sys.executable, "-m", "audit.cli", "import", "--db", str(db)] + (["--format", fmt] if fmt else [])
     t = time.perf_counter()
-    subprocess.run(cmd + [str(f) for f in files], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        cmd + [str(f) for f in files], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - t
 
 
@@ -78,8 +104,18 @@ def main() -> None:
     ap.add_argument("--trace-spans", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--gzip", action="store_true", help="also time the same capture gzipped")
+    ap.add_argument(
+        "--store-spans",
+        type=int,
+        default=0,
+        help="first fill each store with this many other spans (the hour before): the duplicate check's cost",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        prefill = Path(tmp) / "prefill.json"
+        if args.store_spans:
+            t0 = 1_700_000_000_000_000 - 3_600_000_000
+            prefill.write_text(json.dumps(jaeger_capture(args.store_spans, args.trace_spans, seed=2, t0=t0)))
         capture = Path(tmp) / "capture.json"
         doc = jaeger_capture(args.spans, args.trace_spans, seed=1)
         capture.write_text(json.dumps(doc))
@@ -93,6 +129,8 @@ def main() -> None:
             fresh, again = [], []
             for r in range(args.runs):
                 db = Path(tmp) / f"{label.replace(' ', '-')}-{r}.duckdb"
+                if args.store_spans:
+                    run_import(db, [prefill])
                 fresh.append(n / run_import(db, [path]))
                 again.append(n / run_import(db, [path]))
             print(

@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from .otlp import ERROR, KIND, STATUS, RequestBuilder, as_int, hex_id, micros, set_typed
+from .otlp import ERROR, KIND, STATUS, RequestBuilder, SpanAttributes, as_int, hex_id, micros, set_typed
 from .source import PROTOBUF, BadCapture, Payload
 
 _PEER = ("peer.hostname", "peer.ipv4", "peer.ipv6", "peer.port")
@@ -29,7 +29,8 @@ class _Bad(ValueError):
 
 
 def payloads(stream, batch_spans: int) -> Iterator[Payload]:
-    builder, first, batch = RequestBuilder(), 0, []
+    cache = SpanAttributes()
+    builder, first, batch = RequestBuilder(cache), 0, []
     traces = _traces(stream)
     ti = -1
     while True:
@@ -46,7 +47,7 @@ def payloads(stream, batch_spans: int) -> Iterator[Payload]:
             _add_trace(builder, trace)
         except _Bad as e:
             if batch:  # the traces before this one are whole: hand them over, then stop here
-                again = RequestBuilder()
+                again = RequestBuilder(cache)
                 for trace_before in batch:
                     _add_trace(again, trace_before)
                 yield Payload(again.body(), PROTOBUF, _span_of(first, ti - 1))
@@ -54,7 +55,7 @@ def payloads(stream, batch_spans: int) -> Iterator[Payload]:
         batch.append(trace)
         if builder.spans >= batch_spans:
             yield Payload(builder.body(), PROTOBUF, _span_of(first, ti))
-            builder, first, batch = RequestBuilder(), ti + 1, []
+            builder, first, batch = RequestBuilder(cache), ti + 1, []
     if builder.spans:
         yield Payload(builder.body(), PROTOBUF, _span_of(first, ti))
 
@@ -279,13 +280,9 @@ def _add_span(builder: RequestBuilder, s: dict, trace_id, processes, resources, 
     if flags == 1 or flags and as_int(flags, "flags") & 1:
         out.flags = 1  # sampled
 
+    entry = builder.attributes.entry
+    out.MergeFromString(b"".join([entry(t["key"], t.get("type"), t.get("value")) for t in tags]))
     attrs = out.attributes
-    for t in tags:
-        v = t.get("value")
-        if type(v) is str and t.get("type") == "string":
-            attrs.add(key=t["key"]).value.string_value = v
-        else:
-            set_typed(attrs.add(key=t["key"]).value, t.get("type"), v, f"tag {t['key']!r:.40}")
     if peer and not server and kind in (3, 4):  # client, producer
         _server_from_peer(attrs, peer)
     if status is not None or error:

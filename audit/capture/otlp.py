@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 
 KIND = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}  # OTLP Span.SpanKind
@@ -116,18 +117,12 @@ def set_typed(av, typ, value, what: str) -> None:
         raise ValueError(f"{what} has an unknown type {typ!r:.40}")
 
 
-def add_attributes(attrs, items: Iterable[tuple[str, object]], what: str) -> None:
-    for key, value in items:
-        if not isinstance(key, str):
-            raise ValueError(f"{what}: a key must be a string, not {key!r:.40}")
-        set_value(attrs.add(key=key).value, value, f"{what} {key}")
-
-
 class RequestBuilder:
     """One `ExportTraceServiceRequest`; spans of the same resource and scope share a ScopeSpans."""
 
-    def __init__(self):
+    def __init__(self, attributes: SpanAttributes | None = None):
         self.request = ExportTraceServiceRequest()
+        self.attributes = attributes or SpanAttributes()  # shared between a file's requests
         self.spans = 0
         self._scopes: dict[tuple, ScopeSpans] = {}
         self._resources: dict[object, object] = {}
@@ -147,3 +142,47 @@ class RequestBuilder:
 
     def body(self) -> bytes:
         return self.request.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class SpanAttributes:
+    """Jaeger tags as the bytes of `Span.attributes` entries, cached by (key, type, value).
+
+    Captures repeat most tags (`component`, `http.method`, `span.kind`, the sampler's...), and
+    building a KeyValue through the protobuf API costs more than the rest of a span; a cached
+    entry costs a dict lookup. The span takes them all in one `MergeFromString`."""
+
+    _FIELD = b"\x4a"  # Span.attributes: field 9, length-delimited
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self._cache: dict[tuple, bytes] = {}
+
+    def entry(self, key, typ, value) -> bytes:
+        ck = (key, typ, type(value), value)
+        try:
+            got = self._cache.get(ck)
+        except TypeError:  # a list or an object as the value: not hashable, not cached
+            return self._encode(key, typ, value)
+        if got is None:
+            got = self._encode(key, typ, value)
+            if len(self._cache) >= self.limit:
+                self._cache.clear()  # unique values (ids, URLs) would otherwise grow it without bound
+            self._cache[ck] = got
+        return got
+
+    def _encode(self, key, typ, value) -> bytes:
+        if not isinstance(key, str):
+            raise ValueError(f"a tag's key must be a string, not {key!r:.40}")
+        kv = KeyValue(key=key)
+        set_typed(kv.value, typ, value, f"tag {key!r:.40}")
+        raw = kv.SerializeToString()
+        return self._FIELD + _varint(len(raw)) + raw

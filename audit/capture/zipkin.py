@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-from .otlp import ERROR, KIND, RequestBuilder, hex_id, micros
+from .otlp import ERROR, KIND, RequestBuilder, SpanAttributes, hex_id, micros
 from .source import PROTOBUF, BadCapture, Payload, load_json
 
 _ENDPOINT_KEYS = ("serviceName", "ipv4", "ipv6", "port")
@@ -35,20 +35,21 @@ def payloads(stream, batch_spans: int) -> Iterator[Payload]:
     if not isinstance(doc, list):
         raise BadCapture("top level", "not Zipkin v2 JSON: expected a list of spans or of traces")
     traces = _by_trace(doc)
-    builder, first = RequestBuilder(), 0
+    cache = SpanAttributes()
+    builder, first = RequestBuilder(cache), 0
     for ti, (positions, spans) in enumerate(traces):
         try:
             _add_trace(builder, spans, positions)
         except _Bad as e:
             if ti > first:  # the traces before this one are whole: hand them over, then stop here
-                again = RequestBuilder()
+                again = RequestBuilder(cache)
                 for positions_before, spans_before in traces[first:ti]:
                     _add_trace(again, spans_before, positions_before)
                 yield Payload(again.body(), PROTOBUF, _where(traces, first, ti - 1))
             raise BadCapture(e.position, str(e)) from None
         if builder.spans >= batch_spans:
             yield Payload(builder.body(), PROTOBUF, _where(traces, first, ti))
-            builder, first = RequestBuilder(), ti + 1
+            builder, first = RequestBuilder(cache), ti + 1
     if builder.spans:
         yield Payload(builder.body(), PROTOBUF, _where(traces, first, len(traces) - 1))
 
@@ -161,17 +162,16 @@ def _add_span(builder: RequestBuilder, s: dict, shared: dict) -> None:
     out.end_time_unix_nano = start + micros(s.get("duration") or 0, "duration")
     out.flags = 1  # sampled
 
-    attrs = out.attributes
     tags = s.get("tags") or {}
     if not isinstance(tags, dict):
         raise ValueError("tags must be an object")
-    for k, v in tags.items():
-        if k == "error":
-            out.status.code = ERROR
-            if v:
-                out.status.message = str(v)
-            continue
-        attrs.add(key=k).value.string_value = v if isinstance(v, str) else str(v)
+    entry = builder.attributes.entry
+    out.MergeFromString(b"".join([entry(k, "string", str(v)) for k, v in tags.items() if k != "error"]))
+    if "error" in tags:
+        out.status.code = ERROR
+        if tags["error"]:
+            out.status.message = str(tags["error"])
+    attrs = out.attributes
     if "http.path" in tags and "url.path" not in tags:
         attrs.add(key="url.path").value.string_value = str(tags["http.path"])
     if kind in (3, 4):  # client, producer: the remote endpoint is where the call went
