@@ -18,8 +18,9 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 
+from .estimate import stored_probability
+
 _BUCKET_NS = 1_000_000_000
-_P56 = float(1 << 56)
 
 # candidate requests: stored SERVER/CONSUMER spans of the break's service, in another trace,
 # in flight when the break started; `{roots}` is the breaks (or the shifted breaks)
@@ -138,7 +139,7 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
         i, j = np.nonzero(real["op"] == op)[0], np.nonzero(background["op"] == op)[0]
         model = HandoffModel.fit(_subset(real, i), _subset(background, j), brk[i])
         ratio[i] = model.ratio(_subset(real, i))
-    return posterior(brk, parent, ratio, np.clip((_P56 - real["parent_th"]) / _P56, 1e-6, 1.0))
+    return posterior(brk, parent, ratio, stored_probability(real["parent_th"]))
 
 
 def _subset(cols: dict, i: np.ndarray) -> dict:
@@ -199,7 +200,7 @@ class HandoffModel:
         kept = kept[np.argsort(-counts)][:30]
         vocab = {str(x): k for k, x in enumerate(kept)}
         rows = len(vocab) + 1
-        p = np.clip((_P56 - real["parent_th"]) / _P56, 1e-6, 1.0)
+        p = stored_probability(real["parent_th"])
         per_break = np.unique(brk, return_index=True)[1]
         trues = float(p[per_break].sum())  # expected true parents among the candidates
         lrs = []

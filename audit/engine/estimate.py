@@ -24,9 +24,16 @@ import math
 from collections.abc import Sequence
 
 import duckdb
+import numpy as np
 
 _Z95 = 1.959964
 P56 = 72057594037927936  # 2^56: `th` is a 56-bit rejection threshold
+
+
+def stored_probability(th) -> np.ndarray:
+    """Per span, the probability p = (2^56 - th) / 2^56 that its sampler kept it (`th` as the
+    store keeps it: 0 where the tracestate had none), kept away from 0."""
+    return np.clip((P56 - np.asarray(th, dtype=float)) / P56, 1e-6, 1.0)
 
 # adjusted count of a span: 1/p from its threshold, else from the configured assumption (NULL
 # when neither is known: such a span is left out of the weighted figures and counted apart)

@@ -20,11 +20,11 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
+from .estimate import stored_probability
 from .learn import Learned
 from .tables import temp_table
 
 _BUCKET_NS = 100_000_000
-_P56 = float(1 << 56)
 RANK_SERVICE, RANK_KEY, RANK_PATH, RANK_EXACT = 1, 2, 3, 4
 
 _CANDIDATE_EXITS = """
@@ -176,7 +176,7 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
     cost, null = _costs(cols, learned)
     cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols["path_odds"])
     # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
-    p_stored = np.clip((_P56 - cols["e_th"]) / _P56, 1e-6, 1.0)
+    p_stored = stored_probability(cols["e_th"])
     return _assign(oid, eid, cost, null, p_stored)
 
 
