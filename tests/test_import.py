@@ -644,3 +644,35 @@ def test_progress_lines(tmp_path):
     assert stats.stored == 30
     assert lines and all("spans stored" in line and "spans/s" in line for line in lines)
     assert "30 spans stored, 0 skipped" in stats.summary()
+
+
+# --- an imported capture is audited like received spans -------------------------------------------
+
+
+def test_an_imported_jaeger_capture_with_cut_hops_is_audited(tmp_path):
+    """Frontend calls cart over HTTP (client spans with peer.*); 10 of 80 calls lost their context
+    (the cart server span is the root of a trace of its own). The audit finds those orphans and
+    names the hop, from the imported spans alone."""
+    traces, cut = [], set()
+    for i in range(80):
+        trace = jaeger_trace(f"{i + 1:032x}", start=T0 + i * 200_000)
+        if i % 8 == 3:  # the cart side starts a new trace: its spans move there, its parent is gone
+            new_id = f"{i + 1:016x}" + "f" * 16
+            moved = {"traceID": new_id, "spans": trace["spans"][2:4], "processes": trace["processes"]}
+            for span in moved["spans"]:
+                span["traceID"] = new_id
+                span["references"] = [r for r in span["references"] if r["spanID"] != span["spanID"]]
+            moved["spans"][0]["references"] = []
+            moved["spans"][1]["references"][0]["traceID"] = new_id
+            trace["spans"] = trace["spans"][:2] + trace["spans"][4:]
+            traces.append(moved)
+            cut.add(int(new_id, 16))
+        traces.append(trace)
+    db = str(tmp_path / "s.duckdb")
+    assert run("--db", db, write(tmp_path / "cut.json", jaeger_doc(*traces))).exit_code == 0
+    result = CliRunner().invoke(main, ["audit", "--db", db, "--all", "--settle", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    orphans = [f for f in doc["findings"] if f["kind"] == "orphan_root"]
+    assert {int(f["trace_id"], 16) for f in orphans} == cut
+    assert {(f["caller"], f["callee"], f["protocol"]) for f in orphans} == {("frontend", "cart", "http")}
