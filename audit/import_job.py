@@ -80,8 +80,9 @@ class Importer:
         """Import every file in turn. Raises `BadCapture` (naming the file and the position) at the
         first bad one, after committing everything read before that position."""
         in_worker = sum(os.path.getsize(f) for f in files) >= self.worker_from_bytes
+        items = converted(files, fmt, self.batch_spans, in_worker=in_worker)
         try:
-            for item in converted(files, fmt, self.batch_spans, in_worker=in_worker):
+            for item in items:
                 if item.payload is None:
                     self.stats.files += 1
                     self.stats.formats[item.format] += 1
@@ -91,8 +92,11 @@ class Importer:
                     self._flush()
                     self._report(f"{files[item.index]} ({item.index + 1}/{len(files)})")
         except (BadCapture, KeyboardInterrupt):
+            items.close()  # stops the worker process, if any
             self._finish()  # what was read before stays
             raise
+        finally:
+            items.close()
         self._finish()
         return self.stats
 

@@ -210,13 +210,14 @@ def test_jaeger_64_bit_trace_ids_are_left_padded(tmp_path):
     assert rows(db, "SELECT count(*) FROM spans WHERE parent_span_id IS NOT NULL") == [(3,)]
 
 
-def test_a_single_trace_object_and_an_empty_answer(tmp_path):
+def test_a_single_trace_an_empty_answer_and_a_bare_list_of_traces(tmp_path):
     db = str(tmp_path / "s.duckdb")
     one = write(tmp_path / "one.json", jaeger_trace())
     empty = write(tmp_path / "empty.json", {"data": None, "total": 0, "errors": None})
-    result = run("--db", db, one, empty)
+    bare_list = write(tmp_path / "list.json", [jaeger_trace("f" * 32)])
+    result = run("--db", db, one, empty, bare_list)
     assert result.exit_code == 0, result.output
-    assert "5 spans stored" in result.output and "from 2 file(s)" in result.output
+    assert "10 spans stored" in result.output and "from 3 file(s) (jaeger 3)" in result.output
 
 
 # --- Zipkin -------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Which format a capture is in, from its first bytes: a JSON list is Zipkin v2; an object
+"""Which format a capture is in, from its first bytes: a JSON list is Zipkin v2 (unless it holds
+Jaeger traces); an object
 whose first key is `resourceSpans` starts OTLP/JSON lines; `data` (or a single trace's
 `traceID`, `spans`, `processes`) is Jaeger's query API answer."""
 
@@ -18,8 +19,8 @@ def detect(head: bytes) -> str:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
         raise BadCapture("", "the file is empty")
-    if text[:1] == b"[":
-        return "zipkin"
+    if text[:1] == b"[":  # Zipkin's spans; or Jaeger traces in a bare list (they have operationName)
+        return "jaeger" if b'"operationName"' in text and b'"traceId"' not in text else "zipkin"
     if text[:1] == b"{":
         m = _FIRST_KEY.match(text)
         key = m.group(1) if m else b""
