@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { \
@@ -35,6 +35,10 @@ test: $(STAMP) /usr/bin/chromium /usr/bin/dot
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+## make test-fast: the tests not marked slow (no server processes, browser, fleet or fuzzer): under a minute
+test-fast: $(STAMP) /usr/bin/dot
+	$(BIN)/python -m pytest -m "not slow"
 
 ## make bench: ingest benchmark (figures in docs/performance.md)
 bench: $(STAMP)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import settings
 
 from audit.settings import ServeSettings
 from audit.store.reader import LocalReader
@@ -15,6 +17,13 @@ from collector_ext.ingest import Ingestor
 from collector_ext.receivers import OtlpReceivers
 
 DEFAULTS = ServeSettings()
+
+# The same examples on every run and every machine: no random seed, no example database carried
+# between runs, and no per-example deadline (a busy 2-core machine would trip it). A local hunt
+# for new failures: HYPOTHESIS_PROFILE=explore.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @dataclass

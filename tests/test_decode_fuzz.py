@@ -27,13 +27,13 @@ def decodes_or_refuses(body: bytes, content_type: str, gzipped: bool = False) ->
     assert batch.spans.schema.names == SPAN_SCHEMA.names  # a batch the writer can append
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2048), st.sampled_from([PROTOBUF, JSON]), st.booleans())
 def test_random_bytes(body, content_type, gzipped):
     decodes_or_refuses(body, content_type, gzipped)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_valid_requests(flips):
     body = bytearray(VALID)
@@ -49,7 +49,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(json_values)
 def test_arbitrary_json_shapes(value):
     import json
