@@ -19,7 +19,7 @@ from .virtual_exits import add_virtual_candidates, virtual_callers
 
 _ORPHAN_OPS = """
 SELECT o.service, o.name, count(*), count(c.oid) FROM cand_orphans o
-LEFT JOIN (SELECT DISTINCT oid FROM cand_pairs) c USING (oid) GROUP BY ALL
+LEFT JOIN cand_counts c USING (oid) GROUP BY ALL
 """
 # every audited orphan with its probable parent (if named) and the exit it was matched to
 _ORPHAN_ROWS = """
@@ -31,7 +31,7 @@ WITH base AS (
          e.protocol AS parent_protocol, e.instrumented AS parent_instrumented, p.confidence
   FROM cand_orphans o
   JOIN audited_orphans a USING (oid)
-  LEFT JOIN (SELECT oid, count(*) AS candidates FROM cand_pairs GROUP BY oid) n USING (oid)
+  LEFT JOIN cand_counts n USING (oid)  -- candidates that fitted, before the cap on those kept
   LEFT JOIN (SELECT * FROM stitched WHERE confidence >= $min_confidence) p USING (oid)
   LEFT JOIN cand_exits e ON e.eid = p.eid),
 -- an orphan without a named parent takes its operation's usual caller and protocol: from the

@@ -12,10 +12,12 @@ stored); the confidence is the chosen pair's marginal probability over all assig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
@@ -44,8 +46,8 @@ FROM xt
 WHERE NOT continued_to_target AND protocol <> 'db'
 """
 _CANDIDATE_ORPHANS = """
-CREATE OR REPLACE TEMP TABLE cand_orphans AS
-SELECT row_number() OVER (ORDER BY rid) - 1 AS oid, rid, trace_id, span_id, service, name, kind, protocol,
+CREATE OR REPLACE TEMP TABLE cand_orphans AS  -- oids in time order: the assignment windows on them
+SELECT row_number() OVER (ORDER BY start_ns, rid) - 1 AS oid, rid, trace_id, span_id, service, name, kind, protocol,
        start_ns, end_ns, th,
        'svc:' || service AS k_svc,
        CASE WHEN url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
@@ -60,15 +62,26 @@ FROM roots WHERE kind IN ('SERVER', 'CONSUMER') AND NOT linked
 
 # Candidates are matched one key strength at a time, strongest first; an orphan that found a
 # fitting candidate at one strength is not matched at weaker ones. Each stage joins on (key,
-# time bucket) with the time fit inline, then drops pairs whose other keys disagree. The
-# steps are separate statements on purpose: with the OR conditions of the filter in the same
-# statement as the joins, DuckDB's planner makes them a join condition and runs 500x slower.
+# time bucket) with the time window inline, scores every pair that fits with its edge's timing
+# model, and keeps each orphan's best `CANDIDATES_PER_ORPHAN` in a top-K aggregate: the pairs
+# themselves are never materialized, so memory holds K per orphan, not the calls in flight
+# squared (a keyless hop with 1,000 calls in flight has ~1,000 fitting exits per orphan). The
+# checks that other keys agree sit inside the score (a CASE), not in a WHERE: as join
+# conditions, DuckDB's planner would run them 500x slower.
 _STAGES = (  # (rank, the key columns both sides have)
     (RANK_EXACT, ("k_exact",)),
     (RANK_PATH, ("k_path",)),
     (RANK_KEY, ("k_rpc", "k_dest")),
     (RANK_SERVICE, ("k_svc",)),
 )
+# The best K candidates of each orphan by timing fit are kept. K = 16 is justified in
+# docs/audit.md ("Bounded candidates"): on the simulator at up to 1,000 calls in flight the true
+# parent ranks beyond 16 only where the assignment could not name it anyway.
+CANDIDATES_PER_ORPHAN = 16
+# Orphans are matched a time slice at a time, each slice holding about this share of the memory
+# limit's worth of candidate rows (orphans plus exit-buckets); a slice that still runs out of
+# memory is halved, and a single bucket that does is given up: its orphans abstain (degraded).
+_BYTES_PER_ROW = 1024
 # An orphan with an exact message key (partition + offset, or message id) on a destination whose
 # producers record it too is decided by that key alone: no match means its producer was not stored.
 _EXACT_ONLY = """
@@ -76,47 +89,73 @@ CREATE OR REPLACE TEMP TABLE exact_only AS
 SELECT oid FROM cand_orphans WHERE k_exact IS NOT NULL
   AND k_dest IN (SELECT DISTINCT k_dest FROM cand_exits WHERE k_exact IS NOT NULL)
 """
-
-
-def _stage_sql(rank: int, columns: tuple[str, ...]) -> tuple[str, str, str]:
-    okeys = " UNION ALL ".join(
-        f"SELECT oid, {c} AS key, start_ns::BIGINT AS start_ns FROM cand_orphans WHERE {c} IS NOT NULL"
-        for c in columns
-    )
-    ekeys = " UNION ALL ".join(
-        f"SELECT eid, {c} AS key, win_lo, win_hi FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
-    )
-    if rank == RANK_EXACT:  # no time bucket: the key decides
-        matched = f"""
-        CREATE OR REPLACE TEMP TABLE cand_matched AS
-        SELECT DISTINCT o.oid, e.eid FROM ({okeys}) o JOIN ({ekeys}) e ON o.key = e.key"""
-    else:
-        matched = f"""
-        CREATE OR REPLACE TEMP TABLE cand_matched AS
-        WITH ok AS (SELECT *, start_ns // $b AS bucket FROM ({okeys})
-                    WHERE oid NOT IN (SELECT oid FROM cand_pairs) AND oid NOT IN (SELECT oid FROM exact_only)),
-             ek AS (SELECT eid, key, win_lo, win_hi, unnest(range(win_lo // $b, win_hi // $b + 1)) AS bucket
-                    FROM ({ekeys}) WHERE key IN (SELECT key FROM ok))
-        SELECT DISTINCT ok.oid, ek.eid FROM ok JOIN ek ON ok.key = ek.key AND ok.bucket = ek.bucket
-        WHERE ok.start_ns BETWEEN ek.win_lo AND ek.win_hi"""
-    joined = """
-    CREATE OR REPLACE TEMP TABLE cand_joined AS
-    SELECT m.oid, m.eid, o.k_path AS o_path, e.k_path AS e_path, o.k_rpc AS o_rpc, e.k_rpc AS e_rpc,
-           o.k_dest AS o_dest, e.k_dest AS e_dest, e.instrumented, e.target, o.service,
-           e.protocol AS e_protocol, o.protocol AS o_protocol, o.kind
-    FROM cand_matched m JOIN cand_orphans o ON o.oid = m.oid JOIN cand_exits e ON e.eid = m.eid"""
-    fit = f"""
-    INSERT INTO cand_pairs
-    SELECT oid, eid, {rank} FROM cand_joined
-    WHERE (NOT instrumented OR target = service)
+_O_COLS = (
+    "oid, start_ns::BIGINT AS o_start, end_ns::BIGINT AS o_end, service AS o_service, kind,"
+    " protocol AS o_protocol, k_path AS o_path, k_rpc AS o_rpc, k_dest AS o_dest"
+)
+_E_COLS = (
+    "eid, win_lo, win_hi, start_ns::BIGINT AS e_start, end_ns::BIGINT AS e_end, service AS e_service,"
+    " protocol AS e_protocol, instrumented, target, k_path AS e_path, k_rpc AS e_rpc, k_dest AS e_dest"
+)
+# Per edge (caller, callee, the exit's protocol), the parameters of the timing model the
+# assignment scores it with (audit/engine/timing.py): c0 holds the constant terms, weight the
+# discount of a borrowed model. The fit below is that model's negative log-likelihood.
+_MODELS_COMBOS = """
+SELECT DISTINCT service, protocol, target FROM cand_exits WHERE instrumented
+UNION
+SELECT e.service, e.protocol, o.service FROM (SELECT DISTINCT service, protocol FROM cand_exits
+  WHERE NOT instrumented) e CROSS JOIN (SELECT DISTINCT service FROM cand_orphans) o
+"""
+_FIT = """
+CASE WHEN (NOT instrumented OR target = o_service)
       -- a key both sides record must agree (a path may lose a prefix at a gateway)
       AND (o_path IS NULL OR e_path IS NULL OR o_path = e_path
            OR ends_with(o_path, substr(e_path, 6)) OR ends_with(e_path, substr(o_path, 6)))
       AND (o_rpc IS NULL OR e_rpc IS NULL OR o_rpc = e_rpc)
       AND (o_dest IS NULL OR e_dest IS NULL OR o_dest = e_dest)
       AND (e_protocol = o_protocol OR e_protocol = 'none' OR o_protocol = 'none')
-      AND ((kind = 'CONSUMER') = (e_protocol = 'messaging'))"""
-    return matched, joined, fit
+      AND ((kind = 'CONSUMER') = (e_protocol = 'messaging'))
+ THEN m.weight * CASE
+   WHEN m.lag THEN m.c0 + ln(greatest(o_start - e_end, 1000)) -- a message's lag, log-normal
+        + 0.5 * pow((ln(greatest(o_start - e_end, 1000)) - m.mu) / m.sigma, 2)
+        + CASE WHEN o_start < e_end THEN 50.0 * pow((o_start - e_end) / m.reach, 2) ELSE 0.0 END
+   ELSE m.c0 + ln(greatest(o_start - e_start + e_end - o_end, 1000)) -- overhead d1 + d2, log-normal
+        + 0.5 * pow((ln(greatest(o_start - e_start + e_end - o_end, 1000)) - m.mu) / m.sigma, 2)
+        -- offset d1 - d2, Student-t with 3 degrees of freedom
+        + 2.0 * ln(1.0 + pow((o_start - e_start - e_end + o_end - m.loc) / m.scale, 2) / 3.0)
+   END
+END"""
+
+
+def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[str, str]:
+    """The stage's statement (cand_top: per orphan, its best candidates and how many fit) and
+    the query of the orphans it is about (to give them up if it cannot run). Non-exact stages
+    take a slice of orphan start times, $lo <= start < $hi."""
+    waiting = "oid NOT IN (SELECT oid FROM cand_counts)"
+    if rank != RANK_EXACT:
+        waiting += " AND oid NOT IN (SELECT oid FROM exact_only) AND start_ns >= $lo AND start_ns < $hi"
+    okeys = " UNION ALL ".join(
+        f"SELECT {c} AS key, {_O_COLS} FROM cand_orphans WHERE {c} IS NOT NULL AND {waiting}" for c in columns
+    )
+    ekeys = " UNION ALL ".join(
+        f"SELECT {c} AS key, {_E_COLS} FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
+    )
+    if rank == RANK_EXACT:  # no time bucket: the key decides
+        pairs = f"SELECT * FROM ({okeys}) ok JOIN ({ekeys}) ek USING (key)"
+    else:
+        pairs = f"""
+        WITH ok AS (SELECT *, o_start // $b AS bucket FROM ({okeys})),
+             ek AS (SELECT *, unnest(range(greatest(win_lo, $lo) // $b, least(win_hi, $hi - 1) // $b + 1)) AS bucket
+                    FROM ({ekeys}) WHERE win_hi >= $lo AND win_lo < $hi AND key IN (SELECT key FROM ok))
+        SELECT * EXCLUDE (bucket) FROM ok JOIN ek USING (key, bucket) WHERE o_start BETWEEN win_lo AND win_hi"""
+    # a pair matched through two keys of a stage (rpc and destination) is listed once
+    top = f"""
+    CREATE OR REPLACE TEMP TABLE cand_top AS
+    SELECT oid, list_distinct(min_by(eid, fit, {int(per_orphan)})) AS top, count(fit) AS n FROM (
+      SELECT oid, eid, {_FIT} AS fit FROM ({pairs}) p
+      LEFT JOIN cand_models m ON m.caller = p.e_service AND m.callee = p.o_service AND m.protocol = p.e_protocol)
+    GROUP BY oid"""
+    return top, f"SELECT DISTINCT oid FROM ({okeys})"
 
 
 # `path_odds`: how much a shared URL path says. Among the caller's exits with paths, the share
@@ -149,20 +188,117 @@ class Stitched:
 
 
 def build_candidates(
-    con: duckdb.DuckDBPyConnection, learned: Learned, default_skew_ns: float, max_lag_ns: float
+    con: duckdb.DuckDBPyConnection,
+    learned: Learned,
+    default_skew_ns: float,
+    max_lag_ns: float,
+    per_orphan: int | None = None,
 ) -> None:
+    """cand_exits, cand_orphans, and cand_pairs: each orphan's best `per_orphan` candidate exits
+    (default CANDIDATES_PER_ORPHAN) at the strongest key it shares with any; cand_counts: how
+    many fitted before the cap, and which orphans were given up (degraded) for lack of memory."""
     # a lag model pooled and widened from other topics can reach minutes: cap it at the setting
     tol, max_lag = learned.sync_reach_ns(default_skew_ns), min(learned.lag_reach_ns(), max_lag_ns)
     con.execute(_CANDIDATE_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
     con.execute(_CANDIDATE_ORPHANS)
     con.execute(_EXACT_ONLY)
+    _models_table(con, learned)
     con.execute("CREATE OR REPLACE TEMP TABLE cand_pairs (oid BIGINT, eid BIGINT, rank INTEGER)")
+    # per orphan matched (or given up) at some strength: how many candidates fitted there, before
+    # the cap; `degraded` when the stage ran out of memory on its slice and the orphan abstains
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cand_counts (oid BIGINT, rank INTEGER, candidates BIGINT, degraded BOOLEAN)"
+    )
+    k = per_orphan or CANDIDATES_PER_ORPHAN
+    slices = _slices(con)
     for rank, columns in _STAGES:
-        matched, joined, fit = _stage_sql(rank, columns)
-        con.execute(matched, {"b": _BUCKET_NS} if rank != RANK_EXACT else None)
-        con.execute(joined)
-        con.execute(fit)
-    con.execute("DROP TABLE cand_matched; DROP TABLE cand_joined")
+        top, orphans = _stage_sql(rank, columns, k)
+        for span in [None] if rank == RANK_EXACT else slices:
+            _run_stage(con, rank, top, orphans, span)
+    con.execute("DROP TABLE IF EXISTS cand_top")
+
+
+def degraded_hops(con: duckdb.DuckDBPyConnection) -> list[dict]:
+    """The operations whose orphans were given up for lack of memory (they abstain), after
+    build_candidates: [{"callee", "operation", "orphans"}]."""
+    rows = con.execute(
+        "SELECT o.service, o.name, count(*) FROM cand_counts c JOIN cand_orphans o USING (oid)"
+        " WHERE c.degraded GROUP BY ALL ORDER BY 3 DESC, 1, 2"
+    ).fetchall()
+    return [{"callee": s, "operation": n, "orphans": c} for s, n, c in rows]
+
+
+def _run_stage(con, rank: int, top: str, orphans: str, span: tuple[int, int] | None) -> None:
+    """One stage over one slice of orphan start times (None: all); halves a slice that runs
+    out of memory, and gives up a single bucket that still does: its orphans abstain."""
+    params = None if span is None else {"b": _BUCKET_NS, "lo": span[0], "hi": span[1]}
+    try:
+        con.execute(top, params)
+    except duckdb.OutOfMemoryException:
+        if span is not None and span[1] - span[0] > _BUCKET_NS:
+            mid = span[0] + (span[1] - span[0]) // (2 * _BUCKET_NS) * _BUCKET_NS or span[0] + _BUCKET_NS
+            _run_stage(con, rank, top, orphans, (span[0], mid))
+            _run_stage(con, rank, top, orphans, (mid, span[1]))
+            return
+        q = f"INSERT INTO cand_counts SELECT oid, {rank}, NULL, true FROM ({orphans})"
+        con.execute(q, None if span is None else {"lo": span[0], "hi": span[1]})
+        return
+    con.execute(f"INSERT INTO cand_pairs SELECT oid, unnest(top), {rank} FROM cand_top WHERE n > 0")
+    con.execute(f"INSERT INTO cand_counts SELECT oid, {rank}, n, false FROM cand_top WHERE n > 0")
+
+
+def _memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    text = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # e.g. "1.8 GiB"
+    number, _, unit = text.strip().partition(" ")
+    scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    scale |= {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "bytes": 1}
+    return int(float(number) * scale.get(unit, 1 << 30))
+
+
+_SLICE_ROWS = """
+SELECT b, sum(n)::BIGINT FROM (
+  SELECT start_ns::BIGINT // $b AS b, count(*) AS n FROM cand_orphans GROUP BY 1
+  UNION ALL
+  SELECT win_lo // $b, sum(win_hi // $b - win_lo // $b + 1) FROM cand_exits GROUP BY 1)
+GROUP BY b ORDER BY b
+"""
+
+
+def _slices(con: duckdb.DuckDBPyConnection) -> list[tuple[int, int]]:
+    """Time slices of orphan starts, [lo, hi) on bucket boundaries, each with about the rows
+    (orphans, and exits once per bucket their window covers) a quarter of the memory limit holds."""
+    budget = max(_memory_limit_bytes(con) // 4 // _BYTES_PER_ROW, 10_000)
+    rows = con.execute(_SLICE_ROWS, {"b": _BUCKET_NS}).fetchall()
+    if not rows:
+        return []
+    cuts, held = [rows[0][0]], 0
+    for bucket, n in rows:
+        if held and held + n > budget:
+            cuts.append(bucket)
+            held = 0
+        held += n
+    cuts.append(rows[-1][0] + 1)
+    return [(a * _BUCKET_NS, b * _BUCKET_NS) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _models_table(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
+    """cand_models: the timing model of every edge a candidate pair can be on, as columns."""
+    rows = []
+    for caller, protocol, callee in con.execute(_MODELS_COMBOS).fetchall():
+        if protocol == "messaging":
+            m = learned.lag_model(caller, callee)
+            rows.append((caller, callee, protocol, True, m.lag.mu, m.lag.sigma, 0.0, 1.0, m.reach_ns(), m))
+        else:
+            m = learned.sync_model(caller, callee, protocol)
+            o, t = m.overhead, m.offset
+            rows.append((caller, callee, protocol, False, o.mu, o.sigma, t.loc, t.scale, 1.0, m))
+    names = ("caller", "callee", "protocol", "lag", "mu", "sigma", "loc", "scale", "reach")
+    data = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+    # the constant terms of the negative log-likelihood, and the borrowed models' discount
+    data["c0"] = [math.log(r[5] * math.sqrt(2 * math.pi)) + (0.0 if r[3] else math.log(r[7])) for r in rows]
+    data["weight"] = [1.0 if r[9].source == "edge" else _BORROWED for r in rows]
+    types = {"caller": pa.string(), "callee": pa.string(), "protocol": pa.string(), "lag": pa.bool_()}
+    temp_table(con, "cand_models", {n: pa.array(v, types.get(n, pa.float64())) for n, v in data.items()})
 
 
 def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndarray) -> Stitched:
@@ -301,6 +437,46 @@ def _local_index(group: np.ndarray, ident: np.ndarray, n: int) -> tuple[np.ndarr
     return local, ident[order][first]
 
 
+def _solve_sparse(r, c, cost, null_cost, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """One group's assignment with the sparse solver: rows 0..k-1, exits 0..m-1, then each row's
+    own "no parent" column m + row."""
+    shift = min(cost.min(), null_cost.min()) - 1.0  # the sparse solver wants positive weights
+    weights = np.concatenate([cost, null_cost]) - shift
+    g = csr_matrix((weights, (np.r_[r, np.arange(k)], np.r_[c, m + np.arange(k)])), shape=(k, m + k))
+    return min_weight_full_bipartite_matching(g)
+
+
+# A group of more orphans than this is solved in overlapping windows of orphans in time order
+# (oids follow start times): the sparse solver's time grows about as the square of the group,
+# and a keyless hop with 1,000 calls in flight makes one group of every orphan on it. Each
+# window is solved optimally with the exits earlier windows took removed; its first
+# _WINDOW_STEP orphans are then kept. An orphan's candidates start at most a few seconds
+# before it, so the window's overlap holds every competitor that matters.
+_WINDOW_ROWS, _WINDOW_STEP = 4000, 3000
+
+
+def _solve_windows(r, c, cost, null_cost, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(r, kind="stable")
+    r, c, cost = r[order], c[order], cost[order]
+    starts = np.searchsorted(r, np.arange(k + 1))  # pairs of row i: starts[i]:starts[i + 1]
+    taken = np.zeros(m, dtype=bool)
+    got = np.full(k, m)  # per row: its exit, or m for none
+    for a in range(0, k, _WINDOW_STEP):
+        b = min(a + _WINDOW_ROWS, k)
+        sl = slice(starts[a], starts[b])
+        free = ~taken[c[sl]]
+        wr, wc, wcost = r[sl][free] - a, c[sl][free], cost[sl][free]
+        cols, wc_local = np.unique(wc, return_inverse=True)
+        rows_got, cols_got = _solve_sparse(wr, wc_local, wcost, null_cost[a:b], b - a, len(cols))
+        keep = rows_got < (_WINDOW_STEP if b < k else b - a)
+        rows_got, cols_got = rows_got[keep], cols_got[keep]
+        took = cols_got < len(cols)
+        got[a + rows_got[took]] = cols[cols_got[took]]
+        taken[cols[cols_got[took]]] = True
+    rows = np.arange(k)
+    return rows, np.where(got < m, got, m + rows)
+
+
 def _solve_groups(group, row, col, cost, null_cost, n_o: int, n_e: int, match: np.ndarray) -> None:
     r_local, rows_flat = _local_index(group, row, n_o)
     c_local, cols_flat = _local_index(group, col, n_e)
@@ -313,13 +489,10 @@ def _solve_groups(group, row, col, cost, null_cost, n_o: int, n_e: int, match: n
         k, m = int(r.max()) + 1, int(c.max()) + 1
         rows, cols = rows_flat[row_at : row_at + k], cols_flat[col_at : col_at + m]
         row_at, col_at = row_at + k, col_at + m
-        if k > _DENSE_LIMIT:
-            shift = (
-                min(cost[idx].min(), null_cost[rows].min()) - 1.0
-            )  # the sparse solver wants positive weights
-            weights = np.concatenate([cost[idx], null_cost[rows]]) - shift
-            g = csr_matrix((weights, (np.r_[r, np.arange(k)], np.r_[c, m + np.arange(k)])), shape=(k, m + k))
-            got_rows, got_cols = min_weight_full_bipartite_matching(g)
+        if k > _WINDOW_ROWS:  # a keyless hop under load chains everything into one group
+            got_rows, got_cols = _solve_windows(r, c, cost[idx], null_cost[rows], k, m)
+        elif k > _DENSE_LIMIT:
+            got_rows, got_cols = _solve_sparse(r, c, cost[idx], null_cost[rows], k, m)
         else:
             dense = np.full((k, m + k), 1e12)
             dense[r, c] = cost[idx]
