@@ -61,9 +61,13 @@ def decode_request(body: bytes, content_type: str):
     return traces
 
 
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's parser would take NaN and Infinity
+
+
 def _decode_json(body: bytes) -> ExportTraceServiceRequest:
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadRequest(f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -71,7 +75,14 @@ def _decode_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         _hex_ids_to_base64(doc)
         return json_format.ParseDict(doc, ExportTraceServiceRequest(), ignore_unknown_fields=True)
-    except (json_format.ParseError, AttributeError, TypeError, ValueError, RecursionError) as e:
+    except (
+        json_format.ParseError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        RecursionError,
+        OverflowError,
+    ) as e:
         raise BadRequest(f"malformed OTLP/JSON: {e}") from None
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -12,6 +13,22 @@ from .causes import CAUSES
 from .figures import propagation_rate
 
 SCHEMA_VERSION = 1
+
+
+def finite(value):
+    """`value` with every NaN or infinity replaced by None: JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value, **options) -> str:
+    """Strict JSON text: what every answer and document of ctxaudit is."""
+    return json.dumps(finite(value), allow_nan=False, **options)
 
 
 @dataclass(frozen=True)
@@ -172,14 +189,14 @@ class AuditResult:
             "edges": [e.to_dict() for e in self.edges],
             "sampling": self.sampling,
         } | (extra or {})
-        text = json.dumps(head)
+        text = dumps(head)
         if not findings:
             yield text + "\n"
             return
         yield text[:-1] + ',\n "findings": ['
         pieces: list[str] = []
         for i, finding in enumerate(self.iter_findings()):
-            pieces.append(("\n  " if i == 0 else ",\n  ") + json.dumps(finding))
+            pieces.append(("\n  " if i == 0 else ",\n  ") + dumps(finding))
             if len(pieces) == batch:
                 yield "".join(pieces)
                 pieces = []

@@ -25,16 +25,19 @@ from typing import Protocol
 from aiohttp import web
 from pydantic import ValidationError
 
-from ..contract.document import SCHEMA_VERSION, AuditResult
+from ..contract.document import SCHEMA_VERSION, AuditResult, dumps
 from ..contract.reader import QUERIES, Reader, doc, query_model
 from ..net.access import OPEN, TOKEN_ENV, Access
 from ..net.aio_host import ThreadedAioServer
+from ..net.connections import ConnectionLimits
 from ..settings import explain
 from ..store.errors import StoreError
+from .audits import AuditBusy, AuditTooLarge, ClientGone
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1"
+BUSY_RETRY_AFTER_S = 10  # when an audit runs and another waits
 
 
 def _to_json(value) -> object:
@@ -46,7 +49,9 @@ class Auditor(Protocol):
 
     def parse_request(self, body: object) -> object: ...  # raises ValueError for a bad request
 
-    def run_request(self, request: object) -> tuple[AuditResult | None, list[str]]: ...
+    def run_request(
+        self, request: object, still_wanted: Callable[[], bool]
+    ) -> tuple[AuditResult | None, list[str]]: ...  # AuditBusy, ClientGone, StoreError
 
 
 class ReadApi:
@@ -63,9 +68,10 @@ class ReadApi:
         auditor: Auditor | None = None,
         access: Access = OPEN,
         threads: int = 4,
+        limits: ConnectionLimits | None = None,
     ):
         self.reader, self.ingest_health, self.auditor, self.access = reader, ingest_health, auditor, access
-        self._server = ThreadedAioServer("read-api", host, port, threads=threads)
+        self._server = ThreadedAioServer("read-api", host, port, threads=threads, limits=limits)
 
     @property
     def url(self) -> str:
@@ -131,9 +137,9 @@ class ReadApi:
                     "doc": "run an audit in the server (JSON body: settings, since_ns, until_ns, "
                     "all, save); the result document with a text summary",
                 }
-            return web.json_response(listing)
+            return _json(listing)
         if name == "ingest" and self.ingest_health:
-            return web.json_response(self.ingest_health())
+            return _json(self.ingest_health())
         if name not in QUERIES:
             return _error(404, f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
         model = query_model(name)
@@ -144,11 +150,11 @@ class ReadApi:
         try:
             result = await self._server.run_blocking(lambda: getattr(self.reader, name)(**kwargs))
         except StoreError as e:
-            return _error(503, str(e))
+            return _store_error(e)
         except Exception:
             log.exception("read API query %s failed", name)
             return _error(500, "internal error; see the server log")
-        return web.Response(text=json.dumps(_to_json(result)), content_type="application/json")
+        return _json(_to_json(result))
 
     async def _audit(self, request: web.Request) -> web.StreamResponse:
         unknown = set(request.query) - {"findings"}
@@ -158,22 +164,31 @@ class ReadApi:
         if findings not in ("true", "false"):
             return _error(400, "audit: parameter 'findings' must be true or false")
         try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return _error(400, "audit: the body is not JSON")
+            text = await request.text() if request.can_read_body else "{}"
+            body = json.loads(text, parse_constant=_not_json)
+        except (ValueError, RecursionError) as e:  # RecursionError: thousands of nested brackets
+            return _error(400, f"audit: the body is not JSON ({str(e)[:200]})")
         try:
             audit = self.auditor.parse_request(body)
         except ValueError as e:
             return _error(400, f"audit: {e}")
+
+        def still_wanted() -> bool:  # a client that hung up while waiting is not audited for
+            return request.transport is not None and not request.transport.is_closing()
+
         try:
-            result, summary = await self._server.run_blocking(self.auditor.run_request, audit)
+            result, summary = await self._server.run_blocking(self.auditor.run_request, audit, still_wanted)
+        except AuditBusy as e:
+            return _error(429, f"audit: {e}", {"Retry-After": str(BUSY_RETRY_AFTER_S)})
+        except ClientGone:
+            return _error(499, "audit: the client went away before it started")  # nobody reads this
         except StoreError as e:
-            return _error(503, str(e))
+            return _store_error(e)
         except Exception:
             log.exception("requested audit failed")
             return _error(500, "the audit failed; see the server log")
         if result is None:
-            return web.json_response(
+            return _json(
                 {
                     "schema_version": SCHEMA_VERSION,
                     "run": None,
@@ -200,5 +215,24 @@ class ReadApi:
         return response
 
 
+def _json(value: object, status: int = 200, headers: dict | None = None) -> web.Response:
+    """Strict JSON: no NaN or Infinity, whatever a stored value holds."""
+    return web.Response(text=dumps(value), status=status, headers=headers, content_type="application/json")
+
+
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+    return _json({"error": message}, status, headers)
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _store_error(e: StoreError) -> web.Response:
+    """503 (retry later) only when the store is overloaded or out of disk; else 500."""
+    if isinstance(e, AuditTooLarge):
+        return _error(503, f"audit: {e}")
+    if e.transient:
+        return _error(503, str(e), {"Retry-After": "5"})
+    log.error("read API: the store failed: %s", e)
+    return _error(500, f"the store failed: {e}")
