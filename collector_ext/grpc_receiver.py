@@ -1,14 +1,28 @@
 """OTLP/gRPC: `opentelemetry.proto.collector.trace.v1.TraceService/Export` over `Ingestor.export`.
 
 The handler takes the raw request bytes (no deserializer), so protobuf parsing happens
-once, in a decode worker. gRPC itself handles `grpc-encoding: gzip` and enforces the
-maximum message size after decompression (RESOURCE_EXHAUSTED).
+once, in a decode worker. Two things keep an unauthenticated or hostile call cheap:
+
+- the method is registered as client-streaming (the wire format of a unary call is the same),
+  so the handler runs before the message is read: the token is checked from the metadata and a
+  call without it is refused before its body is received or inflated;
+- gRPC's core does not decompress (`grpc.per_message_decompression` 0): a gzip message reaches
+  the handler as it came and is inflated in the decode worker, under the same limit as HTTP's
+  `Content-Encoding: gzip` (`decode.gunzip`: bad gzip is INVALID_ARGUMENT, a bomb
+  RESOURCE_EXHAUSTED). The core does not tell the application whether a message was compressed,
+  so gzip is recognised by its magic bytes, which no protobuf message can start with (0x1f
+  would be field 3 with the invalid wire type 7). Only identity and gzip are enabled; a call
+  in another encoding (deflate) is refused by the core with UNIMPLEMENTED.
+
+The content-type is not checked: grpcio's core accepts any (or none) and does not pass it on.
+The message is read as protobuf whatever it says; JSON fails to decode (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,6 +38,8 @@ from .ingest import Ingestor, Refused
 log = logging.getLogger(__name__)
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+GZIP_MAGIC = b"\x1f\x8b"
+_IDENTITY, _GZIP = 1 << 0, 1 << 2  # grpc_compression_algorithm: NONE 0, DEFLATE 1, GZIP 2
 
 
 class GrpcReceiver:
@@ -35,14 +51,16 @@ class GrpcReceiver:
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=threads, thread_name_prefix="otlp-grpc"),
             options=[
-                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_receive_message_length", max_bytes),  # compressed bytes: see the docstring
+                ("grpc.per_message_decompression", 0),
+                ("grpc.compression_enabled_algorithms_bitset", _IDENTITY | _GZIP),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ],
             maximum_concurrent_rpcs=threads * 4,  # beyond this gRPC answers RESOURCE_EXHAUSTED
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
-            {"Export": grpc.unary_unary_rpc_method_handler(self._export)},  # raw bytes in and out
+            {"Export": grpc.stream_unary_rpc_method_handler(self._export)},  # raw bytes in and out
         )
         self._server.add_generic_rpc_handlers((handler,))
         self.port: int | None = None
@@ -64,12 +82,15 @@ class GrpcReceiver:
         """Refuse new calls at once; the event is set when calls in flight have finished."""
         return self._server.stop(grace)
 
-    def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _export(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         if self.access.auth and not self.access.auth.allows(context.invocation_metadata()):
             self.ingestor.count_unauthenticated()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+        request = next(requests, None)  # the one message of a unary call; read only now
+        if request is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
         try:
-            result = self.ingestor.export(request, PROTOBUF)
+            result = self.ingestor.export(request, PROTOBUF, gzipped=request[:2] == GZIP_MAGIC)
         except Refused as e:
             if e.retry_after is not None:
                 info = RetryInfo(retry_delay=Duration(seconds=e.retry_after))

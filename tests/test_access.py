@@ -295,3 +295,50 @@ def test_token_checks():
         [("authorization", "Bearer wrong-one-000000000"), ("x-api-key", TOKEN)]
     )  # either may carry it
     assert TokenAuth.load(None, env={}) is None
+
+
+def test_unauthenticated_grpc_calls_are_refused_before_decompression(tmp_path, token_file):
+    """A gzip message of 8 KB that inflates to 8 MiB costs the server no more to refuse without
+    the token than a message of a few bytes: the token is checked from the metadata before the
+    message is read (gRPC's core, left to decompress, inflated it first: 40 ms of CPU a call)."""
+    import gzip
+    import random
+
+    import psutil
+
+    from tests.grpc_raw import grpc_call
+    from tests.otlp_builders import request, span
+
+    rng = random.Random(7)
+    bomb = request([span(rng.randbytes(16), rng.randbytes(8), attrs={"blob": "x" * (8 << 20)})])
+    bomb = gzip.compress(bomb.SerializeToString())
+    assert len(bomb) < 16 << 10
+    small = request([span(rng.randbytes(16), rng.randbytes(8))]).SerializeToString()
+    proc, grpc_port, _ = start_server(str(tmp_path / "cpu.duckdb"), "--token-file", token_file)
+    target = f"127.0.0.1:{grpc_port}"
+    server = psutil.Process(proc.pid)
+
+    def cpu_of(message: bytes, compressed: bool, calls: int = 60) -> float:
+        before = server.cpu_times()
+        for _ in range(calls):
+            answer = grpc_call(
+                target, message, compressed=compressed, encoding="gzip" if compressed else None
+            )
+            assert answer["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
+        after = server.cpu_times()
+        return after.user + after.system - before.user - before.system
+
+    try:
+        plain = [cpu_of(small, False), cpu_of(small, False)]
+        compressed = cpu_of(bomb, True)
+        print(f"server CPU for 60 refused calls: plain {plain} s, gzip {compressed:.3f} s")
+        # CPU time is counted in clock ticks (10 ms): a floor keeps the ratio meaningful
+        assert compressed < 3 * max(sum(plain) / 2, 0.05), (compressed, plain)
+        bearer = (("authorization", f"Bearer {TOKEN}"),)
+        assert (
+            grpc_call(target, bomb, compressed=True, encoding="gzip", metadata=bearer)["grpc-status"] == "0"
+        )
+        health = RemoteReader(proc.api_url, token=TOKEN).ingest()
+        assert health["unauthenticated_requests"] == 180 and health["committed_spans"] == 1
+    finally:
+        assert stop_server(proc) == 0

@@ -4,12 +4,14 @@ import gzip
 import json
 import urllib.error
 import urllib.request
+import zlib
 
 import grpc
 import pytest
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from tests.grpc_raw import grpc_call
 from tests.otlp_builders import request, span, spans
 
 PB, JS = "application/x-protobuf", "application/json"
@@ -175,3 +177,31 @@ def test_unknown_grpc_method_is_unimplemented(server):
         with pytest.raises(grpc.RpcError) as err:
             call(b"", timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_grpc_bad_gzip_is_invalid_argument(server, rng):
+    """A message flagged gzip that is not gzip: INVALID_ARGUMENT from the decode worker, as over
+    HTTP (gRPC's core, which would say INTERNAL, leaves decompression to the receiver)."""
+    answer = grpc_call(server.grpc_target, b"\x1f\x8bdefinitely not gzip", compressed=True, encoding="gzip")
+    assert answer["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert "gzip" in answer["grpc-message"]
+    answer = grpc_call(server.grpc_target, b"not even the magic", compressed=True, encoding="gzip")
+    assert answer["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])  # read as protobuf
+    answer = grpc_call(server.grpc_target, gzip.compress(good(rng))[:-9], compressed=True, encoding="gzip")
+    assert answer["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])  # truncated
+    ok = grpc_call(server.grpc_target, gzip.compress(good(rng)), compressed=True, encoding="gzip")
+    assert ok["grpc-status"] == "0"
+    assert server.reader().stats().spans == 3
+
+
+def test_grpc_other_encodings_and_content_types(server, rng):
+    deflate = grpc_call(server.grpc_target, zlib.compress(good(rng)), compressed=True, encoding="deflate")
+    assert deflate["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    assert "grpc-accept-encoding" not in deflate or "deflate" not in deflate["grpc-accept-encoding"]
+    # the content-type is not checked (grpcio's core accepts any): the message is protobuf or nothing
+    body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "x"}]}]}]}).encode()
+    as_json = grpc_call(server.grpc_target, body, content_type="application/grpc+json")
+    assert as_json["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    for content_type in (None, "application/json", "application/grpc+proto"):
+        assert grpc_call(server.grpc_target, good(rng), content_type=content_type)["grpc-status"] == "0"
+    assert server.reader().stats().spans == 9
