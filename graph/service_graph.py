@@ -107,12 +107,12 @@ def to_dot(g: nx.DiGraph, highlight: tuple[str, str] | None = None) -> str:
     h = nx.DiGraph(**g.graph)
     for n, data in g.nodes(data=True):
         shape = {"entry": "point", "database": "cylinder", "peer": "box"}.get(data["kind"], "ellipse")
-        h.add_node(_quote(n), shape=shape, kind=data["kind"])
+        h.add_node(_quote(n), shape=shape, kind=data["kind"], label=_label(n))
     for a, b, data in g.edges(data=True):
         label = f"{data['protocols']} {data['calls']}"
-        attrs = {"label": _quote(label)}
+        attrs = {"label": _label(label)}
         if data.get("dropped"):
-            attrs |= {"color": "red", "label": _quote(f"{label}, {data['propagation_rate']:.0%} propagated")}
+            attrs |= {"color": "red", "label": _label(f"{label}, {data['propagation_rate']:.0%} propagated")}
         if (a, b) == highlight:
             attrs |= {"penwidth": 4, "fontcolor": "blue"}
         h.add_edge(_quote(a), _quote(b), **attrs)
@@ -120,7 +120,15 @@ def to_dot(g: nx.DiGraph, highlight: tuple[str, str] | None = None) -> str:
 
 
 def _quote(s: str) -> str:
+    """A DOT ID: always quoted, so a name cannot end the statement or add attributes."""
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _label(s: str) -> str:
+    """A label that reads as the name does. Names come from span data: quoted (never
+    an HTML-like <label>), backslashes doubled so Graphviz's \\N, \\G, \\l... escapes stay text,
+    and & as &amp; because Graphviz passes entities through to the SVG as they are."""
+    return _quote(s.replace("&", "&amp;"))
 
 
 def to_graphml(g: nx.DiGraph) -> str:
