@@ -86,6 +86,10 @@ def main(verbose: bool) -> None:
 @setting(ServeSettings, "checkpoint_mib")
 @setting(ServeSettings, "drain_timeout", metavar="SECONDS")
 @setting(ServeSettings, "log_interval", metavar="SECONDS")
+@setting(ServeSettings, "header_timeout", metavar="SECONDS")
+@setting(ServeSettings, "idle_timeout", metavar="SECONDS")
+@setting(ServeSettings, "stall_timeout", metavar="SECONDS")
+@setting(ServeSettings, "max_connections")
 @click.option(
     "--report-at",
     type=TimeOfDay(),

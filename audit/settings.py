@@ -243,6 +243,30 @@ class ServeSettings(BaseModel):
     log_interval: float = Field(
         10.0, ge=0.0, description="Seconds between ingest progress lines on stderr; 0 for none."
     )
+    header_timeout: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds a client has to send a request's head (request line and headers) after it "
+        "connects, or after its first byte following a response; also the TLS and HTTP/2 handshakes.",
+    )
+    idle_timeout: float = Field(
+        60.0, gt=0.0, le=86_400.0, description="Seconds an idle keep-alive connection stays open."
+    )
+    stall_timeout: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds a request body may stop arriving, or a response stop leaving, before the "
+        "connection is closed.",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Open connections per listener (OTLP/gRPC, OTLP/HTTP, read API); lowered to fit the "
+        "file descriptor limit. Beyond it a new connection closes the oldest idle or unfinished one.",
+    )
     report_keep_days: int = Field(30, ge=1, description="Days of daily reports kept; older ones are removed.")
     retain_days: float | None = Field(
         None, gt=0.0, description="Delete spans that started more than DAYS ago [default: keep all]."

@@ -30,6 +30,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 
 from audit.net.access import OPEN, UNAUTHENTICATED, Access
+from audit.net.connections import ConnectionLimits, grpc_connection_options
 
 from .addresses import parse_hostport
 from .decode import PROTOBUF, encode_response, response_for
@@ -43,7 +44,15 @@ _IDENTITY, _GZIP = 1 << 0, 1 << 2  # grpc_compression_algorithm: NONE 0, DEFLATE
 
 
 class GrpcReceiver:
-    def __init__(self, ingestor: Ingestor, address: str, *, threads: int = 16, access: Access = OPEN):
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        address: str,
+        *,
+        threads: int = 16,
+        access: Access = OPEN,
+        limits: ConnectionLimits | None = None,
+    ):
         self.ingestor = ingestor
         self.address = address
         self.access = access
@@ -55,6 +64,7 @@ class GrpcReceiver:
                 ("grpc.per_message_decompression", 0),
                 ("grpc.compression_enabled_algorithms_bitset", _IDENTITY | _GZIP),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+                *grpc_connection_options(limits or ConnectionLimits()),
             ],
             maximum_concurrent_rpcs=threads * 4,  # beyond this gRPC answers RESOURCE_EXHAUSTED
         )

@@ -16,6 +16,7 @@ from google.rpc.status_pb2 import Status
 
 from audit.net.access import OPEN, UNAUTHENTICATED, Access
 from audit.net.aio_host import ThreadedAioServer
+from audit.net.connections import ConnectionLimits
 
 from .addresses import parse_hostport
 from .decode import JSON, PROTOBUF, encode_response, response_for
@@ -40,6 +41,7 @@ class HttpReceiver:
         threads: int = 16,
         drain_timeout: float = 30.0,
         access: Access = OPEN,
+        limits: ConnectionLimits | None = None,
     ):
         self.ingestor = ingestor
         self.access = access
@@ -47,7 +49,7 @@ class HttpReceiver:
         self.address = address
         self.port: int | None = None
         host, port = parse_hostport(address)
-        self._server = ThreadedAioServer("otlp-http", host, port, threads=threads)
+        self._server = ThreadedAioServer("otlp-http", host, port, threads=threads, limits=limits)
 
     def start(self) -> int:
         app = web.Application(client_max_size=self.ingestor.max_body_bytes)
@@ -93,6 +95,8 @@ class HttpReceiver:
                 content_type=answer_type,
                 headers=headers,
             )
+        except ConnectionResetError:
+            raise  # the client left mid-body, or stalled and was closed (audit/net/connections.py)
         except Exception:
             log.exception("unexpected error in OTLP/HTTP export")
             return web.Response(status=500, text="internal error; see the server log")

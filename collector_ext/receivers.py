@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from audit.net.access import OPEN, Access
+from audit.net.connections import ConnectionLimits
 
 from .grpc_receiver import GrpcReceiver
 from .http_receiver import HttpReceiver
@@ -18,12 +19,15 @@ class OtlpReceivers:
         http_address: str | None,
         drain_timeout: float = 30.0,
         access: Access = OPEN,
+        limits: ConnectionLimits | None = None,
     ):
         self.ingestor = ingestor
         self.drain_timeout = drain_timeout
-        self.grpc = GrpcReceiver(ingestor, grpc_address, access=access) if grpc_address else None
+        self.grpc = (
+            GrpcReceiver(ingestor, grpc_address, access=access, limits=limits) if grpc_address else None
+        )
         self.http = (
-            HttpReceiver(ingestor, http_address, drain_timeout=drain_timeout, access=access)
+            HttpReceiver(ingestor, http_address, drain_timeout=drain_timeout, access=access, limits=limits)
             if http_address
             else None
         )

@@ -11,9 +11,10 @@ _READY = re.compile(r"OTLP/gRPC [^:]+:(\d+)(?: \(TLS\))?, OTLP/HTTP (https?://\S
 _API = re.compile(r"read API (https?://[^;,\s]+)")
 
 
-def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
+def start_server(db: str, *extra: str, **popen) -> tuple[subprocess.Popen, int, str]:
     """Start `ctxaudit serve` on free loopback ports; return (process, grpc port, http url). The
-    read API's URL, when it is on, is `process.api_url`."""
+    read API's URL, when it is on, is `process.api_url`. `popen`: more subprocess.Popen
+    arguments (stderr, preexec_fn...)."""
     api = () if "--api" in extra else ("--api", "127.0.0.1:0")
     proc = subprocess.Popen(
         [
@@ -34,6 +35,7 @@ def start_server(db: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
         ],
         stdout=subprocess.PIPE,
         text=True,
+        **popen,
     )
     line = proc.stdout.readline()
     m = _READY.search(line)

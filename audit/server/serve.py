@@ -21,6 +21,7 @@ from collector_ext.ingest_health import IngestHealth
 from collector_ext.receivers import OtlpReceivers
 
 from ..net.access import OPEN, Access
+from ..net.connections import ConnectionLimits, fit_to_fd_limit, raise_fd_limit
 from ..settings import AuditSettings, ServeSettings
 from ..store.errors import StoreError
 from ..store.reader import StoreReader
@@ -66,6 +67,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     except StoreError as e:
         raise ServeError(str(e)) from None
     writer = SpanWriter(store, max_queued_spans=c.settings.queue_spans)
+    limits = _connection_limits(c)
     ingestor = Ingestor(
         writer,
         decoders=(os.cpu_count() or 1) if c.settings.decoders is None else c.settings.decoders,
@@ -78,6 +80,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         http_address=c.http_address,
         drain_timeout=c.settings.drain_timeout,
         access=c.access,
+        limits=limits,
     )
     health = IngestHealth(ingestor, writer)
     audits = ServerAudits(store, AuditSettings(settle_s=c.settings.audit_settle), c.settings.audit_every)
@@ -90,6 +93,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
             ingest_health=health.snapshot,
             auditor=audits,
             access=c.access,
+            limits=limits,
         )
         if c.api_address
         else None
@@ -142,6 +146,15 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed in {writer.stats.commits} "
         f"transactions, {s.rejected_spans} rejected, {s.end_before_start} ending before they start"
     )
+
+
+def _connection_limits(c: ServeConfig) -> ConnectionLimits:
+    """Each listener's timeouts and cap, the cap lowered if the open files limit (raised to
+    its hard limit first) cannot hold every listener full."""
+    s = c.settings
+    limits = ConnectionLimits(s.header_timeout, s.idle_timeout, s.stall_timeout, s.max_connections)
+    listeners = sum(1 for address in (c.grpc_address, c.http_address, c.api_address) if address)
+    return fit_to_fd_limit(limits, listeners, raise_fd_limit())
 
 
 def _listening(c: ServeConfig, receivers: OtlpReceivers, api: ReadApi | None) -> list[str]:
