@@ -12,6 +12,7 @@ import streamlit as st
 from audit.contract.reader import Reader
 from audit.read import open_reader
 from audit.store.errors import StoreError
+from ui.text import md
 
 TTL_S = 30  # a live server keeps ingesting: cached answers age out
 
@@ -32,7 +33,7 @@ def _shown():
     try:
         yield
     except StoreError as e:
-        st.error(str(e))
+        st.error(md(e))
         st.stop()
 
 
@@ -87,5 +88,5 @@ def audit_now(settle_s: float) -> dict:
 
 def no_run_yet() -> None:
     how = "press **Audit now**" if live() else "run `ctxaudit audit --db ...`"
-    st.info(f"No audit run in {source()} yet: {how}, then reload.")
+    st.info(f"No audit run in {md(source())} yet: {how}, then reload.")
     st.stop()

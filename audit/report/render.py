@@ -5,6 +5,7 @@ vl-convert), all as inline SVG, so it opens offline and in mail, with no script.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,13 +27,30 @@ _TIME_AXIS = alt.Axis(format="%m-%d %H:%M", labelAngle=-30)
 def _env() -> Environment:
     env = Environment(
         loader=FileSystemLoader(_TEMPLATES),
-        autoescape=select_autoescape(["html"]),
+        # the HTML template is report.html.j2: by extension alone it would not be escaped
+        autoescape=select_autoescape(["html", "html.j2"]),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters |= {"pct": _pct, "num": _num, "when": _when, "ratio": _ratio}
+    env.filters |= {"pct": _pct, "num": _num, "when": _when, "ratio": _ratio, "md": md_text}
     return env
+
+
+# Span data in the Markdown report. Names sit inside lines (table cells, list items), so only
+# what acts there is escaped: emphasis, code, links and images, raw HTML and entities, table
+# cells, strikethrough, math. Bare URLs and e-mail addresses, which GFM links after parsing,
+# get an invisible word joiner that keeps them as text.
+_MD_ESCAPED = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~&$"})
+_MD_AUTOLINK = re.compile(r"(?i:(?<=https:)|(?<=http:))(?=//)|(?i:(?<=www))(?=\.)|(?<=@)(?=[-\w])")
+_MD_LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\u2028": " ", "\u2029": " "})
+
+
+def md_text(value: object) -> str:
+    """`value` (a name from span data, or any text) as Markdown that reads as the text does,
+    on one line."""
+    text = _MD_AUTOLINK.sub("\u2060", str(value).translate(_MD_LINE_BREAKS))
+    return text.translate(_MD_ESCAPED)
 
 
 def _pct(x: float | None, digits: int = 1) -> str:

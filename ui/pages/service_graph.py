@@ -6,6 +6,7 @@ import streamlit as st
 
 from graph.service_graph import build_graphs, to_dot
 from ui import data
+from ui.text import md
 
 st.title("Service graph")
 run = data.audit_run()
@@ -38,8 +39,8 @@ if edge is None:
 
 hop = {"caller": edge["caller"], "callee": edge["callee"], "protocol": edge["protocol"]}
 page = data.findings(run["run_id"], limit=20, **hop)
-st.subheader(f"{edge['caller']} → {edge['callee']}")
-st.caption(f"{page['total']:,} findings on this edge; likely cause: {edge['cause']}")
+st.subheader(f"{md(edge['caller'])} → {md(edge['callee'])}")
+st.caption(f"{page['total']:,} findings on this edge; likely cause: {md(edge['cause'])}")
 st.dataframe(
     pd.DataFrame(
         [

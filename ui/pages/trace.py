@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import data
+from ui.text import md
 
 st.title("Trace view")
 given = st.text_input("trace id (32 hex digits)", value=st.session_state.get("trace_id", ""))
@@ -17,7 +18,7 @@ try:
     if len(given) != 32:
         raise ValueError
 except ValueError:
-    st.error(f"{given!r} is not a trace id: 32 hex digits.")
+    st.error(f"{md(repr(given))} is not a trace id: 32 hex digits.")
     st.stop()
 spans = data.trace(trace_id)
 if not spans:
@@ -30,13 +31,13 @@ rows = [dict(s, fragment="this trace") for s in spans]
 if parent:
     rows += [dict(s, fragment="stitched parent trace") for s in data.trace(int(parent["trace_id"], 16))]
     st.info(
-        f"Its root's probable parent is span {parent['span_id']} in {parent['service']}, trace "
+        f"Its root's probable parent is span {parent['span_id']} in {md(parent['service'])}, trace "
         f"{parent['trace_id']}, with confidence {parent['confidence']:.2f}: the context broke on that hop."
     )
 for f in found:
     st.warning(
-        f"**{f['kind']}** at {f['service']} ({f['caller'] or '?'} → {f['callee'] or '?'}, {f['protocol']}): "
-        f"{f['explanation']} Fix: {f['fix']}"
+        f"**{f['kind']}** at {md(f['service'])} ({md(f['caller'] or '?')} → {md(f['callee'] or '?')}, "
+        f"{md(f['protocol'])}): {md(f['explanation'])} Fix: {md(f['fix'])}"
     )
 start = min(r["start_ns"] for r in rows)
 frame = pd.DataFrame(
