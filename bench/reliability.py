@@ -2,7 +2,7 @@
 per run, audit each with no confidence threshold, and score every named parent per protocol in
 confidence bins: of the links given confidence c, about c must be right.
 
-    python -m bench.reliability [--runs 24] [--seed 1] [--json reliability.json]
+    python -m bench.reliability [--runs 24] [--seed 1] [--in-flight N] [--json reliability.json]
     python -m bench.reliability --handoff-check [--no-wait]   # in-process breaks, 50 in flight
 
 Each run draws: the entry rate (20-1,000 requests/s); per hop the calls in flight (1-1,000,
@@ -55,9 +55,10 @@ def _latency(rng: random.Random, median: float, jitter: tuple[float, float] = (1
     return {"median": median, "p99": median * _log_uniform(rng, *jitter)}
 
 
-def random_scenario(rng: random.Random, name: str) -> tuple[Scenario, dict]:
-    """One draw of the family, and the parameters drawn (for the report)."""
-    rate = _log_uniform(rng, 20, 1000)
+def random_scenario(rng: random.Random, name: str, in_flight: float | None = None) -> tuple[Scenario, dict]:
+    """One draw of the family, and the parameters drawn (for the report). `in_flight`: every
+    hop has that many calls in flight (the entry rate drawn high enough for it)."""
+    rate = _log_uniform(rng, max(20, (in_flight or 0) / 2), 1000)
     duration = min(max(2500 / rate, 3.0), 60.0)
     skew_ms = rng.choice([0.0, 2.0, 20.0])
     params: dict = {"rate_per_s": round(rate, 1), "duration_s": round(duration, 1), "skew_ms": skew_ms}
@@ -70,9 +71,9 @@ def random_scenario(rng: random.Random, name: str) -> tuple[Scenario, dict]:
         }
 
     def hop_duration(label: str) -> dict:
-        in_flight = min(_log_uniform(rng, 1, 1000), rate * 2.0)
-        median = max(in_flight / rate * 1000.0, 0.05)  # ms
-        params[f"in_flight {label}"] = round(in_flight, 1)
+        drawn = min(_log_uniform(rng, 1, 1000), rate * 2.0)
+        median = max((in_flight or drawn) / rate * 1000.0, 0.05)  # ms
+        params[f"in_flight {label}"] = round(in_flight or drawn, 1)
         return _latency(rng, median, (1.5, 10.0))
 
     def drop(cause: str) -> dict:
@@ -297,6 +298,34 @@ def report(t: dict, min_confidence: float) -> bool:
     return ok
 
 
+FLIGHT_BANDS = (0, 30, 100, 300, 1001)
+
+
+def by_concurrency(rows: list, min_confidence: float) -> dict:
+    """{protocol: {band: [named, right, stored]}} at the default, by the hop's calls in flight."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
+    for label, c, right, stored, flight in rows:
+        if flight is None:
+            continue
+        k = next(i for i in range(len(FLIGHT_BANDS) - 1) if flight < FLIGHT_BANDS[i + 1])
+        cell = out[label][f"{FLIGHT_BANDS[k]}-{FLIGHT_BANDS[k + 1] - (k == len(FLIGHT_BANDS) - 2)}"]
+        cell[0] += c >= min_confidence
+        cell[1] += right and c >= min_confidence
+        cell[2] += stored
+    return {label: dict(bands) for label, bands in out.items()}
+
+
+def report_concurrency(t: dict) -> None:
+    print("\nby calls in flight on the hop: precision / recall (links named at the default)")
+    for label, bands in sorted(t.items()):
+        cells = []
+        for band, (named, right, stored) in sorted(bands.items(), key=lambda kv: int(kv[0].split("-")[0])):
+            prec = f"{right / named:.3f}" if named else "-"
+            rec = f"{right / stored:.3f}" if stored else "-"
+            cells.append(f"{band}: {prec} / {rec} ({stored})")
+        print(f"  {label:<16} " + "   ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=24)
@@ -307,21 +336,23 @@ def main() -> None:
         "--no-wait", action="store_true", help="with --handoff-check: the handler goes on at once"
     )
     ap.add_argument("--json", help="write the runs' parameters and the table here")
+    ap.add_argument("--in-flight", type=float, help="every hop with this many calls in flight (1-1,000)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    rows, runs = [], []
+    rows, runs, flights = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(1 if args.handoff_check else args.runs):
             if args.handoff_check:
                 scenario = handoff_scenario(waits=not args.no_wait)
                 params = {"in_flight": 50, "handoff_ms": 1.0, "handler_waits": not args.no_wait}
             else:
-                scenario, params = random_scenario(rng, f"reliability-{run}")
+                scenario, params = random_scenario(rng, f"reliability-{run}", args.in_flight)
             path = os.path.join(tmp, f"run-{run}.duckdb")
             t = time.perf_counter()
             truth = simulate(path, scenario, args.seed * 1000 + run)
             got = links(path, truth)
             rows += got
+            flights += [(*g, params.get(f"in_flight {g[0]}")) for g in got]
             named = sum(c >= args.min_confidence for _, c, _, _ in got)
             right = sum(r for _, c, r, _ in got if c >= args.min_confidence)
             print(
@@ -333,10 +364,15 @@ def main() -> None:
             os.remove(path)
     t = table(rows, args.min_confidence)
     ok = report(t, args.min_confidence)
+    report_concurrency(by_concurrency(flights, args.min_confidence))
     print("\ntarget met" if ok else "\ntarget NOT met")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "table": t}, f, indent=1)
+            json.dump(
+                {"runs": runs, "table": t, "concurrency": by_concurrency(flights, args.min_confidence)},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

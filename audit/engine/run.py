@@ -14,6 +14,7 @@ from .findings import FINDINGS_SELECT, FindingBuilder
 from .learn import learn
 from .sampling import sampling_figures
 from .scan import scan
+from .skew import learn_unseen_offsets
 from .targets import resolve_exits
 from .virtual_exits import learn_call_patterns
 
@@ -34,6 +35,7 @@ def run_audit(
     learned = learn(con, window, config)
     learn_call_patterns(con, window, learned)  # callers without client spans (virtual_exits.py)
     resolve_exits(con, learned)
+    learn_unseen_offsets(con, learned, config.default_skew_ms * 1e6)  # edges that never propagate (skew.py)
     builder = FindingBuilder(con, window, learned, config, progress)
     builder.build()
     progress("counting edges")

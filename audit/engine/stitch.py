@@ -360,39 +360,44 @@ def _assign(oid, eid, cost, null, p_stored) -> Stitched:
     return Stitched(orphans[row[chosen]], exits[col[chosen]], confidence[chosen])
 
 
-_SINKHORN_ROUNDS = 200
+_BP_ROUNDS = 200
 
 
 def _marginals(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
     """Per pair, the probability that the orphan's parent is that exit, under the Gibbs
     distribution of the assignment's own costs (a match costs its cost, an orphan without a
     parent its null cost, an exit without an orphan nothing): every orphan is matched once
-    (to an exit or to no parent), every exit at most once. The marginals are approximated by
-    Sinkhorn balancing of exp(-cost), which weighs every competitor of a pair, also those
-    several moves away in the assignment, and the density of unrelated concurrent exits.
-    Where orphans share candidates, Sinkhorn's marginals err on the low side (on one pair
-    against "neither", it gives the square root of the odds): the confidence is conservative."""
+    (to an exit or to no parent), every exit at most once. So every competitor of a pair
+    counts, also those several moves away in the assignment, and the density of unrelated
+    concurrent exits.
+
+    The marginals come from belief propagation on the matching (sum-product, messages per
+    pair, vectorised over all groups at once): an exit tells an orphan how likely it is to be
+    free of every other orphan (1 / (1 + the others' odds on it)), an orphan tells an exit its
+    odds on it against its other options as those are free. Exact where orphans and exits form
+    no cycle (an orphan with its candidates to itself, two orphans sharing one exit, chains);
+    on the loops of a busy hop it is the Bethe approximation, close to exact on such
+    problems. (Sinkhorn balancing, used before, counts an orphan as its own competitor: on one
+    pair against "neither" it gives the square root of the odds, and timing-only hops lost half
+    their recall to that.) Messages are damped (geometric mean with the previous round)."""
     shift = np.full(n_o, np.inf)  # per orphan, its cheapest option: scaling a row changes nothing
     np.minimum.at(shift, row, cost)
     shift = np.minimum(shift, null_cost)
     k = np.exp(-np.clip(cost - shift[row], 0.0, 700.0))
     k_null = np.exp(-np.clip(null_cost - shift, 0.0, 700.0))
-    r, c = np.ones(n_o), np.ones(n_e)
-    for _ in range(_SINKHORN_ROUNDS):
-        r = 1.0 / (np.bincount(row, k * c[col], minlength=n_o) + k_null)
-        c_new = 1.0 / (np.bincount(col, k * r[row], minlength=n_e) + 1.0)
-        if np.allclose(c_new, c, rtol=1e-4, atol=0.0):
-            c = c_new
+    free = np.ones(len(row))  # per pair: the exit's message, how likely it is free for the orphan
+    for _ in range(_BP_ROUNDS):
+        kf = k * free
+        others = np.bincount(row, kf, minlength=n_o)[row] - kf + k_null[row]
+        odds = k / np.maximum(others, 1e-300)  # the orphan's message: its odds on this exit
+        taken = np.bincount(col, odds, minlength=n_e)[col] - odds
+        new = np.sqrt(free / (1.0 + np.maximum(taken, 0.0)))
+        done = np.allclose(new, free, rtol=1e-6, atol=1e-9)
+        free = new
+        if done:
             break
-        c = c_new
-    r = 1.0 / (np.bincount(row, k * c[col], minlength=n_o) + k_null)
-    marginal = r[row] * k * c[col]
-    # an orphan whose candidates nobody else has: its marginal is exact, a plain share of its
-    # own options (Sinkhorn balancing understates a clear winner: sqrt of its odds on one pair)
-    alone = np.ones(n_o, bool)
-    np.logical_and.at(alone, row, np.bincount(col, minlength=n_e)[col] == 1)
-    exact = k / (np.bincount(row, k, minlength=n_o) + k_null)[row]
-    return np.where(alone[row], exact, marginal)
+    kf = k * free
+    return kf / (np.bincount(row, kf, minlength=n_o) + k_null)[row]
 
 
 _DENSE_LIMIT = 1500  # orphans in one ambiguous group solved densely; beyond, the sparse solver
