@@ -83,6 +83,7 @@ def main(verbose: bool) -> None:
 @setting(ServeSettings, "inflight_mib")
 @setting(ServeSettings, "decoders")
 @setting(ServeSettings, "memory_limit")
+@setting(ServeSettings, "audit_max_rss_mib")
 @setting(ServeSettings, "checkpoint_mib")
 @setting(ServeSettings, "drain_timeout", metavar="SECONDS")
 @setting(ServeSettings, "log_interval", metavar="SECONDS")

@@ -234,6 +234,12 @@ class ServeSettings(BaseModel):
         description="Decode worker processes [default: CPU count]; 0 decodes in the server process.",
     )
     memory_limit: str = Field("512MB", description="DuckDB memory limit of the store.")
+    audit_max_rss_mib: int = Field(
+        4096,
+        ge=256,
+        description="The server's resident memory at which an audit it runs is stopped (its answer, the log "
+        "and /v1/ingest say so); ingestion is not affected.",
+    )
     checkpoint_mib: int = Field(
         128, ge=1, description="WAL size at which DuckDB checkpoints; larger is faster but replays longer."
     )

@@ -5,6 +5,7 @@ The composition root of the server: the CLI parses options into a ServeConfig an
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -83,14 +84,19 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         limits=limits,
     )
     health = IngestHealth(ingestor, writer)
-    audits = ServerAudits(store, AuditSettings(settle_s=c.settings.audit_settle), c.settings.audit_every)
+    audits = ServerAudits(
+        store,
+        AuditSettings(settle_s=c.settings.audit_settle),
+        c.settings.audit_every,
+        max_rss_bytes=c.settings.audit_max_rss_mib << 20,
+    )
     # the API and the daily report read on a connection of their own to the same database
     reader = StoreReader(store, c.db)
     api = (
         ReadApi(
             reader,
             *parse_hostport(c.api_address),
-            ingest_health=health.snapshot,
+            ingest_health=lambda: health.snapshot() | {"audits": audits.status()},
             auditor=audits,
             access=c.access,
             limits=limits,
@@ -186,7 +192,7 @@ def _daily_report(c: ServeConfig, audits: ServerAudits, reader: StoreReader):
         r.since_s,
         audits.settings,
         reader.time_range,
-        audits.audit,
+        functools.partial(audits.audit, queue=True),  # the server's own: it waits its turn
         c.db,
     )
     nightly.start()
