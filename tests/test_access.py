@@ -46,6 +46,7 @@ def token_file(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_the_token_is_required_on_both_receivers(tmp_path, token_file):
     db = str(tmp_path / "auth.duckdb")
     proc, grpc_port, http_url = start_server(
@@ -85,6 +86,7 @@ def test_the_token_is_required_on_both_receivers(tmp_path, token_file):
     assert _stored(db) == {"grpc-ok", "http-ok", "api-key-ok"}
 
 
+@pytest.mark.slow
 def test_the_read_api_requires_the_token(tmp_path, token_file):
     db = str(tmp_path / "api.duckdb")
     proc, _, _ = start_server(db, "--token-file", token_file, "--audit-every", "0")
@@ -137,6 +139,7 @@ def _grpc_credentials(pki: dict, client_cert: bool) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(read("ca.pem"))
 
 
+@pytest.mark.slow
 def test_tls_on_both_receivers_and_the_read_api(tmp_path, pki, token_file, monkeypatch):
     db = str(tmp_path / "tls.duckdb")
     proc, grpc_port, http_url = start_server(
@@ -177,6 +180,7 @@ def test_tls_on_both_receivers_and_the_read_api(tmp_path, pki, token_file, monke
     assert _stored(db) == {"grpc-tls", "http-tls"}
 
 
+@pytest.mark.slow
 def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
     db = str(tmp_path / "mtls.duckdb")
     proc, grpc_port, http_url = start_server(
@@ -216,6 +220,7 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
     assert _stored(db) == {"grpc-mtls", "http-mtls"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -223,6 +228,7 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
         (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
         (["--token-header", "x-api-key"], "needs a token"),
         (["--api", "0.0.0.0:4319"], "loopback only with a token"),
+        (["--api", "127.0.0.1.nip.io:0"], "loopback only with a token"),  # a name, not loopback by name
     ],
 )
 def test_access_settings_are_checked_before_listening(tmp_path, args, message):
@@ -231,6 +237,7 @@ def test_access_settings_are_checked_before_listening(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_bad_token_and_tls_files_are_usage_errors(tmp_path, pki):
     short = tmp_path / "short"
     short.write_text("abc")
@@ -251,6 +258,7 @@ def test_bad_token_and_tls_files_are_usage_errors(tmp_path, pki):
     assert not (tmp_path / "x.duckdb").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_beyond_loopback_without_a_token_warns(tmp_path, token_file):
     proc = subprocess.Popen(
         [
@@ -297,6 +305,7 @@ def test_token_checks():
     assert TokenAuth.load(None, env={}) is None
 
 
+@pytest.mark.slow
 def test_unauthenticated_grpc_calls_are_refused_before_decompression(tmp_path, token_file):
     """A gzip message of 8 KB that inflates to 8 MiB costs the server no more to refuse without
     the token than a message of a few bytes: the token is checked from the metadata before the
@@ -340,5 +349,65 @@ def test_unauthenticated_grpc_calls_are_refused_before_decompression(tmp_path, t
         )
         health = RemoteReader(proc.api_url, token=TOKEN).ingest()
         assert health["unauthenticated_requests"] == 180 and health["committed_spans"] == 1
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_loopback_is_a_literal_address_or_localhost():
+    from collector_ext.addresses import is_loopback
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", "localhost", "LocalHost"):
+        assert is_loopback(host), host
+    for host in (
+        "127.0.0.1.nip.io",
+        "127.evil.example",
+        "0.0.0.0",
+        "::",
+        "10.1.2.3",
+        "127.1",
+        "localhost.lan",
+    ):
+        assert not is_loopback(host), host
+
+
+def test_ctxaudits_clients_present_a_client_certificate(tmp_path, pki, token_file, monkeypatch):
+    """With --tls-client-ca the read API requires a client certificate too: `--server` commands
+    and the UI present one from $CTXAUDIT_CLIENT_CERT and $CTXAUDIT_CLIENT_KEY, and every TLS
+    failure is named as one, with what to set."""
+    stranger = trustme.CA().issue_cert("intruder@example.test")
+    stranger.cert_chain_pems[0].write_to_path(tmp_path / "stranger.pem")
+    stranger.private_key_pem.write_to_path(tmp_path / "stranger.key")
+    proc, _, _ = start_server(
+        str(tmp_path / "mtls-api.duckdb"),
+        *("--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"]),
+        *("--tls-client-ca", pki["ca.pem"], "--token-file", token_file, "--audit-every", "0"),
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXAUDIT_")} | {"CTXAUDIT_TOKEN": TOKEN}
+    for name in ("CTXAUDIT_CA_FILE", "CTXAUDIT_CLIENT_CERT", "CTXAUDIT_CLIENT_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CTXAUDIT_TOKEN", TOKEN)
+    try:
+        with pytest.raises(StoreError, match="TLS: .*CERTIFICATE_VERIFY_FAILED.*CTXAUDIT_CA_FILE"):
+            RemoteReader(proc.api_url).stats()
+        monkeypatch.setenv("CTXAUDIT_CA_FILE", pki["ca.pem"])
+        with pytest.raises(StoreError, match="TLS: .*requires a client certificate.*CTXAUDIT_CLIENT_CERT"):
+            RemoteReader(proc.api_url).stats()
+        monkeypatch.setenv("CTXAUDIT_CLIENT_CERT", str(tmp_path / "stranger.pem"))
+        monkeypatch.setenv("CTXAUDIT_CLIENT_KEY", pki["client.key"])
+        with pytest.raises(StoreError, match="cannot use the client certificate"):  # not its key
+            RemoteReader(proc.api_url)
+        monkeypatch.setenv("CTXAUDIT_CLIENT_KEY", str(tmp_path / "stranger.key"))
+        with pytest.raises(StoreError, match="TLS: .*refused the client certificate"):  # another CA's
+            RemoteReader(proc.api_url).stats()
+        monkeypatch.setenv("CTXAUDIT_CLIENT_CERT", pki["client.pem"])
+        monkeypatch.setenv("CTXAUDIT_CLIENT_KEY", pki["client.key"])
+        assert RemoteReader(proc.api_url).stats().spans == 0
+        tls = {"CTXAUDIT_CA_FILE": pki["ca.pem"]}
+        denied = _ctxaudit("stats", "--server", proc.api_url, env=env | tls)
+        assert denied.returncode == 1 and "requires a client certificate" in denied.stderr, denied.stderr
+        assert "is the server running" not in denied.stderr
+        tls |= {"CTXAUDIT_CLIENT_CERT": pki["client.pem"], "CTXAUDIT_CLIENT_KEY": pki["client.key"]}
+        allowed = _ctxaudit("stats", "--server", proc.api_url, "--json", env=env | tls)
+        assert allowed.returncode == 0 and json.loads(allowed.stdout)["spans"] == 0, allowed.stderr
     finally:
         assert stop_server(proc) == 0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 TOKEN_ENV = "CTXAUDIT_TOKEN"  # the token itself, for clients (`--server`) and for serve
 CA_ENV = "CTXAUDIT_CA_FILE"  # the CA a client trusts for an https:// --server (default: the system's)
+CLIENT_CERT_ENV = "CTXAUDIT_CLIENT_CERT"  # a client's certificate (PEM), for a server with --tls-client-ca
+CLIENT_KEY_ENV = "CTXAUDIT_CLIENT_KEY"  # its private key (PEM; default: in the certificate's file)
 UNAUTHENTICATED = "missing or wrong token: send Authorization: Bearer <token> (OTEL_EXPORTER_OTLP_HEADERS)"
 
 
@@ -104,6 +106,72 @@ class TlsFiles:
             root_certificates=ca,
             require_client_auth=ca is not None,
         )
+
+
+def client_ssl_context(env: dict | None = None) -> ssl.SSLContext:
+    """How ctxaudit's own clients (`--server`) speak TLS: the server's certificate checked
+    against $CTXAUDIT_CA_FILE or the system's CAs, and for mutual TLS a client certificate
+    from $CTXAUDIT_CLIENT_CERT and $CTXAUDIT_CLIENT_KEY."""
+    env = os.environ if env is None else env
+    ca, cert, key = env.get(CA_ENV) or None, env.get(CLIENT_CERT_ENV), env.get(CLIENT_KEY_ENV)
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise AccessError(f"cannot use ${CA_ENV} ({ca}): {e}") from None
+    if key and not cert:
+        raise AccessError(f"${CLIENT_KEY_ENV} is set without ${CLIENT_CERT_ENV}")
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise AccessError(
+                f"cannot use the client certificate ${CLIENT_CERT_ENV} ({cert}"
+                f"{', $' + CLIENT_KEY_ENV + ' ' + key if key else ''}): {e}"
+            ) from None
+    return ctx
+
+
+def tls_failure(error: ssl.SSLError, url: str) -> str:
+    """What a failed TLS exchange with `url` means, and what to set: the server's certificate
+    not trusted, a client certificate asked for and missing, or refused."""
+    reason = getattr(error, "reason", None) or ""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the certificate of {url} was not accepted ({error.verify_message}; "
+            f"CERTIFICATE_VERIFY_FAILED): set ${CA_ENV} to the CA that signed it"
+        )
+    if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+        return (
+            f"TLS: {url} requires a client certificate (mutual TLS, {reason}): set "
+            f"${CLIENT_CERT_ENV} and ${CLIENT_KEY_ENV} to one signed by the CA it trusts (--tls-client-ca)"
+        )
+    if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+        return (
+            f"TLS: {url} refused the client certificate in ${CLIENT_CERT_ENV} ({reason}): it must be "
+            "signed by the CA the server trusts (--tls-client-ca)"
+        )
+    if reason == "WRONG_VERSION_NUMBER":
+        return f"TLS: {url} does not speak TLS ({reason}): is it http://, not https://?"
+    return f"TLS: the handshake with {url} failed ({error})"
+
+
+def closed_without_answer(url: str, env: dict | None = None) -> str:
+    """Why a server we reached may close the connection before answering. Over TLS 1.3 the
+    server checks the client certificate after the client has finished its handshake, and
+    ctxaudit's server (asyncio) closes without sending its alert: the client sees only the
+    close, so the likely cause is named."""
+    env = os.environ if env is None else env
+    if not url.startswith("https:"):
+        return "if the server uses TLS (its ready line says https://), use https://"
+    if env.get(CLIENT_CERT_ENV):
+        return (
+            f"TLS: it probably refused the client certificate in ${CLIENT_CERT_ENV}: it must be signed "
+            "by the CA the server trusts (--tls-client-ca)"
+        )
+    return (
+        "TLS: it probably requires a client certificate (mutual TLS, serve --tls-client-ca): set "
+        f"${CLIENT_CERT_ENV} and ${CLIENT_KEY_ENV} to one signed by the CA it trusts"
+    )
 
 
 @dataclass(frozen=True)

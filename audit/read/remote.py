@@ -17,7 +17,7 @@ from typing import BinaryIO
 from pydantic import ValidationError
 
 from ..contract.reader import StoreStats, query_model
-from ..net.access import CA_ENV, TOKEN_ENV
+from ..net.access import TOKEN_ENV, AccessError, client_ssl_context, closed_without_answer, tls_failure
 from ..settings import explain
 from ..store.errors import StoreError
 
@@ -27,7 +27,8 @@ AUDIT_TIMEOUT_S = 3600.0  # an audit of tens of millions of spans takes minutes
 class RemoteReader:
     def __init__(self, url: str, *, timeout: float = 60.0, token: str | None = None):
         """`token` (default: $CTXAUDIT_TOKEN) goes with every request; an https:// server's
-        certificate is checked against $CTXAUDIT_CA_FILE, or the system's CAs."""
+        certificate is checked against $CTXAUDIT_CA_FILE, or the system's CAs, and a client
+        certificate is presented from $CTXAUDIT_CLIENT_CERT and $CTXAUDIT_CLIENT_KEY if set."""
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StoreError(f"--server {url!r} is not a URL such as http://127.0.0.1:4319")
@@ -36,8 +37,10 @@ class RemoteReader:
         self.timeout = timeout
         token = token if token is not None else os.environ.get(TOKEN_ENV, "").strip()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        ca = os.environ.get(CA_ENV)
-        self._tls = ssl.create_default_context(cafile=ca) if parsed.scheme == "https" else None
+        try:
+            self._tls = client_ssl_context() if parsed.scheme == "https" else None
+        except AccessError as e:
+            raise StoreError(str(e)) from None
 
     live = True  # a running server: it also reports ingestion and runs audits
 
@@ -64,6 +67,13 @@ class RemoteReader:
             raise StoreError(f"the server at {self.url} answered {e.code}: {message}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLError):  # reached, but the TLS exchange failed: say which way
+                raise StoreError(f"cannot read from {self.url}: {tls_failure(reason, self.url)}") from None
+            if isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError)):
+                raise StoreError(
+                    f"the read API at {self.url} closed the connection without an answer; "
+                    + closed_without_answer(self.url)
+                ) from None
             raise StoreError(
                 f"cannot reach ctxaudit serve's read API at {self.url} ({reason}); is the server "
                 "running, with --api at that address?"
