@@ -323,7 +323,9 @@ def test_unauthenticated_grpc_calls_are_refused_before_decompression(tmp_path, t
     bomb = gzip.compress(bomb.SerializeToString())
     assert len(bomb) < 16 << 10
     small = request([span(rng.randbytes(16), rng.randbytes(8))]).SerializeToString()
-    proc, grpc_port, _ = start_server(str(tmp_path / "cpu.duckdb"), "--token-file", token_file)
+    proc, grpc_port, _ = start_server(
+        str(tmp_path / "cpu.duckdb"), "--token-file", token_file, "--audit-every", "0"
+    )
     target = f"127.0.0.1:{grpc_port}"
     server = psutil.Process(proc.pid)
 
@@ -370,6 +372,7 @@ def test_loopback_is_a_literal_address_or_localhost():
         assert not is_loopback(host), host
 
 
+@pytest.mark.slow
 def test_ctxaudits_clients_present_a_client_certificate(tmp_path, pki, token_file, monkeypatch):
     """With --tls-client-ca the read API requires a client certificate too: `--server` commands
     and the UI present one from $CTXAUDIT_CLIENT_CERT and $CTXAUDIT_CLIENT_KEY, and every TLS
