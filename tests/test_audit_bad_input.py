@@ -81,6 +81,7 @@ def test_huge_clock_skew_keeps_the_propagated_call(tmp_path, rnd):
     assert result.counts()["orphan_root"] == 1
 
 
+@pytest.mark.slow
 def test_duplicate_delivery_and_duplicate_ids(tmp_path, rnd):
     reqs = []
     for i in range(20):
@@ -116,6 +117,7 @@ def test_parent_cycles_do_not_hang_or_make_roots(tmp_path, rnd):
     assert counts["dangling_parent"] == 1  # the span whose parent never came
 
 
+@pytest.mark.slow
 def test_one_trace_of_100k_spans(tmp_path, rnd):
     tid, root = ids(rnd, 16), ids(rnd)
     spans = [span(tid, root, kind=SERVER, start=T0, end=T0 + 10**9, name="batch")]

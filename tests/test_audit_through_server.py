@@ -18,6 +18,8 @@ from audit.server.process import start_server, stop_server
 from tests.audit_helpers import simulated_store
 from tests.test_ui_pages import PAGES
 
+pytestmark = pytest.mark.slow  # every test talks to a `ctxaudit serve` process
+
 
 def _ctxaudit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, timeout=180)

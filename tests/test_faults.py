@@ -20,6 +20,8 @@ from audit.store.reader import LocalReader
 from tests.otlp_builders import request, spans
 from tests.test_lifecycle import EXPORT, Sender, stored_traces
 
+pytestmark = pytest.mark.slow  # server processes killed, out of disk space, a stalled writer
+
 LIMIT = 3 << 20
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from audit.fleet.runner import run_fleet
 
+pytestmark = pytest.mark.slow  # the demo fleet: processes, Kafka's mock cluster
+
 
 @pytest.fixture(scope="module")
 def fleet_store(tmp_path_factory):

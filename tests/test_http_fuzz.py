@@ -19,6 +19,8 @@ from collector_ext.decode import BadRequest, TooLarge
 from collector_ext.ingest import decode_batch
 from tests.otlp_builders import request, spans
 
+pytestmark = pytest.mark.slow  # a `ctxaudit serve` process; atheris
+
 PB, JS = "application/x-protobuf", "application/json"
 GOOD = request(spans(3, random.Random(3))).SerializeToString()
 MAX_BODY = 1 << 20  # the server's --max-body-mib 1

@@ -15,6 +15,8 @@ from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
 from tests.otlp_builders import request, spans
 
+pytestmark = pytest.mark.slow  # every test starts `ctxaudit` processes
+
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 

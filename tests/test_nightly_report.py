@@ -9,6 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from audit.server.audits import ServerAudits
 from audit.server.daily_report import NightlyReports, next_run
 from audit.server.process import start_server, stop_server
@@ -83,6 +85,7 @@ class StillClock:
         return self.now
 
 
+@pytest.mark.slow
 def test_the_daily_report_runs_once_at_its_time_on_the_servers_clock(tmp_path):
     """The schedule runs on an injected clock, a tenth of a second before 06:30 in Paris; once the
     report has begun, the clock moves on an hour: the next report is tomorrow's."""
@@ -115,6 +118,7 @@ def test_the_daily_report_runs_once_at_its_time_on_the_servers_clock(tmp_path):
     assert report["figures"]["broken_hops"] == 4 and report["source"] == db
 
 
+@pytest.mark.slow
 def test_serve_writes_its_daily_report(tmp_path):
     db, _ = simulated_store(tmp_path)
     reports = tmp_path / "reports"

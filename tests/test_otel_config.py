@@ -58,6 +58,7 @@ def test_ctxaudit_is_decoupled_from_the_backend(config):
     assert ctx["endpoint"].startswith("127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_the_ctxaudit_exporter_settings_reach_a_real_server(config, tmp_path):
     """The endpoint, gzip compression and plaintext of otlp/ctxaudit, as the Collector's exporter
     would use them, against `ctxaudit serve --grpc <that endpoint>`."""

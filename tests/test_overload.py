@@ -93,6 +93,7 @@ def test_full_queue_answers_unavailable_and_503_with_retry_hints(make_server, rn
     assert server.reader().stats().spans == 5  # only what was acknowledged
 
 
+@pytest.mark.slow
 def test_overload_causes_retries_not_loss(make_server, rng):
     server = make_server(queue_spans=5, decoders=1)
     server.writer.pause()
@@ -134,6 +135,7 @@ def test_inflight_byte_budget_refuses_before_decoding(make_server, rng):
     holder.join()
 
 
+@pytest.mark.slow
 def test_a_dead_decode_worker_is_replaced(make_server, rng):
     import os
     import signal

@@ -5,10 +5,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from audit.read.remote import RemoteReader
 from audit.scenarios.output import read_truth
 from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
+
+pytestmark = pytest.mark.slow  # a `ctxaudit serve` process
 
 
 def _simulate(tmp_path, port: int, seed: int) -> None:

@@ -17,6 +17,8 @@ from audit.store.reader import LocalReader
 from tests.audit_helpers import audited_store
 from tests.test_roundtrip_sdk import emit
 
+pytestmark = pytest.mark.slow  # every test talks to a `ctxaudit serve` process
+
 
 def _get(url: str) -> tuple[int, dict]:
     try:

@@ -67,6 +67,7 @@ def _hop(items: list[dict]) -> set[tuple[str, str]]:
     return {(h["caller"], h["callee"]) for h in items}
 
 
+@pytest.mark.slow
 def test_a_report_states_the_broken_hops_with_cause_and_fix(two_reports):
     first, _, _, _ = two_reports
     broken = {(h["caller"], h["callee"]): h for h in first["hops"] if h["broken"]}
@@ -88,6 +89,7 @@ def test_a_report_states_the_broken_hops_with_cause_and_fix(two_reports):
     )
 
 
+@pytest.mark.slow
 def test_the_comparison_finds_the_fixed_the_new_and_the_worse_hop(two_reports):
     _, second, out, stdout = two_reports
     c = second["comparison"]
@@ -136,6 +138,7 @@ def test_a_small_change_on_few_calls_is_not_called_worse():
     assert compare(None, snap(10, 8)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)")
 def test_the_html_is_self_contained_and_displays(two_reports):
     playwright = pytest.importorskip("playwright.sync_api")
@@ -176,6 +179,7 @@ def test_the_html_is_self_contained_and_displays(two_reports):
     assert (ARTIFACTS / "report.png").stat().st_size > 50_000
 
 
+@pytest.mark.slow
 def test_gate_exit_codes(two_reports, days, tmp_path):  # two_reports: day 1's report.json
     _, day2, tmp = days
 
@@ -243,6 +247,7 @@ def test_the_window_reaches_back_from_the_newest_settled_span():
         report_window({"first_start_ns": None, "last_start_ns": None}, 3600, 60)
 
 
+@pytest.mark.slow
 def test_a_report_through_the_server_equals_the_files(days, tmp_path):
     day1, _, _ = days
     proc, _, _ = start_server(day1, "--audit-every", "0")

@@ -4,6 +4,7 @@ with their links; what the audits saved stays; a running server keeps ingesting 
 import time
 
 import duckdb
+import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
 from audit.read.remote import RemoteReader
@@ -25,6 +26,7 @@ def _counts(db: str) -> tuple[int, int, int, int]:
         con.close()
 
 
+@pytest.mark.slow
 def test_age_limit_deletes_old_spans_and_their_links_and_keeps_the_audits(tmp_path):
     db = audited_store(tmp_path)  # spans of 2025-11-26, with one saved run
     spans, links, runs, findings = _counts(db)
@@ -66,6 +68,7 @@ def test_size_limit_deletes_the_oldest_first_and_not_twice_before_a_checkpoint(t
     assert Retention(duckdb.connect(db, read_only=True), db, max_bytes=1 << 40).prune_once().spans == 0
 
 
+@pytest.mark.slow
 def test_serve_prunes_in_the_background_while_it_ingests(tmp_path):
     db = audited_store(tmp_path)
     proc, grpc_port, _ = start_server(db, "--retain-days", "30", "--audit-every", "0")

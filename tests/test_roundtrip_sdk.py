@@ -10,6 +10,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+pytestmark = pytest.mark.slow  # real SDK exporters into receivers on loopback: seconds each
+
 REMOTE_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 REMOTE_SPAN = 0xB7AD6B7169203331
 

@@ -70,6 +70,7 @@ def parent_based(tmp_path_factory):
     return truth_figures(truth), audit_all(db).sampling
 
 
+@pytest.mark.slow  # the parent-based scenario, simulated and audited
 def test_edge_and_overall_figures_agree_with_the_truth(parent_based):
     truth, sampling = parent_based
     estimates = {
@@ -92,6 +93,7 @@ def test_edge_and_overall_figures_agree_with_the_truth(parent_based):
     assert covered >= 0.75 * compared  # 95% intervals: 12 of 16 or fewer has odds under 1%
 
 
+@pytest.mark.slow
 def test_broken_edges_show_their_loss_and_intact_figures_their_ideal(parent_based):
     _, sampling = parent_based
     edges = {(e["caller"], e["callee"]): e for e in sampling["edges"]}

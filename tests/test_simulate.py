@@ -168,6 +168,7 @@ def test_unknown_scenario_lists_the_bundled_ones():
     assert "shop-small" in str(err.value) and "shop-large" in str(err.value)
 
 
+@pytest.mark.slow
 def test_simulate_over_otlp_into_a_running_server(make_server, tmp_path):
     server = make_server(decoders=1)
     truth = tmp_path / "truth.jsonl.gz"

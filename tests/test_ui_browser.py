@@ -17,9 +17,10 @@ from audit.server.process import start_server, stop_server
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "ui"
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)"
-)
+pytestmark = [
+    pytest.mark.slow,  # `ctxaudit ui` in real Chromium
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)"),
+]
 
 
 def _ctxaudit(*args: str) -> None:

@@ -138,6 +138,7 @@ def test_pages_say_what_to_do_without_a_run(tmp_path, monkeypatch):
         assert "ctxaudit audit" in at.info[0].value, name
 
 
+@pytest.mark.slow  # `ctxaudit ui` processes
 def test_ctxaudit_ui_serves_the_explorer(store):
     import socket
     import time
@@ -169,6 +170,7 @@ def test_ctxaudit_ui_serves_the_explorer(store):
         proc.wait(30)
 
 
+@pytest.mark.slow  # `ctxaudit ui` processes
 def test_ctxaudit_ui_refuses_a_store_it_cannot_read(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "audit", "ui", "--db", str(tmp_path / "nope.duckdb")],
