@@ -30,7 +30,7 @@ _SAMPLE_ORPHANS = 800  # per edge: enough for a peak, bounded work at any concur
 _SHIFTS_NS = (-2_300_000_000, -1_100_000_000, 900_000_000, 1_900_000_000)  # the background's moves
 _BANDWIDTHS_NS = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
 _MIN_Z = 6.0  # the peak's excess, in standard deviations of the background's count
-_MIN_SHARE = 0.15  # ... and at least this share of the sampled orphans
+_MIN_SHARE = 0.05  # ... and at least this share of the sampled orphans (a caller sampled at 25%: about 0.14)
 _MIN_EXCESS = 20
 
 # Edges (caller, callee, protocol) of synchronous calls with unpaired exits and orphan roots.
