@@ -245,6 +245,20 @@ def _wait_for_text(locator, expected: str, timeout_s: float = 30) -> None:
         time.sleep(0.3)
 
 
+def _hover_for_tooltip(page, chart, wanted: str) -> str:
+    """Move the mouse over the chart until Vega's tooltip shows `wanted`; the tooltip's text."""
+    chart.scroll_into_view_if_needed()
+    box = chart.bounding_box()
+    tip = page.locator("#vg-tooltip-element")
+    for y in range(int(box["y"]) + 5, int(box["y"] + box["height"]), 6):
+        for x in (box["x"] + box["width"] * f for f in (0.5, 0.7, 0.9, 0.3)):
+            page.mouse.move(x, y)
+            if tip.count() and wanted in (text := tip.inner_text()):
+                assert tip.locator("img, a, script").count() == 0
+                return text
+    raise AssertionError(f"no tooltip showed {wanted!r}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)")
 def test_every_page_and_the_report_show_hostile_names_as_typed(explorer, live, browser, beacon, names):
@@ -303,6 +317,10 @@ def test_every_page_and_the_report_show_hostile_names_as_typed(explorer, live, b
     page.locator("canvas, svg").first.wait_for(timeout=30_000)
     text = _page_text(page)
     assert f"at {names['recommendations']} (gateway → {names['recommendations']}, http)" in text
+    tooltip = _hover_for_tooltip(
+        page, page.locator("[data-testid='stVegaLiteChart']").first, names["GET /recs/{user}"]
+    )
+    assert f"{names['recommendations']}: {names['GET /recs/{user}']}" in tooltip  # the span's label, as text
     _no_active_content(page, beacon.url)
     _shot(page, "trace")
 
