@@ -210,6 +210,15 @@ def test_jaeger_64_bit_trace_ids_are_left_padded(tmp_path):
     assert rows(db, "SELECT count(*) FROM spans WHERE parent_span_id IS NOT NULL") == [(3,)]
 
 
+def test_times_with_a_fraction_of_a_microsecond(tmp_path):
+    db = str(tmp_path / "s.duckdb")
+    trace = jaeger_trace()
+    trace["spans"][0].update(startTime=T0 + 0.25, duration=10.5)
+    assert run("--db", db, write(tmp_path / "j.json", jaeger_doc(trace))).exit_code == 0
+    root = spans_by_name(db)["GET /cart"]
+    assert (root["start_ns"], root["end_ns"] - root["start_ns"]) == (T0 * 1000 + 250, 10_500)
+
+
 def test_a_single_trace_an_empty_answer_and_a_bare_list_of_traces(tmp_path):
     db = str(tmp_path / "s.duckdb")
     one = write(tmp_path / "one.json", jaeger_trace())

@@ -51,11 +51,16 @@ def as_int(value, what: str) -> int:
 
 
 def micros(value, what: str) -> int:
-    """A time or duration in microseconds -> nanoseconds (never negative)."""
-    v = as_int(value, what)
-    if v < 0:
-        raise ValueError(f"{what} is negative ({v})")
-    return v * 1000
+    """A time or duration in microseconds -> nanoseconds (never negative). A fraction of a
+    microsecond (a capture converted from another format) is kept to the nanosecond."""
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        whole = int(value)  # apart: value * 1000 would lose nanoseconds past 2**53
+        ns = whole * 1000 + round((value - whole) * 1000)
+    else:
+        ns = as_int(value, what) * 1000
+    if ns < 0:
+        raise ValueError(f"{what} is negative ({value})")
+    return ns
 
 
 def set_value(av, value, what: str) -> None:
