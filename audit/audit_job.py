@@ -157,6 +157,11 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
             f"({e.propagation_rate:.1%}), {e.stitched:,} stitched"
             + (f"; likely cause: {e.cause}" if e.cause else "")
         )
+    for d in result.degraded:
+        lines.append(
+            f"degraded: stitching ran out of memory on {d['callee']}:{d['operation']}: {d['orphans']:,} orphans "
+            "left without a parent there (raise --memory-limit to name them)"
+        )
     lines += _sampling_lines(result.sampling)
     groups: dict[tuple, int] = {}
     for kind, caller, callee, cause in zip(

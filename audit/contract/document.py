@@ -151,6 +151,9 @@ class AuditResult:
     sampling: dict = field(default_factory=dict)  # {"services", "edges", "overall"}: audit/engine/sampling.py
     seconds: float = 0.0
     run_id: int | None = None
+    # operations whose orphans stitching gave up for lack of memory (they abstain there):
+    # [{"callee", "operation", "orphans"}], audit/engine/stitch.py
+    degraded: list[dict] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         kinds = self.findings.column("kind").to_pylist()
@@ -177,6 +180,7 @@ class AuditResult:
             "counts": self.counts(),
             "stitched": self.stitched(),
             "roots": self.roots,
+            "degraded": self.degraded,
         }
 
     def document_chunks(self, *, findings: bool = True, extra: dict | None = None, batch: int = 5_000):

@@ -15,6 +15,7 @@ from .learn import learn
 from .sampling import sampling_figures
 from .scan import scan
 from .skew import learn_unseen_offsets
+from .stitch import degraded_hops
 from .targets import resolve_exits
 from .virtual_exits import learn_call_patterns
 
@@ -45,6 +46,7 @@ def run_audit(
         service: {"entry": entry, "orphan": orphan, "orphan_unattributed": unattributed}
         for service, entry, orphan, unattributed in con.execute(_ROOTS_PER_SERVICE).fetchall()
     }
+    degraded = degraded_hops(con)
     # what stitching and edges needed: at 10M spans these spill past the memory limit and
     # would slow every later query that touches spilled pages
     for name in (
@@ -75,6 +77,7 @@ def run_audit(
         roots,
         sampling,
         time.monotonic() - started,
+        degraded=degraded,
     )
 
 

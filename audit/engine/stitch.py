@@ -155,7 +155,9 @@ def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[st
       SELECT oid, eid, {_FIT} AS fit FROM ({pairs}) p
       LEFT JOIN cand_models m ON m.caller = p.e_service AND m.callee = p.o_service AND m.protocol = p.e_protocol)
     GROUP BY oid"""
-    return top, f"SELECT DISTINCT oid FROM ({okeys})"
+    # given up: the orphans that share a key with exits in flight during the slice
+    overlap = "" if rank == RANK_EXACT else " WHERE win_hi >= $lo AND win_lo < $hi"
+    return top, f"SELECT DISTINCT oid FROM ({okeys}) WHERE key IN (SELECT key FROM ({ekeys}){overlap})"
 
 
 # `path_odds`: how much a shared URL path says. Among the caller's exits with paths, the share
@@ -204,10 +206,12 @@ def build_candidates(
     con.execute(_EXACT_ONLY)
     _models_table(con, learned)
     con.execute("CREATE OR REPLACE TEMP TABLE cand_pairs (oid BIGINT, eid BIGINT, rank INTEGER)")
-    # per orphan matched (or given up) at some strength: how many candidates fitted there, before
-    # the cap; `degraded` when the stage ran out of memory on its slice and the orphan abstains
+    # per orphan matched (or given up) at some strength: how many candidates fitted there before
+    # the cap, how many were kept; `degraded` when the stage ran out of memory on its slice and
+    # the orphan abstains. It outlives cand_pairs: a run leaves it for tests and benchmarks.
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE cand_counts (oid BIGINT, rank INTEGER, candidates BIGINT, degraded BOOLEAN)"
+        "CREATE OR REPLACE TEMP TABLE cand_counts"
+        " (oid BIGINT, rank INTEGER, candidates BIGINT, kept INTEGER, degraded BOOLEAN)"
     )
     k = per_orphan or CANDIDATES_PER_ORPHAN
     slices = _slices(con)
@@ -240,11 +244,11 @@ def _run_stage(con, rank: int, top: str, orphans: str, span: tuple[int, int] | N
             _run_stage(con, rank, top, orphans, (span[0], mid))
             _run_stage(con, rank, top, orphans, (mid, span[1]))
             return
-        q = f"INSERT INTO cand_counts SELECT oid, {rank}, NULL, true FROM ({orphans})"
+        q = f"INSERT INTO cand_counts SELECT oid, {rank}, NULL, 0, true FROM ({orphans})"
         con.execute(q, None if span is None else {"lo": span[0], "hi": span[1]})
         return
     con.execute(f"INSERT INTO cand_pairs SELECT oid, unnest(top), {rank} FROM cand_top WHERE n > 0")
-    con.execute(f"INSERT INTO cand_counts SELECT oid, {rank}, n, false FROM cand_top WHERE n > 0")
+    con.execute(f"INSERT INTO cand_counts SELECT oid, {rank}, n, len(top), false FROM cand_top WHERE n > 0")
 
 
 def _memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
