@@ -81,6 +81,7 @@ def main(verbose: bool) -> None:
 @setting(ServeSettings, "max_body_mib")
 @setting(ServeSettings, "queue_spans")
 @setting(ServeSettings, "inflight_mib")
+@setting(ServeSettings, "staging_mib")
 @setting(ServeSettings, "decoders")
 @setting(ServeSettings, "memory_limit")
 @setting(ServeSettings, "audit_max_rss_mib")

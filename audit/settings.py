@@ -228,6 +228,13 @@ class ServeSettings(BaseModel):
     inflight_mib: float = Field(
         256.0, ge=0.001, description="Request bytes being decoded or committed before requests are refused."
     )
+    staging_mib: int = Field(
+        1024,
+        ge=0,
+        description="Disk space of the staging log (DB's name + '.staging/'): requests are acknowledged "
+        "once their spans are fsync'd there, and loaded into DB within about a second; beyond it requests "
+        "are refused (retryable). 0: no staging log, acknowledge after the DuckDB commit.",
+    )
     decoders: int | None = Field(
         None,
         ge=0,
@@ -290,6 +297,10 @@ class ServeSettings(BaseModel):
     @property
     def inflight_bytes(self) -> int:
         return int(self.inflight_mib * _MIB)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_mib * _MIB
 
     @property
     def retain_bytes(self) -> int | None:

@@ -2,7 +2,8 @@
 
 Decoding and conversion to columns run in worker processes, so ingest uses every core
 (one Python process tops out at about 35k spans/s, DESIGN.md). The request is
-acknowledged only after the writer has committed its spans. Every way of refusing a
+acknowledged only once its spans are durable: fsync'd to the staging log (audit/store/staging.py),
+or, without one, committed by the writer. Every way of refusing a
 request is a `Refused` subclass carrying its wire codes: this is the one table that
 gives errors their retry meaning (OTLP spec, "Failures" and "Retryable response codes").
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from audit.settings import ServeSettings
 from audit.store.batch import SpanBatch
 from audit.store.errors import StoreError
+from audit.store.staging import StagingLog
 from audit.store.writer import QueueFull, SpanWriter
 
 from .columns import to_span_batch
@@ -110,18 +112,21 @@ def _worker_init() -> None:
 
 
 class Ingestor:
-    """Thread-safe; one per server. `export` blocks until the spans are committed."""
+    """Thread-safe; one per server. `export` blocks until the spans are durable: fsync'd to the
+    staging log when there is one (a loader moves them into the store), else committed."""
 
     def __init__(
         self,
         writer: SpanWriter,
         *,
+        staging: StagingLog | None = None,
         decoders: int = os.cpu_count() or 1,
         max_body_bytes: int = _DEFAULTS.max_body_bytes,
         max_inflight_bytes: int = _DEFAULTS.inflight_bytes,
         commit_timeout: float = 30.0,
     ):
         self.writer = writer
+        self.staging = staging
         self.decoders = decoders
         self.max_body_bytes = max_body_bytes
         self.max_inflight_bytes = max_inflight_bytes
@@ -234,8 +239,8 @@ class Ingestor:
 
     def _commit(self, batch: SpanBatch) -> None:
         try:
-            done = self.writer.submit(batch)
-        except QueueFull as e:
+            done = (self.staging or self.writer).submit(batch)
+        except QueueFull as e:  # the write queue, or the staging log (StagingFull)
             self._count(refused=True)
             raise Unavailable(f"{e}; retry later") from None
         started = time.monotonic()

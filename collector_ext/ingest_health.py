@@ -1,5 +1,6 @@
 """How ingestion is going right now: the rate of committed spans over the last minute, what was
-refused or rejected, and how full the write queue and the decode budget are. serve's progress
+refused or rejected, how full the write queue, the decode budget and the staging log are, and
+how far the store is behind the acknowledgements (the staging log's lag). serve's progress
 log and the read API's `ingest` query (the UI's overview) both read it."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import threading
 import time
 from collections import deque
 
+from audit.store.staging import StagingLoader
 from audit.store.writer import SpanWriter
 
 from .ingest import Ingestor
@@ -16,8 +18,15 @@ RATE_WINDOW_S = 60.0
 
 
 class IngestHealth:
-    def __init__(self, ingestor: Ingestor, writer: SpanWriter, *, clock=time.monotonic):
-        self.ingestor, self.writer, self._clock = ingestor, writer, clock
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        writer: SpanWriter,
+        *,
+        loader: StagingLoader | None = None,
+        clock=time.monotonic,
+    ):
+        self.ingestor, self.writer, self.loader, self._clock = ingestor, writer, loader, clock
         self._started = clock()
         self._samples: deque[tuple[float, int]] = deque([(self._started, 0)])
         self._lock = threading.Lock()
@@ -34,6 +43,24 @@ class IngestHealth:
 
     def snapshot(self) -> dict:
         s, w = self.ingestor.stats, self.writer.stats
+        return self._counters(s, w) | self._staging()
+
+    def _staging(self) -> dict:
+        if self.loader is None:
+            return {}
+        log = self.loader.staging
+        return {
+            "staged_spans": log.spans,
+            "staging_bytes": log.bytes,
+            "staging_capacity_bytes": log.max_bytes,
+            "staging_segments": log.segments,
+            "staging_lag_s": round(log.lag_s(), 2),
+            "last_load_lag_s": round(self.loader.last_lag_s, 2),
+            "loads": log.stats.loads,
+            "failed_loads": log.stats.failed_loads,
+        }
+
+    def _counters(self, s, w) -> dict:
         return {
             "uptime_s": round(self._clock() - self._started, 1),
             "spans_per_s": round(self.spans_per_s(), 1),

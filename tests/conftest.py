@@ -12,6 +12,7 @@ from hypothesis import settings
 
 from audit.settings import ServeSettings
 from audit.store.reader import LocalReader
+from audit.store.staging import StagingLoader, StagingLog
 from audit.store.writer import SpanStore, SpanWriter
 from collector_ext.ingest import Ingestor
 from collector_ext.receivers import OtlpReceivers
@@ -32,6 +33,7 @@ class RunningServer:
     writer: SpanWriter
     ingestor: Ingestor
     receivers: OtlpReceivers
+    loader: StagingLoader | None = None
     stopped: bool = False
 
     @property
@@ -46,6 +48,9 @@ class RunningServer:
         if not self.stopped:
             self.stopped = True
             self.receivers.stop()
+            if self.loader:  # as serve does: what was acknowledged is loaded before the close
+                self.loader.close()
+                self.loader.staging.close()
             self.writer.close()
 
     def reader(self) -> LocalReader:
@@ -64,18 +69,31 @@ def make_server(tmp_path):
         max_body_bytes: int = DEFAULTS.max_body_bytes,
         queue_spans: int = DEFAULTS.queue_spans,
         inflight_bytes: int = DEFAULTS.inflight_bytes,
+        staging_bytes: int | None = None,
         name: str = "store.duckdb",
     ) -> RunningServer:
+        """`staging_bytes`: acknowledge after the append to a staging log of this size, as serve
+        does by default; None: after the commit."""
         db = str(tmp_path / name)
-        writer = SpanWriter(SpanStore(db), max_queued_spans=queue_spans)
+        store = SpanStore(db)
+        writer = SpanWriter(store, max_queued_spans=queue_spans)
+        loader = None
+        if staging_bytes is not None:
+            staging = StagingLog(db + ".staging", max_bytes=staging_bytes, loaded=store.loaded_segments())
+            loader = StagingLoader(staging, writer)
+            loader.start()
         ingestor = Ingestor(
-            writer, decoders=decoders, max_body_bytes=max_body_bytes, max_inflight_bytes=inflight_bytes
+            writer,
+            staging=loader.staging if loader else None,
+            decoders=decoders,
+            max_body_bytes=max_body_bytes,
+            max_inflight_bytes=inflight_bytes,
         )
         receivers = OtlpReceivers(
             ingestor, grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", drain_timeout=10
         )
         receivers.start()
-        server = RunningServer(db, writer, ingestor, receivers)
+        server = RunningServer(db, writer, ingestor, receivers, loader)
         servers.append(server)
         return server
 

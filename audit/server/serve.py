@@ -27,6 +27,7 @@ from ..settings import AuditSettings, ServeSettings
 from ..store.errors import StoreError
 from ..store.reader import StoreReader
 from ..store.retention import Retention
+from ..store.staging import StagingLoader, StagingLog
 from ..store.writer import SpanStore, SpanWriter
 from .audits import ServerAudits
 from .periodic import Periodic
@@ -68,9 +69,26 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     except StoreError as e:
         raise ServeError(str(e)) from None
     writer = SpanWriter(store, max_queued_spans=c.settings.queue_spans)
+    try:
+        loader = _staging(c, store, writer)
+    except (OSError, StoreError) as e:
+        writer.close()
+        raise ServeError(f"cannot open the staging log {c.db}.staging: {e}") from None
+    staging = loader.staging if loader else None
+
+    def close_store() -> None:
+        """Load the staging log into the store (see the stop line), then close it."""
+        if loader:
+            left = loader.close(c.settings.drain_timeout)
+            staging.close()
+            if left:
+                say(f"ctxaudit serve: {left} acknowledged spans left in {staging.directory} for next start")
+        writer.close()
+
     limits = _connection_limits(c)
     ingestor = Ingestor(
         writer,
+        staging=staging,
         decoders=(os.cpu_count() or 1) if c.settings.decoders is None else c.settings.decoders,
         max_body_bytes=c.settings.max_body_bytes,
         max_inflight_bytes=c.settings.inflight_bytes,
@@ -83,7 +101,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         access=c.access,
         limits=limits,
     )
-    health = IngestHealth(ingestor, writer)
+    health = IngestHealth(ingestor, writer, loader=loader)
     audits = ServerAudits(
         store,
         AuditSettings(settle_s=c.settings.audit_settle),
@@ -110,14 +128,14 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     try:
         receivers.start()  # on failure it has stopped what it started
     except OSError as e:
-        writer.close()
+        close_store()
         raise ServeError(str(e)) from None
     try:
         if api:
             api.start()
     except OSError as e:
         receivers.stop()
-        writer.close()
+        close_store()
         raise ServeError(str(e)) from None
 
     print(f"ctxaudit serve: ready: {', '.join(_listening(c, receivers, api))}; store {c.db}", flush=True)
@@ -128,7 +146,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         h = health.snapshot()
         log.info(
             "stored %d spans (%.0f/s over the last minute), %d rejected, %d requests refused (retryable), "
-            "%d invalid, %d unauthenticated, %d queued",
+            "%d invalid, %d unauthenticated, %d queued, %d staged (%.1f s behind)",
             h["committed_spans"],
             h["spans_per_s"],
             h["rejected_spans"],
@@ -136,6 +154,8 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
             h["invalid_requests"],
             h["unauthenticated_requests"],
             h["queued_spans"],
+            h.get("staged_spans", 0),
+            h.get("staging_lag_s", 0.0),
         )
 
     say("ctxaudit serve: stopping: draining requests in flight")
@@ -146,12 +166,24 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     if api:
         api.stop()
     receivers.stop()
-    writer.close()
+    close_store()
     s = ingestor.stats
     say(
         f"ctxaudit serve: stopped: {writer.stats.committed_spans} spans committed in {writer.stats.commits} "
         f"transactions, {s.rejected_spans} rejected, {s.end_before_start} ending before they start"
     )
+
+
+def _staging(c: ServeConfig, store: SpanStore, writer: SpanWriter) -> StagingLoader | None:
+    """The staging log beside the DB, and its loader started: it loads first what a crash left."""
+    if not c.settings.staging_mib:
+        return None
+    staging = StagingLog(
+        f"{c.db}.staging", max_bytes=c.settings.staging_bytes, loaded=store.loaded_segments()
+    )
+    loader = StagingLoader(staging, writer)
+    loader.start()
+    return loader
 
 
 def _connection_limits(c: ServeConfig) -> ConnectionLimits:

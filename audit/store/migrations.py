@@ -152,6 +152,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE audit_runs ADD COLUMN sampling JSON;
         """,
     ),
+    Migration(
+        "0004_staging_segments",
+        """
+        -- staging log segments (audit/store/staging.py) whose spans are in `spans`: each row is
+        -- written in the transaction that loads its segment, so a segment still on disk after a
+        -- crash is loaded again only if its row is missing (exactly once). Rows below the oldest
+        -- segment of a load are deleted by that load: their files are gone.
+        CREATE TABLE staging_segments (
+            segment BIGINT PRIMARY KEY,
+            spans BIGINT NOT NULL,
+            loaded_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 )
 
 

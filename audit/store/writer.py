@@ -53,6 +53,12 @@ def _insert_sql(table: str, schema: pa.Schema) -> str:
 _INSERT_SPANS = _insert_sql("spans", SPAN_SCHEMA)
 _INSERT_LINKS = _insert_sql("span_links", LINK_SCHEMA)
 _COMMIT_WITH_LINKS = f"BEGIN TRANSACTION; {_INSERT_SPANS}; {_INSERT_LINKS}; COMMIT"
+# a load from the staging log records its segments with their rows (exactly once after a crash)
+# and forgets the rows of segments older than the load's, whose files are gone
+_RECORD_SEGMENTS = (
+    "DELETE FROM staging_segments WHERE segment < (SELECT min(forget_below) FROM batch_segments); "
+    "INSERT INTO staging_segments SELECT segment, spans, current_timestamp FROM batch_segments"
+)
 _INVALIDATED = "database has been invalidated"
 
 
@@ -139,8 +145,10 @@ class SpanStore:
             )
             self._failing_since = None
 
-    def append(self, batches: list[SpanBatch]) -> None:
-        """Append batches in one transaction: all of them are committed, or none."""
+    def append(self, batches: list[SpanBatch], segments: pa.Table | None = None) -> None:
+        """Append batches in one transaction: all of them are committed, or none. `segments`
+        (columns segment, spans, forget_below): the staging log's segments these batches come
+        from, recorded in the same transaction (`loaded_segments`)."""
         self._reopen_if_invalidated()
         spans = pa.concat_tables([b.spans for b in batches], promote_options="permissive")
         links = [b.links for b in batches if b.links.num_rows]
@@ -151,9 +159,14 @@ class SpanStore:
         try:
             con.register("batch_spans", spans)
             if links:
-                con.register("batch_span_links", pa.concat_tables(links))
+                con.register("batch_span_links", pa.concat_tables(links, promote_options="permissive"))
+            sql = _COMMIT_WITH_LINKS if links else _INSERT_SPANS
+            if segments is not None:
+                con.register("batch_segments", segments)
+                inserts = f"{_INSERT_SPANS}; {_INSERT_LINKS}" if links else _INSERT_SPANS
+                sql = f"BEGIN TRANSACTION; {inserts}; {_RECORD_SEGMENTS}; COMMIT"
             try:
-                con.execute(_COMMIT_WITH_LINKS if links else _INSERT_SPANS)
+                con.execute(sql)
             except BaseException:
                 with contextlib.suppress(duckdb.Error):  # no transaction is open after a failed autocommit
                     con.execute("ROLLBACK")
@@ -161,6 +174,14 @@ class SpanStore:
         except duckdb.Error as e:
             raise self._failed(e) from None
         self._succeeded()
+
+    def loaded_segments(self) -> set[int]:
+        """The staging log's segments whose spans are stored (at least those a segment file
+        still on disk may be: older rows are forgotten once their files are gone)."""
+        try:
+            return {r[0] for r in self._con.execute("SELECT segment FROM staging_segments").fetchall()}
+        except duckdb.Error as e:
+            raise translate(e, self.path, writing=True) from None
 
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:
@@ -186,6 +207,8 @@ class WriterStats:
 class _Job:
     batch: SpanBatch
     done: Future
+    batches: list[SpanBatch] | None = None  # a load from the staging log: committed on its own
+    segments: pa.Table | None = None
 
 
 _STOP = object()
@@ -225,6 +248,13 @@ class SpanWriter:
         self._queue.put(job)
         return job.done
 
+    def submit_load(self, batches: list[SpanBatch], segments: pa.Table) -> Future:
+        """Queue a load from the staging log: its batches and its segments' rows, in one
+        transaction of their own. Not bounded by the queue: the loader waits for each load."""
+        job = _Job(batches[0], Future(), batches, segments)
+        self._queue.put(job)
+        return job.done
+
     def pause(self) -> None:
         """Hold commits (queued batches wait): for maintenance and for overload tests."""
         self._resume.clear()
@@ -241,10 +271,15 @@ class SpanWriter:
 
     def _run(self) -> None:
         stopping = False
+        carried = None  # a load met while grouping: it is committed next, on its own
         while not stopping:
-            item = self._queue.get()
+            item, carried = carried or self._queue.get(), None
             if item is _STOP:
                 break
+            if item.batches is not None:
+                self._resume.wait()
+                self._commit([item], sum(b.accepted for b in item.batches), queued=False)
+                continue
             group = [item]
             spans = item.batch.accepted
             while spans < self.max_group_spans:
@@ -255,22 +290,29 @@ class SpanWriter:
                 if nxt is _STOP:
                     stopping = True
                     break
+                if nxt.batches is not None:
+                    carried = nxt
+                    break
                 group.append(nxt)
                 spans += nxt.batch.accepted
             self._resume.wait()
             self._commit(group, spans)
 
-    def _commit(self, group: list[_Job], spans: int) -> None:
+    def _commit(self, group: list[_Job], spans: int, *, queued: bool = True) -> None:
         error: Exception | None = None
         try:
-            self.store.append([job.batch for job in group])
+            if group[0].batches is not None:
+                self.store.append(group[0].batches, group[0].segments)
+            else:
+                self.store.append([job.batch for job in group])
         except StoreError as e:
             error = e
         except Exception as e:  # a bug must fail the requests, not kill the only writer
             log.exception("unexpected error while committing %d spans", spans)
             error = e
         with self._lock:
-            self.stats.queued_spans -= spans
+            if queued:
+                self.stats.queued_spans -= spans
             if error is None:
                 self.stats.commits += 1
                 self.stats.committed_batches += len(group)
