@@ -617,6 +617,7 @@ def import_with(db: str, files: list[str], **options):
         writer.close()
 
 
+@pytest.mark.slow  # starts the conversion worker process
 def test_converting_in_a_worker_process_stores_the_same(tmp_path):
     files = list(all_formats(tmp_path).values())
     contents = []
@@ -634,6 +635,7 @@ def test_converting_in_a_worker_process_stores_the_same(tmp_path):
     assert contents[0] == contents[1]
 
 
+@pytest.mark.slow  # starts the conversion worker process
 def test_a_bad_file_in_the_worker_process_names_file_and_position(tmp_path):
     traces = many_traces(3)
     traces[1]["spans"][0]["spanID"] = "xyz"
