@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from .connections import AcceptErrorLog, ConnectionGuard, ConnectionLimits
+from .connections import ACCEPT_BURST, AcceptErrorLog, ConnectionGuard, ConnectionLimits
 
 
 class ThreadedAioServer:
@@ -72,12 +72,15 @@ class ThreadedAioServer:
         self.executor.shutdown(wait=True)
 
 
+LISTEN_QUEUE = 1024
+
+
 class _GuardedSite(web.SockSite):
     """SockSite with aiohttp's protocol wrapped by the guard, and TLS handshakes held to the
     header timeout (SockSite has no say in either)."""
 
     def __init__(self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard, *, ssl_context):
-        super().__init__(runner, sock, ssl_context=ssl_context)
+        super().__init__(runner, sock, ssl_context=ssl_context, backlog=ACCEPT_BURST)
         self._guard = guard
 
     async def start(self) -> None:
@@ -89,3 +92,7 @@ class _GuardedSite(web.SockSite):
             backlog=self._backlog,
             ssl_handshake_timeout=self._guard.limits.header_timeout if self._ssl_context else None,
         )
+        # asyncio's backlog is also how many it accepts in one go; the kernel may queue more
+        # (they hold no descriptor of ours until accepted), so a burst of clients waits rather
+        # than having its connections dropped
+        self._sock.listen(LISTEN_QUEUE)

@@ -11,7 +11,9 @@ fails. Here each connection is watched from accept to close:
   (a handler that is busy, or that has stopped reading, is not the client's fault);
 - at most `max_connections` are open: a new one beyond the cap closes the oldest connection
   that is idle or still sending its head (a real client sends its head at once, so that is
-  the slow one), and if every connection is inside a request, the new one is closed at once.
+  the slow one) among those of the client address holding the most; if there is none (all
+  inside requests, or, from the new one's own address, younger than a quarter of a second),
+  the new one is closed at once.
 
 Accept errors (EMFILE and kin) go to the event loop's exception handler once per attempt,
 hundreds of times a second while descriptors are short; `AcceptErrorLog` turns them into
@@ -23,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -59,6 +62,8 @@ class ConnectionCounts:
     open: int = 0
 
 
+GRACE_S = 0.25  # a connection younger than this is never closed to make room
+
 # the states of a connection
 _HEAD, _REQUEST, _RESPONDING, _IDLE = "head", "request", "responding", "idle"
 
@@ -72,6 +77,7 @@ class _Watch:
     request: web.BaseRequest | None = None
     head_since: float | None = None  # the next head's first byte, seen before the response was out
     write_buffer: int = 0
+    peer: str = ""  # the client's address, without the port
 
 
 class _WatchedProtocol(asyncio.Protocol):
@@ -116,6 +122,7 @@ class ConnectionGuard:
         self.name, self.limits = name, limits
         self.counts = ConnectionCounts()
         self._watches: dict[object, _Watch] = {}  # by aiohttp's protocol, oldest first
+        self._per_peer: Counter[str] = Counter()  # open connections per client address
         self._sweeper: asyncio.Task | None = None
         self._logged = ConnectionCounts()
         self._last_log = time.monotonic()
@@ -152,22 +159,46 @@ class ConnectionGuard:
     # the protocol's calls
 
     def admit(self, protocol, transport) -> bool:
-        counts = self.counts
+        counts, now = self.counts, time.monotonic()
+        peername = transport.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else ""
         if len(self._watches) >= self.limits.max_connections:
-            oldest = next((p for p, w in self._watches.items() if w.state in (_HEAD, _IDLE)), None)
-            if oldest is None:
+            victim = self._victim(peer, now)
+            if victim is None:
                 counts.refused += 1
                 return False
-            self._close(oldest, "evicted")
-        now = time.monotonic()
-        self._watches[protocol] = _Watch(transport, _HEAD, now, now)
+            self._close(victim, "evicted")
+        self._watches[protocol] = _Watch(transport, _HEAD, now, now, peer=peer)
+        self._per_peer[peer] += 1
         counts.accepted += 1
         counts.open = len(self._watches)
         return True
 
+    def _victim(self, peer: str, now: float):
+        """The connection to close for a new one from `peer`: the oldest idle or unfinished
+        head of the address holding the most connections (an attacker's, not the others'); if
+        that address is the new one's own, not one younger than GRACE_S, whose head may simply
+        not have been read yet (else a flood of new connections would push out everyone)."""
+        hog = max(self._per_peer, key=self._per_peer.__getitem__)
+        grace = GRACE_S if hog == peer else 0.0
+        for p, w in self._watches.items():
+            if w.peer == hog and w.state in (_HEAD, _IDLE) and now - w.since >= grace:
+                return p
+        for p, w in self._watches.items():  # that address is busy in requests: anyone's, then
+            if w.state in (_HEAD, _IDLE) and now - w.since >= GRACE_S:
+                return p
+        return None
+
     def forget(self, protocol) -> None:
-        self._watches.pop(protocol, None)
+        watch = self._watches.pop(protocol, None)
+        if watch is not None:
+            self._release(watch)
         self.counts.open = len(self._watches)
+
+    def _release(self, watch: _Watch) -> None:
+        self._per_peer[watch.peer] -= 1
+        if not self._per_peer[watch.peer]:
+            del self._per_peer[watch.peer]
 
     def saw_data(self, protocol) -> None:
         watch = self._watches.get(protocol)
@@ -185,6 +216,7 @@ class ConnectionGuard:
 
     def _close(self, protocol, why: str) -> None:
         watch = self._watches.pop(protocol)
+        self._release(watch)
         self.counts.open = len(self._watches)
         setattr(self.counts, why, getattr(self.counts, why) + 1)
         # a stalled write would never flush: drop it; otherwise a FIN, after what was sent
@@ -297,6 +329,10 @@ def grpc_connection_options(limits: ConnectionLimits) -> list[tuple[str, int]]:
 
 
 FD_RESERVE = 256  # descriptors kept for everything but connections: the store, WAL, workers, pipes
+# asyncio accepts up to the listen backlog in one go before any of them is admitted, and a
+# connection closed to make room holds its descriptor until the next loop turn: a listener can
+# briefly hold its cap plus twice this many
+ACCEPT_BURST = 32
 
 
 def raise_fd_limit() -> int:
@@ -315,9 +351,9 @@ def raise_fd_limit() -> int:
 
 
 def fit_to_fd_limit(limits: ConnectionLimits, listeners: int, fd_limit: int) -> ConnectionLimits:
-    """The limits with `max_connections` lowered so that `listeners` full listeners and the
-    reserve fit in `fd_limit` descriptors."""
-    room = max(1, (fd_limit - FD_RESERVE) // max(1, listeners))
+    """The limits with `max_connections` lowered so that `listeners` full listeners (with their
+    accept bursts) and the reserve fit in `fd_limit` descriptors."""
+    room = max(1, (fd_limit - FD_RESERVE) // max(1, listeners) - 2 * ACCEPT_BURST)
     if limits.max_connections <= room:
         return limits
     log.warning(
