@@ -49,16 +49,22 @@ def gunzip(body: bytes, max_bytes: int) -> bytes:
 
 def decode_request(body: bytes, content_type: str):
     """Decode an export request into the ingest view (`otlp_lite.TracesData`)."""
-    if content_type == JSON:
-        body = _decode_json(body).SerializeToString()
-    elif content_type != PROTOBUF:
-        raise ValueError(f"unsupported content type {content_type!r}")
+    body = to_protobuf(body, content_type)
     traces = TracesData()
     try:
         traces.ParseFromString(body)
     except DecodeError as e:
         raise BadRequest(f"malformed OTLP protobuf: {e}") from None
     return traces
+
+
+def to_protobuf(body: bytes, content_type: str) -> bytes:
+    """The request as protobuf bytes (OTLP/JSON converted; not yet checked for well-formedness)."""
+    if content_type == JSON:
+        return _decode_json(body).SerializeToString()
+    if content_type != PROTOBUF:
+        raise ValueError(f"unsupported content type {content_type!r}")
+    return body
 
 
 def _not_json(name: str):

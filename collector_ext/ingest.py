@@ -27,8 +27,8 @@ from audit.store.errors import StoreError
 from audit.store.staging import StagingLog
 from audit.store.writer import QueueFull, SpanWriter
 
-from .columns import to_span_batch
-from .decode import JSON, PROTOBUF, BadRequest, TooLarge, decode_request, gunzip
+from . import decoder, worker
+from .decode import JSON, PROTOBUF, BadRequest, TooLarge, gunzip
 
 _DEFAULTS = ServeSettings()  # declared in audit/settings.py
 log = logging.getLogger(__name__)
@@ -92,7 +92,12 @@ def decode_batch(body: bytes, content_type: str, gzipped: bool, max_bytes: int) 
     """Body bytes -> SpanBatch. Pure; runs in a worker process (or inline with 0 workers)."""
     if gzipped:
         body = gunzip(body, max_bytes)
-    return to_span_batch(decode_request(body, content_type))
+    return decoder.to_span_batch(body, content_type)
+
+
+def _decode_in_worker(body: bytes, content_type: str, gzipped: bool, max_bytes: int) -> worker.Shipped:
+    # handed back as Arrow IPC through shared memory, not pickled (collector_ext/worker.py)
+    return worker.ship(decode_batch(body, content_type, gzipped, max_bytes))
 
 
 def _worker_init() -> None:
@@ -162,6 +167,7 @@ class Ingestor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            worker.sweep()
 
     def export(self, body: bytes, content_type: str, gzipped: bool = False) -> ExportResult:
         if content_type not in CONTENT_TYPES:
@@ -214,7 +220,10 @@ class Ingestor:
         try:
             if pool is None:
                 return decode_batch(body, content_type, gzipped, self.max_body_bytes)
-            return pool.submit(decode_batch, body, content_type, gzipped, self.max_body_bytes).result()
+            shipped = pool.submit(
+                _decode_in_worker, body, content_type, gzipped, self.max_body_bytes
+            ).result()
+            return worker.receive(shipped)
         except TooLarge as e:
             self._count(invalid=True)
             raise PayloadTooLarge(str(e)) from None
@@ -235,6 +244,7 @@ class Ingestor:
                 return
             log.error("a decode worker process died; starting a new pool")
             broken.shutdown(wait=False, cancel_futures=True)
+            worker.sweep()  # the dead worker's unreceived batches
             self._pool = self._new_pool()
 
     def _commit(self, batch: SpanBatch) -> None:
