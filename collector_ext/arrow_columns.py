@@ -41,6 +41,11 @@ except ImportError:  # optional: without it every request takes the Python path
     ptars = None
 
 
+# Below this many spans a request costs less in Python: this path's cost per request (some
+# hundred array operations, ~1-3 ms) outweighs its saving per span (bench/decode.py --sizes).
+MIN_SPANS = 300
+
+
 class Unsupported(Exception):
     """This request has something the vectorised path does not convert; use columns.py."""
 
@@ -299,12 +304,22 @@ _STRING, _BOOL, _INT, _DOUBLE = 1, 2, 3, 4
 # kinds it converts another way than this module does (the request goes to columns.py).
 _STR_TAKES, _STR_OTHER = (_STRING, _INT, _BOOL), (_DOUBLE, 5, 6, 7, 8)
 _INT_TAKES, _INT_OTHER = (_INT,), (_STRING, 7, 8)
+
+
+def _table(kinds: tuple[int, ...]) -> np.ndarray:
+    table = np.zeros(len(_VALUE_FIELDS) + 1, dtype=bool)
+    table[list(kinds)] = True
+    return table
+
+
+# as lookup tables indexed by kind: cheaper than np.isin for a handful of rows
 _CONVERTER_KINDS = {
-    _as_str: (_STR_TAKES, _STR_OTHER),
-    _as_path: (_STR_TAKES, _STR_OTHER),
-    _as_int: (_INT_TAKES, _INT_OTHER),
-    _as_int32: (_INT_TAKES, _INT_OTHER),
+    _as_str: (_table(_STR_TAKES), _table(_STR_OTHER)),
+    _as_path: (_table(_STR_TAKES), _table(_STR_OTHER)),
+    _as_int: (_table(_INT_TAKES), _table(_INT_OTHER)),
+    _as_int32: (_table(_INT_TAKES), _table(_INT_OTHER)),
 }
+_AS_TEXT = _table((_INT, _BOOL))
 _INT32 = (-(2**31), 2**31)
 
 
@@ -334,6 +349,8 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.
     kind = np.zeros(len(raw), dtype=np.int8)
     members = np.zeros(len(raw), dtype=np.int8)
     for k, field in enumerate(_VALUE_FIELDS, start=1):
+        if value[field].null_count == len(raw):
+            continue
         is_set = np.asarray(value[field].is_valid())
         kind[is_set] = k
         members += is_set
@@ -345,6 +362,11 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.
 
     present = {}
     for name, conv, candidates in DERIVED:
+        type_ = SPAN_SCHEMA.field(name).type
+        if not any(key in code_of for key in candidates):
+            out[name] = pa.nulls(n, type_)
+            present[name] = np.zeros(n, dtype=bool)
+            continue
         takes, other = _CONVERTER_KINDS[conv]
         source = np.full(n, -1, dtype=np.int64)
         for key in reversed(candidates):  # the current key last: it wins over a legacy one
@@ -353,22 +375,21 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.
                 continue
             rows = np.flatnonzero(code == c)
             kinds = kind[rows]
-            if np.isin(kinds, other).any():
+            if other[kinds].any():
                 raise Unsupported(f"attribute {key!r} of a type converted in Python")
-            ok = np.isin(kinds, takes)
+            ok = takes[kinds]
             if conv is _as_int32:
                 v = np.asarray(int_value.take(pa.array(rows)).fill_null(0))
                 ok &= (v >= _INT32[0]) & (v < _INT32[1])
             rows = rows[ok]
             source[owner[rows]] = rows
-        type_ = SPAN_SCHEMA.field(name).type
         chosen = source >= 0
         present[name] = chosen
         take = pa.array(source, mask=~chosen)
         if conv is _as_int or conv is _as_int32:
             out[name] = int_value.take(take).cast(type_)
             continue
-        if np.isin(kind[source[chosen]], (_INT, _BOOL)).any():
+        if _AS_TEXT[kind[source[chosen]]].any():
             if as_text is None:
                 bool_text = pc.if_else(value["bool_value"], "True", "False")
                 as_text = pc.coalesce(string_value, int_value.cast(pa.string()), bool_text)
@@ -387,9 +408,9 @@ _PROTOCOLS = np.asarray(["none", "http", "db", "rpc", "grpc", "messaging"], dtyp
 def _protocol(out, present, owner, code, code_of, n) -> pa.Array:
     """messaging > grpc/rpc > db > http > none (columns.protocol_of, for whole arrays)."""
     http = np.zeros(n, dtype=bool)
-    http_codes = [code_of[k] for k in _HTTP_KEYS if k in code_of]
-    if http_codes:
-        http[owner[np.isin(code, http_codes)]] = True
+    is_http = np.zeros(len(code_of), dtype=bool)
+    is_http[[code_of[k] for k in _HTTP_KEYS if k in code_of]] = True
+    http[owner[is_http[code]]] = True
     grpc = np.asarray(pc.fill_null(pc.equal(out["rpc_system"], "grpc"), False))
     which = np.select(
         [present["messaging_system"], grpc, present["rpc_system"], present["db_system"], http],
@@ -438,12 +459,12 @@ def _link_table(links: pa.ListArray, trace_hi, trace_lo, span_id) -> pa.Table:
     return pa.Table.from_pydict(data, schema=LINK_SCHEMA)
 
 
+_VARINT_STEPS = np.asarray([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+
+
 def _varint_size(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    size = np.ones(len(x), dtype=np.int64)
-    for k in range(1, 10):
-        size += x >= np.uint64(1 << (7 * k))
-    return size
+    x = np.asarray(x).astype(np.uint64)
+    return 1 + np.searchsorted(_VARINT_STEPS, x.ravel(), side="right").reshape(x.shape)
 
 
 def _element(lengths: np.ndarray) -> np.ndarray:
@@ -456,7 +477,7 @@ def _delimited(lengths: np.ndarray) -> np.ndarray:
     return np.where(lengths > 0, _element(lengths), 0)
 
 
-def _varint_field(values: pa.Array) -> np.ndarray:
+def _varint_field(values) -> np.ndarray:
     v = np.asarray(values).astype(np.int64).astype(np.uint64)  # negative int32: 10 bytes
     return np.where(v != 0, 1 + _varint_size(v), 0)
 
@@ -469,14 +490,16 @@ def _check_sizes(raw_spans: pa.Array, spans: pa.RecordBatch, rest: pa.Array) -> 
     cases where the columns could lose something the Python path keeps."""
     _, span_len = _offsets(raw_spans)
     size = _offsets(rest)[1].astype(np.int64)
-    for name in ("trace_id", "span_id", "parent_span_id", "name"):
-        size += _delimited(_offsets(spans.column(name))[1])
-    size += _delimited(np.asarray(pc.binary_length(spans.column("trace_state"))))
-    size += _varint_field(spans.column("kind"))
-    for name in ("dropped_attributes_count", "dropped_events_count", "dropped_links_count"):
-        size += _varint_field(spans.column(name))
-    for name in ("start_time_unix_nano", "end_time_unix_nano"):
-        size += np.where(np.asarray(spans.column(name)) != 0, 9, 0)
+    delimited = ("trace_id", "span_id", "parent_span_id", "name", "trace_state")
+    size += _delimited(np.stack([_offsets(spans.column(name))[1] for name in delimited])).sum(axis=0)
+    varints = ("kind", "dropped_attributes_count", "dropped_events_count", "dropped_links_count")
+    size += _varint_field(np.stack([np.asarray(spans.column(name), dtype=np.int64) for name in varints])).sum(
+        axis=0
+    )
+    fixed = np.stack(
+        [np.asarray(spans.column(name)) != 0 for name in ("start_time_unix_nano", "end_time_unix_nano")]
+    )
+    size += 9 * fixed.sum(axis=0)
     size += np.where(np.asarray(spans.column("flags")) != 0, 6, 0)  # field 16: a 2-byte tag
     links = spans.column("links")
     raw_links = links.flatten()

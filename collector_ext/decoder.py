@@ -3,7 +3,8 @@ and takes the request, the Python one (columns.py) otherwise.
 
 upb parses every request first: it alone decides what is malformed, so both paths accept and
 refuse the same requests with the same messages. `CTXAUDIT_DECODER=python` turns the
-vectorised path off (`auto`, the default, uses it when `ptars` is installed).
+vectorised path off (`auto`, the default, uses it when `ptars` is installed, for requests of
+at least `arrow_columns.MIN_SPANS` spans: below that Python is cheaper).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def to_span_batch(body: bytes, content_type: str, mode: str | None = None) -> Sp
     """Decode and convert one export request; `mode` overrides $CTXAUDIT_DECODER."""
     wire = to_protobuf(body, content_type)
     traces = decode_request(wire, PROTOBUF)  # raises BadRequest for what is malformed
-    if (mode or decoder_mode()) == "auto" and arrow_columns.available():
+    if (
+        (mode or decoder_mode()) == "auto"
+        and arrow_columns.available()
+        and _span_count(traces) >= arrow_columns.MIN_SPANS
+    ):
         try:
             batch = arrow_columns.to_span_batch(wire)
         except arrow_columns.Unsupported as why:
@@ -46,3 +51,7 @@ def to_span_batch(body: bytes, content_type: str, mode: str | None = None) -> Sp
             return batch
     counts["python"] += 1
     return columns.to_span_batch(traces)
+
+
+def _span_count(traces) -> int:
+    return sum(len(ss.spans) for rs in traces.resource_spans for ss in rs.scope_spans)

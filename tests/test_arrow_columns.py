@@ -23,6 +23,13 @@ from tests.test_columns import ALL_TYPES, S1, S2, T1
 
 pytestmark = pytest.mark.skipif(not arrow_columns.available(), reason="ptars is not installed")
 
+
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """Small requests take the Python path in production (cheaper); here both paths see all."""
+    monkeypatch.setattr(arrow_columns, "MIN_SPANS", 0)
+
+
 LiteSpan = message_factory.GetMessageClass(
     descriptor_pool.Default().FindMessageTypeByName("ctxaudit.otlp_lite.trace.v1.Span")
 )
@@ -303,6 +310,16 @@ def test_malformed_requests_are_refused_the_same_way():
         for mode in ("python", "auto"):
             with pytest.raises(BadRequest):
                 decoder.to_span_batch(body, PROTOBUF, mode)
+
+
+def test_small_requests_take_the_python_path(monkeypatch):
+    monkeypatch.setattr(arrow_columns, "MIN_SPANS", 300)
+    rng = random.Random(4)
+    before = dict(decoder.counts)
+    decoder.to_span_batch(build_request(rng, 299).SerializeToString(), PROTOBUF)
+    assert decoder.counts["python"] == before["python"] + 1
+    decoder.to_span_batch(build_request(rng, 300).SerializeToString(), PROTOBUF)
+    assert decoder.counts["arrow"] == before["arrow"] + 1
 
 
 def test_without_ptars_the_python_path_serves(monkeypatch):
