@@ -338,6 +338,22 @@ def _when(ns: int) -> str:
     help="Have a running `ctxaudit serve` (its read API, e.g. http://127.0.0.1:4319) run the audit "
     "on its store, instead of opening --db.",
 )
+@click.option(
+    "--spark",
+    metavar="MASTER",
+    help="Run the audit on Apache Spark (local[N], spark://HOST:PORT, yarn, k8s://...) over the Parquet "
+    "export of every shard in --parquet, instead of opening --db (docs/scale.md; needs the spark extra).",
+)
+@click.option("--parquet", metavar="DIR", help="With --spark: the folder `ctxaudit export` wrote.")
+@click.option(
+    "--slice",
+    "slice_s",
+    type=click.FloatRange(min=1),
+    default=86_400.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --spark: audit the window in slices of this length, one Spark task each (docs/scale.md).",
+)
 def audit(
     db,
     since,
@@ -353,6 +369,9 @@ def audit(
     no_save,
     memory_limit,
     server,
+    spark,
+    parquet,
+    slice_s,
 ) -> None:
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
     parents, count every service edge, and save the run in DB.
@@ -374,6 +393,9 @@ def audit(
         )
     except SettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
+    if spark or parquet:
+        _audit_on_spark(spark, parquet, settings, since, until, slice_s, memory_limit, as_json)
+        return
     if server:
         _audit_in_server(
             server,
@@ -402,6 +424,38 @@ def audit(
             save=not no_save,
             memory_limit=memory_limit,
             progress=progress,
+        )
+    except StoreError as e:
+        _fail(str(e))
+    if result is None:
+        _nothing_new(as_json)
+    elif as_json:
+        for chunk in result.document_chunks():
+            sys.stdout.write(chunk)
+        sys.stdout.flush()
+    else:
+        for line in summary_lines(result):
+            click.echo(line)
+
+
+def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_limit, as_json) -> None:
+    """`audit --spark`: the same engine, per time slice in Spark tasks, over every shard's Parquet."""
+    from .audit_job import summary_lines
+    from .spark_audit import spark_audit
+
+    if not (master and parquet):
+        raise click.UsageError("--spark MASTER and --parquet DIR go together")
+    started = time.monotonic()
+    try:
+        result = spark_audit(
+            master,
+            parquet,
+            settings,
+            since_ns=since,
+            until_ns=until,
+            slice_s=slice_s,
+            memory_limit=memory_limit,
+            progress=lambda step: click.echo(f"audit: {step} ({time.monotonic() - started:.1f} s)", err=True),
         )
     except StoreError as e:
         _fail(str(e))
@@ -854,6 +908,40 @@ def import_captures(db: str, fmt: str | None, memory_limit: str, files: tuple[st
     finally:
         writer.close()
     click.echo(importer.stats.summary())
+
+
+@main.command()
+@click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to export.")
+@click.option(
+    "--parquet",
+    "out",
+    required=True,
+    metavar="DIR",
+    help="Folder of the export (shared by every shard): DIR/spans, DIR/links, DIR/_shards.",
+)
+@click.option("--since", type=Time(), help="First hour to export, ISO 8601 [default: the first span].")
+@click.option("--until", type=Time(), help="Export up to here, ISO 8601 [default: past the newest span].")
+@click.option(
+    "--shard",
+    default="0",
+    show_default=True,
+    metavar="NAME",
+    help="This store's name among the shards: its files go under shard=NAME.",
+)
+def export(db, out, since, until, shard) -> None:
+    """Write DB's spans and links as Hive-partitioned Parquet (shard, date, hour of span start),
+    in whole hours. Exporting hours again replaces them (docs/scale.md)."""
+    from .store.parquet import export_store
+
+    try:
+        manifest = export_store(
+            db, out, shard=shard, since_ns=since, until_ns=until,
+            progress=lambda s: click.echo(f"export: {s}", err=True),
+        )
+    except StoreError as e:
+        _fail(str(e))
+    done = manifest["last_export"]
+    click.echo(f"exported {done['spans']:,} spans in {done['hours']} hour(s) to {out} (shard={shard})")
 
 
 if __name__ == "__main__":
