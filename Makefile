@@ -24,6 +24,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 /usr/bin/dot:
 	apt-get update -qq && apt-get install -y -qq graphviz
 
+# Prometheus' promtool checks and unit-tests the alert rules (deploy/prometheus/), and its server
+# scrapes a running serve in tests/test_metrics.py: Debian's package has both
+/usr/bin/promtool /usr/bin/prometheus:
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+
 install: $(STAMP) /usr/bin/dot
 
 ## make demo: start ctxaudit serve on a DuckDB file, send it spans through the OTel SDK, show what was stored
@@ -31,13 +36,13 @@ demo: $(STAMP) /usr/bin/dot
 	$(BIN)/ctxaudit demo
 
 ## make test: lint, the import contracts, and the whole suite (with the UI in real Chromium)
-test: $(STAMP) /usr/bin/chromium /usr/bin/dot
+test: $(STAMP) /usr/bin/chromium /usr/bin/dot /usr/bin/promtool /usr/bin/prometheus
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 ## make test-fast: the tests not marked slow (no server processes, browser, fleet or fuzzer): under a minute
-test-fast: $(STAMP) /usr/bin/dot
+test-fast: $(STAMP) /usr/bin/dot /usr/bin/promtool
 	$(BIN)/python -m pytest -m "not slow"
 
 ## make bench: ingest benchmark (figures in docs/performance.md)

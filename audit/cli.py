@@ -92,6 +92,8 @@ def main(verbose: bool) -> None:
 @setting(ServeSettings, "idle_timeout", metavar="SECONDS")
 @setting(ServeSettings, "stall_timeout", metavar="SECONDS")
 @setting(ServeSettings, "max_connections")
+@setting(ServeSettings, "metrics_public")
+@setting(ServeSettings, "metrics_max_edges")
 @click.option(
     "--report-at",
     type=TimeOfDay(),

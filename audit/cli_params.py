@@ -96,6 +96,15 @@ def setting(model, name: str, *flags: str, default_from_file: bool = False, **op
     With `default_from_file`, the option's own default is None (a --config file or the
     declaration supplies it) and the help shows the declared default."""
     field = model.model_fields[name]
+    if field.annotation is bool:  # an on/off flag, off by default
+        return click.option(
+            *(flags or ("--" + name.replace("_", "-"),)),
+            name,
+            is_flag=True,
+            default=field.default,
+            help=field.description or "",
+            **options,
+        )
     bounds = {}
     for m in field.metadata:
         for key in ("ge", "gt", "le", "lt"):

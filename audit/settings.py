@@ -280,6 +280,18 @@ class ServeSettings(BaseModel):
         description="Open connections per listener (OTLP/gRPC, OTLP/HTTP, read API); lowered to fit the "
         "file descriptor limit. Beyond it a new connection closes the oldest idle or unfinished one.",
     )
+    metrics_public: bool = Field(
+        False,
+        description="Serve the read API's /metrics without the token (--token-file) that every other "
+        "route requires: for a Prometheus that cannot send it.",
+    )
+    metrics_max_edges: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description="Edges (caller, callee, protocol) given series on /metrics, broken and busiest first; "
+        "the rest are counted in ctxaudit_edges_omitted.",
+    )
     report_keep_days: int = Field(30, ge=1, description="Days of daily reports kept; older ones are removed.")
     retain_days: float | None = Field(
         None, gt=0.0, description="Delete spans that started more than DAYS ago [default: keep all]."

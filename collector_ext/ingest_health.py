@@ -66,6 +66,7 @@ class IngestHealth:
             "spans_per_s": round(self.spans_per_s(), 1),
             "committed_spans": w.committed_spans,
             "requests": s.requests,
+            "accepted_spans": s.accepted_spans,  # durable (staged or committed) and acknowledged
             "rejected_spans": s.rejected_spans,
             "invalid_requests": s.invalid_requests,
             "refused_requests": s.refused_requests,

@@ -18,7 +18,12 @@ def _health():
     writer = SimpleNamespace(stats=SimpleNamespace(committed_spans=0, queued_spans=0), max_queued_spans=500)
     ingestor = SimpleNamespace(
         stats=SimpleNamespace(
-            requests=0, rejected_spans=0, invalid_requests=0, refused_requests=0, unauthenticated_requests=0
+            requests=0,
+            accepted_spans=0,
+            rejected_spans=0,
+            invalid_requests=0,
+            refused_requests=0,
+            unauthenticated_requests=0,
         ),
         inflight_bytes=0,
         max_inflight_bytes=1 << 20,

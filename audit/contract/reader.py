@@ -102,6 +102,9 @@ class Reader(Protocol):
     def audit_runs(self, limit: Annotated[int, Field(ge=1, le=10_000)] = 100) -> list[dict]:
         """the newest audit runs, with finding counts per kind"""
 
+    def finding_counts(self, run_id: RunId | None = None) -> list[dict]:
+        """a run's findings (the last run by default) counted per kind and cause"""
+
     def findings(
         self,
         run_id: RunId | None = None,
@@ -133,6 +136,7 @@ QUERIES = (
     "links",
     "audit_run",
     "audit_runs",
+    "finding_counts",
     "findings",
 )
 

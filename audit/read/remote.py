@@ -135,6 +135,9 @@ class RemoteReader:
     def audit_runs(self, limit: int = 100) -> list[dict]:
         return self._query("audit_runs", limit=limit)
 
+    def finding_counts(self, run_id: int | None = None) -> list[dict]:
+        return self._query("finding_counts", run_id=run_id)
+
     def findings(self, run_id: int | None = None, **filters) -> dict:
         """As `Reader.findings`; the filters are checked against its declaration."""
         return self._query("findings", run_id=run_id, **filters)

@@ -5,6 +5,7 @@ so readers elsewhere go through here). No arbitrary SQL, nothing that writes.
     GET  /v1/queries                      the names and their parameters
     GET  /v1/<name>?param=value...        one query's result as JSON
     GET  /v1/ingest                       how ingestion is going (spans/s, refusals, queue)
+    GET  /metrics                         Prometheus text exposition (audit/server/metrics.py)
     POST /v1/audit[?findings=true]        run an audit inside the server; the result document
 
 The one thing a request can make the server write is an audit run, which the server itself
@@ -33,11 +34,13 @@ from ..net.connections import ConnectionLimits
 from ..settings import explain
 from ..store.errors import StoreError
 from .audits import AuditBusy, AuditTooLarge, ClientGone
+from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1"
 BUSY_RETRY_AFTER_S = 10  # when an audit runs and another waits
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format every Prometheus reads
 
 
 def _to_json(value) -> object:
@@ -69,8 +72,12 @@ class ReadApi:
         access: Access = OPEN,
         threads: int = 4,
         limits: ConnectionLimits | None = None,
+        metrics: ServerMetrics | None = None,
+        metrics_public: bool = False,
     ):
         self.reader, self.ingest_health, self.auditor, self.access = reader, ingest_health, auditor, access
+        # /metrics: the given collector, else one over the reader alone (the latest saved run)
+        self.metrics, self.metrics_public = metrics or ServerMetrics(reader), metrics_public
         self._server = ThreadedAioServer("read-api", host, port, threads=threads, limits=limits)
 
     @property
@@ -81,6 +88,7 @@ class ReadApi:
 
     def start(self) -> str:
         app = web.Application(middlewares=[self._authenticate] if self.access.auth else [])
+        app.router.add_route("*", "/metrics", self._metrics)
         app.router.add_route("*", "/{version}/{name}", self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         self._server.start(
@@ -90,6 +98,8 @@ class ReadApi:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
+        if self.metrics_public and request.path == "/metrics":  # serve --metrics-public
+            return await handler(request)
         if not self.access.auth.allows(request.headers.items()):  # every path, before anything is looked at
             return _error(
                 401,
@@ -100,6 +110,16 @@ class ReadApi:
 
     def stop(self) -> None:
         self._server.stop()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "/metrics answers GET", {"Allow": "GET"})
+        try:
+            body = await self._server.run_blocking(self.metrics.render)
+        except Exception:
+            log.exception("rendering /metrics failed")
+            return _error(500, "internal error; see the server log")
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _error(404, f"no such path {request.path!r}: use /{API_VERSION}/queries")

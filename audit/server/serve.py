@@ -30,6 +30,7 @@ from ..store.retention import Retention
 from ..store.staging import StagingLoader, StagingLog
 from ..store.writer import SpanStore, SpanWriter
 from .audits import ServerAudits
+from .metrics import ServerMetrics
 from .periodic import Periodic
 from .read_api import ReadApi
 
@@ -118,6 +119,14 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
             auditor=audits,
             access=c.access,
             limits=limits,
+            metrics=ServerMetrics(
+                reader,
+                ingest_health=health.snapshot,
+                audit_status=audits.status,
+                audit_every_s=c.settings.audit_every,
+                max_edges=c.settings.metrics_max_edges,
+            ),
+            metrics_public=c.settings.metrics_public,
         )
         if c.api_address
         else None

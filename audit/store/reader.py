@@ -214,6 +214,17 @@ class StoreReader:
             )
         return runs
 
+    def finding_counts(self, run_id: int | None = None) -> list[dict]:
+        """A run's findings (the last run by default) counted per kind and cause: a few dozen
+        rows whatever the run's size (the metrics' and the trends' breakdown)."""
+        if not self._has_runs():
+            return []
+        return self._dicts(
+            "SELECT kind, cause, count(*) AS findings FROM audit_findings "
+            "WHERE run_id = coalesce(?, (SELECT max(run_id) FROM audit_runs)) GROUP BY ALL ORDER BY ALL",
+            [run_id],
+        )
+
     def findings(
         self,
         run_id: int | None = None,
