@@ -1,0 +1,265 @@
+"""The Parquet export and the audit on Spark: the same answers as `ctxaudit audit --db`, on one
+store and on the same spans split over three shards by trace id (as the Collector's
+loadbalancing exporter splits them); bad exports named by path, never audited in part."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow.dataset as ds
+import pytest
+from click.testing import CliRunner
+
+from audit.cli import main
+from audit.engine import AuditWindow, run_audit
+from audit.settings import AuditSettings
+from audit.store.migrations import apply_migrations
+from audit.store.parquet import ExportError, check_export, export_store, memory_store
+from tests.audit_helpers import simulated_store
+
+SHARDS = 3
+
+
+def _split(db: str, out_dir: Path) -> list[str]:
+    """The store's spans in three stores by trace id; a link goes with the span that carries it."""
+    paths = []
+    for i in range(SHARDS):
+        path = str(out_dir / f"shard{i}.duckdb")
+        con = duckdb.connect(path)
+        apply_migrations(con)
+        con.execute(f"ATTACH '{db}' AS src (READ_ONLY)")
+        con.execute(f"INSERT INTO spans SELECT * FROM src.spans WHERE hash(trace_id) % {SHARDS} = {i}")
+        con.execute(
+            f"INSERT INTO span_links SELECT * FROM src.span_links WHERE hash(trace_id) % {SHARDS} = {i}"
+        )
+        con.close()
+        paths.append(path)
+    return paths
+
+
+def _db_document(db: str, *extra: str) -> dict:
+    result = CliRunner().invoke(
+        main, ["audit", "--db", db, "--all", "--settle", "0", "--no-save", "--json", *extra]
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _finding_keys(doc: dict) -> list[tuple]:
+    return sorted(
+        (
+            f["kind"],
+            f["trace_id"],
+            f["span_id"],
+            (f["probable_parent"] or {}).get("trace_id"),
+            (f["probable_parent"] or {}).get("span_id"),
+        )
+        for f in doc["findings"]
+    )
+
+
+def _estimates(sampling):
+    """The sampling figures' point estimates (and sample sizes), without the intervals."""
+    if isinstance(sampling, dict):
+        if "value" in sampling:
+            return {k: _estimates(v) for k, v in sampling.items() if k not in ("ci_low", "ci_high")}
+        return {k: _estimates(v) for k, v in sampling.items()}
+    if isinstance(sampling, list):
+        return [_estimates(v) for v in sampling]
+    return sampling
+
+
+def _assert_same(spark_doc: dict, db_doc: dict) -> None:
+    assert spark_doc["run"]["counts"] == db_doc["run"]["counts"]
+    assert _finding_keys(spark_doc) == _finding_keys(db_doc)
+    assert spark_doc["edges"] == db_doc["edges"]  # calls, propagated, dropped, stitched, cause
+    assert _estimates(spark_doc["sampling"]) == _estimates(db_doc["sampling"])
+    assert spark_doc["run"]["entrypoints"] == db_doc["run"]["entrypoints"]
+    assert spark_doc["run"]["roots"] == db_doc["run"]["roots"]
+    assert spark_doc["run"]["spans"] == db_doc["run"]["spans"]
+
+
+# --- the export (no Spark) ---
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    db, _ = simulated_store(tmp_path_factory.mktemp("spark"))
+    return db
+
+
+def test_export_round_trip_gives_the_same_audit(store, tmp_path):
+    export_store(store, str(tmp_path / "pq"), shard="a")
+    spans = ds.dataset(tmp_path / "pq" / "spans", partitioning="hive").to_table()
+    links = ds.dataset(tmp_path / "pq" / "links", partitioning="hive").to_table()
+    assert (
+        spans.num_rows
+        == duckdb.connect(store, read_only=True).execute("SELECT count(*) FROM spans").fetchone()[0]
+    )
+    con = memory_store(spans, links)
+    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
+    back = run_audit(con, AuditWindow(lo, hi))
+    original = _db_document(store)
+    keys = _finding_keys({"findings": list(back.iter_findings())})
+    assert keys == _finding_keys(original) and keys
+    assert [e.to_dict() for e in back.edges] == original["edges"]
+
+
+def test_re_export_replaces_the_hours(store, tmp_path):
+    out = tmp_path / "pq"
+    first = export_store(store, str(out), shard="a")
+    files = sorted(out.rglob("*.parquet"))
+    again = export_store(store, str(out), shard="a")
+    assert len(sorted(out.rglob("*.parquet"))) == len(files)  # replaced, not added
+    assert sorted(out.rglob("*.parquet")) != files
+    assert first["last_export"]["spans"] == again["last_export"]["spans"] > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".export-")]
+    check_export(out, again["last_export"]["from_ns"], again["last_export"]["until_ns"])
+
+
+def _exported(store, tmp_path) -> tuple[Path, dict]:
+    out = tmp_path / "pq"
+    return out, export_store(store, str(out), shard="a")
+
+
+def test_a_missing_file_is_named(store, tmp_path):
+    out, m = _exported(store, tmp_path)
+    victim = next((out / "spans").rglob("*.parquet"))
+    victim.unlink()
+    with pytest.raises(ExportError, match=str(victim)):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+def test_a_cut_file_is_named(store, tmp_path):
+    out, m = _exported(store, tmp_path)
+    victim = next((out / "links").rglob("*.parquet"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(ExportError, match=str(victim)):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+def test_an_hour_never_exported_is_named(store, tmp_path):
+    out, m = _exported(store, tmp_path)
+    later = m["last_export"]["until_ns"] + 3_600_000_000_000
+    with pytest.raises(ExportError, match="never exported hour"):
+        check_export(out, m["last_export"]["from_ns"], later)
+
+
+def test_an_older_format_is_named(store, tmp_path):
+    out, m = _exported(store, tmp_path)
+    manifest = out / "_shards" / "a.json"
+    old = json.loads(manifest.read_text())
+    old["version"] = 0
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(ExportError, match=str(manifest)):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+def test_foreign_parquet_is_named(tmp_path):
+    foreign = tmp_path / "foreign" / "spans" / "date=2024-01-01"
+    foreign.mkdir(parents=True)
+    duckdb.sql(f"COPY (SELECT 1 AS x) TO '{foreign / 'a.parquet'}' (FORMAT parquet)")
+    result = CliRunner().invoke(
+        main, ["audit", "--spark", "local[1]", "--parquet", str(tmp_path / "foreign")]
+    )
+    assert result.exit_code == 1
+    assert (
+        str(tmp_path / "foreign") in result.output and "Parquet without ctxaudit manifests" in result.output
+    )
+    assert '"findings"' not in result.output
+
+
+def test_foreign_files_under_a_shard_are_named(store, tmp_path):
+    out, m = _exported(store, tmp_path)
+    hour = next((out / "spans").rglob("*.parquet")).parent
+    duckdb.sql(f"COPY (SELECT 1 AS x) TO '{hour / 'stray.parquet'}' (FORMAT parquet)")
+    manifest = json.loads((out / "_shards" / "a.json").read_text())
+    key = next(iter(manifest["hours"]))
+    manifest["hours"][key]["spans_files"]["stray.parquet"] = 1
+    (out / "_shards" / "a.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="stray.parquet.*columns"):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+# --- on Spark (local mode) ---
+
+
+@pytest.fixture(scope="module")
+def spark():
+    pytest.importorskip("pyspark")
+    from audit.spark_audit import spark_session
+
+    session = spark_session("local[2]", {"spark.sql.shuffle.partitions": "4"})
+    yield session
+    session.stop()
+
+
+def _spark_document(spark, parquet: Path, **options) -> dict:
+    from audit.spark_audit import spark_audit
+
+    result = spark_audit("local[2]", str(parquet), AuditSettings(), session=spark, **options)
+    return json.loads("".join(result.document_chunks()))
+
+
+@pytest.mark.slow
+def test_spark_gives_the_single_process_answers(store, tmp_path, spark):
+    export_store(store, str(tmp_path / "one"), shard="all")
+    db_doc = _db_document(store)
+    spark_doc = _spark_document(spark, tmp_path / "one")
+    assert db_doc["findings"] and any(e["stitched"] for e in db_doc["edges"])
+    _assert_same(spark_doc, db_doc)
+
+
+@pytest.mark.slow
+def test_spark_over_three_shards_gives_the_single_process_answers(store, tmp_path, spark):
+    out = tmp_path / "three"
+    for i, path in enumerate(_split(store, tmp_path)):
+        export_store(path, str(out), shard=f"s{i}")
+    shard_spans = [len(list((out / "spans" / f"shard=s{i}").rglob("*.parquet"))) for i in range(SHARDS)]
+    assert all(shard_spans)
+    db_doc = _db_document(store)
+    spark_doc = _spark_document(spark, out)
+    # stitched parents mostly sit in another shard than their orphan: the global step is needed
+    parents = [f for f in db_doc["findings"] if f["probable_parent"]]
+    assert parents
+    _assert_same(spark_doc, db_doc)
+
+
+@pytest.mark.slow
+def test_spark_slices_are_the_single_process_windows(store, tmp_path, spark):
+    """Several slices: each slice's findings and edges are what `audit --db --since --until`
+    finds in that window (the engine with its context margin, as serve's periodic audits run)."""
+    export_store(store, str(tmp_path / "pq"), shard="all")
+    con = duckdb.connect(store, read_only=True)
+    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
+    con.close()
+    slice_s = (hi - lo) / 3 / 1e9 + 0.001
+    spark_doc = _spark_document(spark, tmp_path / "pq", slice_s=slice_s)
+    from audit.spark_audit import slices
+
+    keys, edges = [], {}
+    con = duckdb.connect(store, read_only=True)
+    for window in slices(AuditWindow(lo, hi, int(AuditSettings().context_s * 1e9)), int(slice_s * 1e9)):
+        result = run_audit(con, window, AuditSettings().config)  # what `audit --db --since --until` runs
+        keys += _finding_keys({"findings": list(result.iter_findings())})
+        for e in result.edges:
+            acc = edges.setdefault((e.caller, e.callee, e.protocol, e.system), [0, 0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + e.calls, acc[1] + e.propagated, acc[2] + e.stitched
+    con.close()
+    assert len(spark_doc["sampling"]["slices"]) == 3
+    assert _finding_keys(spark_doc) == sorted(keys)
+    got = {
+        (e["caller"], e["callee"], e["protocol"], e["system"]): [e["calls"], e["propagated"], e["stitched"]]
+        for e in spark_doc["edges"]
+    }
+    assert got == edges
+
+
+def test_make_demo_needs_no_java():
+    """The Spark audit is optional: the CLI, the store and the demo import no pyspark."""
+    code = "import sys, audit.cli, audit.demo, audit.store.parquet; print('pyspark' in sys.modules)"
+    out = os.popen(f'{Path(__file__).parents[1] / ".venv/bin/python"} -c "{code}"').read().strip()
+    assert out == "False"
