@@ -29,6 +29,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 /usr/bin/promtool /usr/bin/prometheus:
 	apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
 
+# the Spark audit's tests run Spark in local mode on Debian's Java 17 (make demo needs no Java)
+/usr/lib/jvm/java-17-openjdk-amd64/bin/java:
+	apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless
+
 install: $(STAMP) /usr/bin/dot
 
 ## make demo: start ctxaudit serve on a DuckDB file, send it spans through the OTel SDK, show what was stored
@@ -36,7 +40,7 @@ demo: $(STAMP) /usr/bin/dot
 	$(BIN)/ctxaudit demo
 
 ## make test: lint, the import contracts, and the whole suite (with the UI in real Chromium)
-test: $(STAMP) /usr/bin/chromium /usr/bin/dot /usr/bin/promtool /usr/bin/prometheus
+test: $(STAMP) /usr/bin/chromium /usr/bin/dot /usr/lib/jvm/java-17-openjdk-amd64/bin/java /usr/bin/promtool /usr/bin/prometheus
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
