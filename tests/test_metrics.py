@@ -371,3 +371,40 @@ def test_concurrent_scrapes_build_a_new_runs_families_once(api):
         assert len(calls) == 1
     finally:
         del reader.finding_counts
+
+
+def test_hostile_names_in_labels_round_trip_through_the_exposition():
+    """Service names are untrusted span data: quotes, backslashes, newlines, braces and
+    non-ASCII come back from the parser exactly as stored, one series each."""
+    names = ['a"b', "c\\d", "e\nf", "g}h{i=", "ü-服务", "# HELP x y"]
+    run = {
+        "run_id": 7,
+        "window_end_ns": 2_000_000_000,
+        "seconds": 0.5,
+        "spans": 10,
+        "traces": 3,
+        "roots": {},
+        "edges": [
+            {
+                "caller": n,
+                "callee": names[-1 - i],
+                "protocol": "http",
+                "calls": 4,
+                "propagated": i % 3,
+                "stitched": 0,
+                "callee_instrumented": True,
+            }
+            for i, n in enumerate(names)
+        ],
+    }
+
+    class OneRun:
+        def audit_run(self):
+            return run
+
+        def finding_counts(self, run_id):
+            return [{"kind": "orphan_root", "cause": "unknown", "findings": 2}]
+
+    m = _samples(ServerMetrics(OneRun()).render().decode())
+    got = {_edge_key(s.labels): s.value for s in m["ctxaudit_edge_propagation_ratio"]}
+    assert got == {(e["caller"], e["callee"], "http"): e["propagated"] / 4 for e in run["edges"]}
