@@ -32,6 +32,8 @@ _BANDWIDTHS_NS = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
 _MIN_Z = 6.0  # the peak's excess, in standard deviations of the background's count
 _MIN_SHARE = 0.05  # ... and at least this share of the sampled orphans (a caller sampled at 25%: about 0.14)
 _MIN_EXCESS = 20
+# overhead caps under which the peak is looked for (0.25 ms to 0.5 s, and the borrowed reach)
+_OVERHEAD_CAPS_NS = tuple(250_000 * 2**i for i in range(12))
 
 # Edges (caller, callee, protocol) of synchronous calls with unpaired exits and orphan roots.
 _EDGES = """
@@ -97,19 +99,51 @@ def infer_edge(
     }
     rows = con.execute(_PAIRS, params).fetchnumpy()
     shift, offset, overhead = rows["shift"], rows["offset"].astype(float), rows["overhead"].astype(float)
-    real, background = np.sort(offset[shift == 0]), np.sort(offset[shift != 0])
     sampled = orphans // every
-    peak = find_peak(real, background, len(_SHIFTS_NS), sampled)
-    if peak is None:
+    # The peak is looked for in two dimensions: under a ladder of overhead caps, the one where
+    # the offsets' excess is most significant. Unrelated pairs spread over every overhead up to
+    # the borrowed model's reach (a triangle: |offset| <= overhead), true pairs sit at the
+    # hop's few milliseconds; over all overheads at once, a slow hop with jittery legs at 200
+    # calls in flight drowns its peak (an overhead fitted at 63 ms where true pairs have 6 ms).
+    best = None
+    for cap in sorted(
+        {c for c in _OVERHEAD_CAPS_NS if c < params["max_overhead"]} | {params["max_overhead"]}
+    ):
+        sel = overhead <= cap
+        real, background = np.sort(offset[sel & (shift == 0)]), np.sort(offset[sel & (shift != 0)])
+        peak = _peak(real, background, len(_SHIFTS_NS), sampled)
+        if peak is not None and (best is None or peak[0] > best[0][0]):
+            best = (peak, cap)
+    if best is None:
         return None
-    loc, scale, excess = peak
-    near = (shift == 0) & (np.abs(offset - loc) <= 2.0 * scale)
-    return SyncModel(
-        LogNormal.fit(overhead[near]),
-        StudentT(loc, max(scale, 50_000.0)),
-        int(excess * every),
-        "inferred",
+    (_, loc, scale, excess), cap = best
+    near = np.abs(offset - loc) <= 2.0 * scale
+    overhead_model = _excess_lognormal(
+        overhead[near & (shift == 0)], overhead[near & (shift != 0)], len(_SHIFTS_NS), 4.0 * cap
     )
+    return SyncModel(overhead_model, StudentT(loc, max(scale, 50_000.0)), int(excess * every), "inferred")
+
+
+def _excess_lognormal(real: np.ndarray, background: np.ndarray, n_shifts: int, cap: float) -> LogNormal:
+    """The log-normal of the overheads that real pairs have in excess of the background's
+    (per bin of log overhead, up to `cap`): the true pairs' overhead, without the unrelated
+    pairs that share their offsets."""
+    edges = np.arange(np.log(1_000.0), np.log(max(cap, 2_000.0)) + 0.2, 0.2)
+    n_real = np.histogram(np.log(np.maximum(real, 1_000.0)), edges)[0]
+    n_bg = np.histogram(np.log(np.maximum(background, 1_000.0)), edges)[0] / n_shifts
+    weight = np.maximum(n_real - n_bg, 0.0)
+    if weight.sum() < 1.0:
+        return LogNormal.fit(np.maximum(real, 1_000.0))
+    mids = (edges[:-1] + edges[1:]) / 2
+    mu = _weighted_median(mids, weight)
+    mad = _weighted_median(np.abs(mids - mu), weight)
+    return LogNormal(mu, max(1.4826 * mad, 0.5))
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    order = np.argsort(x)
+    cum = np.cumsum(w[order])
+    return float(x[order][np.searchsorted(cum, cum[-1] / 2)])
 
 
 def find_peak(
@@ -117,6 +151,14 @@ def find_peak(
 ) -> tuple[float, float, float] | None:
     """(location, scale, excess pairs) of the offset with the most significant excess of
     `real` over `background` / n_shifts (both sorted), or None when none is clear."""
+    peak = _peak(real, background, n_shifts, sampled)
+    return None if peak is None else peak[1:]
+
+
+def _peak(
+    real: np.ndarray, background: np.ndarray, n_shifts: int, sampled: int
+) -> tuple[float, float, float, float] | None:
+    """find_peak's answer with its significance first: (z, location, scale, excess)."""
     if len(real) == 0:
         return None
     best = None
@@ -140,4 +182,4 @@ def find_peak(
     near = real[np.abs(real - loc) <= width]
     n_bg = (np.searchsorted(background, loc + width) - np.searchsorted(background, loc - width)) / n_shifts
     spread = (np.sum((near - loc) ** 2) - n_bg * width * width / 3.0) / max(len(near) - n_bg, 1.0)
-    return loc, float(np.sqrt(max(spread, (h / 4.0) ** 2))), excess
+    return z, loc, float(np.sqrt(max(spread, (h / 4.0) ** 2))), excess
