@@ -3,12 +3,14 @@ one (columns.py) on bench/payloads.py's requests, and the hand-off from decode w
 
     python -m bench.decode [--requests 20] [--spans 1000] [--runs 7]
     python -m bench.decode --handoff [--workers 2]
+    python -m bench.decode --sizes
 
 The first form converts the same requests with both paths in one process, alternating, and
 prints the median CPU µs per span of each (and wall µs, which the machine's load inflates)
 and their ratio. `--handoff` runs the requests through a pool of spawned workers as `serve`
 does and compares pickling the SpanBatch with Arrow IPC through /dev/shm, each with and
 without gc.freeze in the workers: CPU µs per span in the server process and in the workers.
+`--sizes` prints both paths' CPU per request from 10 to 3000 spans (where MIN_SPANS comes from).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from bench.payloads import encoded_requests
-from collector_ext import decoder, worker
+from collector_ext import arrow_columns, decoder, worker
 from collector_ext.decode import PROTOBUF
 
 
@@ -49,6 +51,26 @@ def standalone(requests: list[bytes], runs: int) -> None:
     print(f"  requests by path: {decoder.counts}")
 
 
+def sizes(runs: int) -> None:
+    """Where the vectorised path starts to pay: CPU per request and per span by request size."""
+    print(f"load average {os.getloadavg()[0]:.1f}; both paths forced (MIN_SPANS = 0)")
+    arrow_columns.MIN_SPANS = 0
+    for n in (10, 100, 300, 1000, 3000):
+        requests = encoded_requests(max(3, 5000 // n), n)
+        cpu: dict[str, list[float]] = {"python": [], "auto": []}
+        for _ in range(runs):
+            for mode in cpu:
+                c = time.process_time()
+                for r in requests:
+                    decoder.to_span_batch(r, PROTOBUF, mode)
+                cpu[mode].append((time.process_time() - c) / len(requests) * 1e3)
+        p, a = statistics.median(cpu["python"]), statistics.median(cpu["auto"])
+        print(
+            f"  {n:5d} spans/request: python {p:6.2f} ms ({p / n * 1e3:6.2f} µs/span)  "
+            f"vectorised {a:6.2f} ms ({a / n * 1e3:6.2f} µs/span)  ratio {a / p:.2f}"
+        )
+
+
 def _pickled(body: bytes, mode: str):
     return decoder.to_span_batch(body, PROTOBUF, mode)
 
@@ -72,8 +94,8 @@ def handoff(requests: list[bytes], runs: int, workers: int) -> None:
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.freeze_imports if freeze else None,
         )
-        pids = set(pool.map(_warm, range(workers * 4)))
-        kids = [psutil.Process(p) for p in pids]
+        list(pool.map(_warm, range(workers * 4)))
+        kids = [psutil.Process(p) for p in pool._processes]  # every worker, busy or not
         for fn in (_pickled, _shipped):
             for r in requests[:workers]:
                 pool.submit(fn, r, "auto").result()
@@ -109,7 +131,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--handoff", action="store_true", help="measure the worker hand-off instead")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sizes", action="store_true", help="cost by request size (10 to 3000 spans)")
     args = parser.parse_args()
+    if args.sizes:
+        return sizes(args.runs)
     requests = encoded_requests(args.requests, args.spans)
     if args.handoff:
         handoff(requests, args.runs, args.workers)

@@ -43,7 +43,7 @@ except ImportError:  # optional: without it every request takes the Python path
 
 # Below this many spans a request costs less in Python: this path's cost per request (some
 # hundred array operations, ~1-3 ms) outweighs its saving per span (bench/decode.py --sizes).
-MIN_SPANS = 300
+MIN_SPANS = 400
 
 
 class Unsupported(Exception):
