@@ -5,7 +5,10 @@
 Each run starts a fresh server on a new DuckDB file, sends realistic 1000-span requests
 (bench/payloads.py) over several concurrent streams for a fixed time, then stops the server
 with SIGTERM and counts what was stored. It reports spans/s stored, server CPU (the server and
-its decode workers), peak RSS, bytes per span on disk, and checks stored == acknowledged.
+its decode workers), peak RSS, bytes per span on disk, acknowledgement latency, how far readers
+lag behind the acknowledgements (the staging log's lag, sampled from /v1/ingest), and checks
+stored == acknowledged. `--compare "ARGS"` adds a third server, e.g. `--staging-mib 0`
+(acknowledge after the DuckDB commit, as before the staging log), interleaved with the others.
 The baseline, measured in the same run, is the same server with `--decoders 0` (decode in the
 server process: the straightforward single-process receiver). Figures: docs/performance.md.
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 import psutil
 
+from audit.read.remote import RemoteReader
 from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
 
@@ -44,6 +48,8 @@ class RunResult:
     peak_rss_mib: float
     peak_total_pss_mib: float
     bytes_per_span: float
+    ack_ms: list[float]
+    lag_s: list[float]  # the staging log's lag, sampled: how far behind the acks readers are
 
     @property
     def spans_per_s(self) -> float:
@@ -62,6 +68,7 @@ class Load:
         self.transport, self.target, self.bodies, self.per = transport, target, bodies, spans_per_body
         self.acked = 0
         self.refused = 0
+        self.ack_ms: list[float] = []
         self.lock = threading.Lock()
         self.streams = streams
 
@@ -83,6 +90,7 @@ class Load:
         while time.monotonic() < deadline:
             body = self.bodies[k % len(self.bodies)]
             k += self.streams
+            sent = time.monotonic()
             try:
                 if self.transport == "grpc":
                     export(body, timeout=60)
@@ -98,6 +106,7 @@ class Load:
                 continue
             with self.lock:
                 self.acked += self.per
+                self.ack_ms.append((time.monotonic() - sent) * 1e3)
         if self.transport == "grpc":
             channel.close()
 
@@ -106,7 +115,9 @@ class Sampler:
     """Samples the server's RSS, and the PSS of the server with its decode workers, while it
     runs; and the CPU time the server and its workers spend between enter and exit."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, api_url: str | None = None):
+        self.api = RemoteReader(api_url) if api_url else None
+        self.lag_s: list[float] = []
         self.proc = psutil.Process(pid)
         self.procs = [self.proc, *self.proc.children(recursive=True)]
         self.peak_rss = self.peak_total = 0
@@ -128,6 +139,8 @@ class Sampler:
                 continue
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_total = max(self.peak_total, pss)
+            if self.api:
+                self.lag_s.append(self.api.ingest().get("staging_lag_s", 0.0))
 
     def __enter__(self):
         self._cpu_start = self._cpu()
@@ -151,10 +164,13 @@ def one_run(
 ) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="ctxaudit-bench-") as tmp:
         db = os.path.join(tmp, "bench.duckdb")
-        proc, grpc_port, http_url = start_server(db, *server_args)
+        # NAME=VALUE words are the server's environment (e.g. CTXAUDIT_DECODER=python), the rest options
+        env = dict(w.split("=", 1) for w in server_args if "=" in w and w.split("=", 1)[0].isupper())
+        server_args = [w for w in server_args if w.split("=", 1)[0] not in env]
+        proc, grpc_port, http_url = start_server(db, *server_args, env={**os.environ, **env})
         target = f"127.0.0.1:{grpc_port}" if transport == "grpc" else http_url
         load = Load(transport, target, bodies, per, streams)
-        with Sampler(proc.pid) as sampler:
+        with Sampler(proc.pid, proc.api_url) as sampler:
             elapsed = load.run(seconds)
         code = stop_server(proc, timeout=120)
         if code != 0:
@@ -174,6 +190,8 @@ def one_run(
             sampler.peak_rss / 2**20,
             sampler.peak_total / 2**20,
             size / max(stored, 1),
+            load.ack_ms,
+            sampler.lag_s,
         )
 
 
@@ -185,6 +203,12 @@ def main() -> None:
     ap.add_argument("--transport", choices=["grpc", "http", "both"], default="both")
     ap.add_argument("--requests", type=int, default=32, help="distinct pre-encoded requests to cycle through")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument(
+        "--compare",
+        default="",
+        help="`ctxaudit serve` options (and NAME=VALUE environment) of a third server, e.g. '--staging-mib 0' "
+        "or 'CTXAUDIT_DECODER=python'",
+    )
     ap.add_argument(
         "--server-args", default="", help="extra `ctxaudit serve` options for the measured server"
     )
@@ -203,6 +227,8 @@ def main() -> None:
     configs = [(f"ctxaudit serve {args.server_args}".strip() if extra else "ctxaudit serve (default)", extra)]
     if not args.no_baseline:
         configs.append(("baseline: --decoders 0", ["--decoders", "0"]))
+    if args.compare:
+        configs.append((f"compare: {args.compare}", args.compare.split()))
     transports = ["grpc", "http"] if args.transport == "both" else [args.transport]
     results: dict[tuple[str, str], list[RunResult]] = {}
     for run in range(args.runs):
@@ -215,7 +241,9 @@ def main() -> None:
                     f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
                     f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  rss {r.peak_rss_mib:5.0f} MiB "
                     f"(pss with workers {r.peak_total_pss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
-                    f"refused {r.refused}  {'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
+                    f"refused {r.refused}  ack p50/p99 {_pct(r.ack_ms, 50):.0f}/{_pct(r.ack_ms, 99):.0f} ms  "
+                    f"reader lag p50/max {_pct(r.lag_s, 50):.2f}/{max(r.lag_s, default=0):.2f} s  "
+                    f"{'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
                     flush=True,
                 )
 
@@ -229,12 +257,28 @@ def main() -> None:
             print(
                 f"  {transport:<4} {label:<26} {med:>9,.0f} spans/s  "
                 f"{statistics.median(r.cpu_us_per_span for r in rs):4.1f} us CPU/span  peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
-                f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs"
+                f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs  "
+                f"ack p50/p99 {statistics.median(_pct(r.ack_ms, 50) for r in rs):.0f}/"
+                f"{statistics.median(_pct(r.ack_ms, 99) for r in rs):.0f} ms  reader lag p50/max "
+                f"{statistics.median(_pct(r.lag_s, 50) for r in rs):.2f}/"
+                f"{max(max(r.lag_s, default=0) for r in rs):.2f} s"
             )
         if not args.no_baseline:
             default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
             baseline = statistics.median(r.spans_per_s for r in results[(configs[1][0], transport)])
             print(f"  {transport:<4} ratio default / baseline: {default / baseline:.2f}x")
+        if args.compare:
+            default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
+            other = statistics.median(r.spans_per_s for r in results[(configs[-1][0], transport)])
+            print(f"  {transport:<4} ratio default / compare: {default / other:.2f}x")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from audit.read.remote import RemoteReader
 from audit.server.process import start_server, stop_server
 from audit.store.errors import StoreError
 from audit.store.reader import LocalReader
+from tests.serve_helpers import wait_loaded
 from tests.test_roundtrip_sdk import emit
 
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -349,7 +350,7 @@ def test_unauthenticated_grpc_calls_are_refused_before_decompression(tmp_path, t
         assert (
             grpc_call(target, bomb, compressed=True, encoding="gzip", metadata=bearer)["grpc-status"] == "0"
         )
-        health = RemoteReader(proc.api_url, token=TOKEN).ingest()
+        health = wait_loaded(proc.api_url, token=TOKEN)  # acknowledged, then loaded
         assert health["unauthenticated_requests"] == 180 and health["committed_spans"] == 1
     finally:
         assert stop_server(proc) == 0

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 from audit.read.remote import RemoteReader
 from audit.server.process import start_server, stop_server
 from tests.audit_helpers import simulated_store
+from tests.serve_helpers import wait_loaded
 from tests.test_ui_pages import PAGES
 
 pytestmark = pytest.mark.slow  # every test talks to a `ctxaudit serve` process
@@ -143,7 +144,7 @@ def test_the_server_reports_ingest_health(served, tmp_path):
         str(tmp_path / "t3.jsonl"),
     )
     assert r.returncode == 0, r.stderr
-    health = RemoteReader(served.url).ingest()
+    health = wait_loaded(served.url)  # acknowledged, then loaded
     assert health["committed_spans"] == RemoteReader(served.url).stats().spans - served.exported > 0
     assert health["spans_per_s"] > 0 and health["requests"] >= 1 and health["rejected_spans"] == 0
     invalid = urllib.request.Request(

@@ -51,6 +51,8 @@ def test_disk_full_refuses_retryably_and_recovers_when_space_returns(tmp_path):
             "0",
             "--checkpoint-mib",
             "1",
+            "--staging-mib",  # the staging log fills up soon once the store cannot take its spans
+            "4",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

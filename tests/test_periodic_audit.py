@@ -11,6 +11,7 @@ from audit.read.remote import RemoteReader
 from audit.scenarios.output import read_truth
 from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
+from tests.serve_helpers import wait_loaded
 
 pytestmark = pytest.mark.slow  # a `ctxaudit serve` process
 
@@ -52,6 +53,7 @@ def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
             assert time.monotonic() < deadline, "no audit run after 90 s"
             time.sleep(0.5)
         _simulate(tmp_path, port, 2)  # ingestion goes on beside the audits
+        wait_loaded(remote)  # acknowledged, then loaded from the staging log
         run = remote.audit_run()
         assert {(e["caller"], e["callee"]) for e in run["edges"] if e["broken"]} >= {
             ("gateway", "recommendations")

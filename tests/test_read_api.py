@@ -15,6 +15,7 @@ from audit.server.process import start_server, stop_server
 from audit.store.errors import StoreError
 from audit.store.reader import LocalReader
 from tests.audit_helpers import audited_store
+from tests.serve_helpers import wait_loaded
 from tests.test_roundtrip_sdk import emit
 
 pytestmark = pytest.mark.slow  # every test talks to a `ctxaudit serve` process
@@ -61,6 +62,7 @@ def test_remote_and_local_readers_agree(tmp_path):
     try:
         trace_id, span_id, _ = emit(GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True), "api-test")
         remote = RemoteReader(proc.api_url)
+        wait_loaded(remote)  # acknowledged, then loaded from the staging log
         answers = (
             remote.stats(),
             remote.store_counts(),

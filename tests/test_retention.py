@@ -12,6 +12,7 @@ from audit.server.process import start_server, stop_server
 from audit.store.reader import LocalReader
 from audit.store.retention import Retention
 from tests.audit_helpers import audited_store
+from tests.serve_helpers import wait_loaded
 from tests.test_roundtrip_sdk import emit
 
 DAY = 86_400 * 10**9
@@ -84,6 +85,7 @@ def test_serve_prunes_in_the_background_while_it_ingests(tmp_path):
             assert time.monotonic() < deadline, f"still {remote.stats().spans} spans"
             time.sleep(0.5)
         traces.append(emit(exporter(), "fresh")[0])
+        wait_loaded(remote)  # acknowledged, then loaded from the staging log
         assert remote.stats().spans == 6 and all(remote.trace(t) for t in traces)
         run = remote.audit_run()
         assert run["run_id"] == 1 and remote.findings()["total"] > 0  # the audit survived its spans
