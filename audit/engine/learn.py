@@ -48,6 +48,15 @@ SELECT messaging_destination, service_name, count(*) FROM spans
 WHERE start_ns BETWEEN $lo AND $hi AND kind = 'CONSUMER' AND messaging_destination IS NOT NULL GROUP BY ALL
 """
 _SERVICES = "SELECT service, bool_or(kind IN ('SERVER', 'CONSUMER')) FROM w GROUP BY ALL"
+# Per exit operation (caller service, exit span name, protocol): the services its propagated
+# calls landed in. Client spans that name no target (no URL, address or peer.service, as the
+# OTel Java agent's `HTTP GET` spans in TrainTicket) get their callee from these.
+_OPERATION_CALLEES = """
+SELECT e.service, e.name, e.protocol, h.callee, count(*) FROM hops h JOIN exits e ON e.rid = h.exit_rid
+WHERE NOT h.via_link AND e.protocol NOT IN ('messaging', 'db') AND e.db_system IS NULL GROUP BY ALL
+"""
+_OPERATION_MIN_CALLS = 20  # propagated calls of an operation before its callee is trusted
+_OPERATION_DOMINANT = 0.95  # ... and the share of them that must land in that one service
 _PROPAGATED_CALLEE_OPS = """
 SELECT DISTINCT c.service, c.name FROM hops h JOIN w c ON c.rid = h.entry_rid
 """
@@ -70,6 +79,9 @@ class Learned:
     self_addresses: dict[tuple[str, int | None], str] = field(default_factory=dict)  # servers' own
     rpc_services: dict[str, str] = field(default_factory=dict)
     consumers: dict[str, list[str]] = field(default_factory=dict)  # destination -> consumer services
+    # (caller, exit span name, protocol) -> (callee, propagated calls): where that operation's
+    # propagated calls go, for its exits that name no target
+    operation_targets: dict[tuple[str, str, str], tuple[str, int]] = field(default_factory=dict)
     sync_models: dict[tuple[str, str, str], SyncModel] = field(default_factory=dict)
     callee_models: dict[tuple[str, str], SyncModel] = field(default_factory=dict)  # pooled, widened
     protocol_models: dict[str, SyncModel] = field(default_factory=dict)  # pooled, widened
@@ -141,6 +153,21 @@ def _dominant(rows: list[tuple]) -> dict[tuple, str]:
     return out
 
 
+def operation_targets(rows: list[tuple]) -> dict[tuple[str, str, str], tuple[str, int]]:
+    """(caller, span name, protocol, callee, n) rows -> the callee of each exit operation whose
+    propagated calls (at least _OPERATION_MIN_CALLS) land in one service (_OPERATION_DOMINANT)."""
+    by_op: dict[tuple, Counter] = defaultdict(Counter)
+    for caller, name, protocol, callee, n in rows:
+        by_op[(caller, name, protocol)][callee] += n
+    out = {}
+    for op, counts in by_op.items():
+        callee, n = counts.most_common(1)[0]
+        total = sum(counts.values())
+        if total >= _OPERATION_MIN_CALLS and n >= _OPERATION_DOMINANT * total:
+            out[op] = (callee, total)
+    return out
+
+
 def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConfig) -> Learned:
     rng = {"lo": window.read_from_ns, "hi": window.read_to_ns}
     services = con.execute(_SERVICES).fetchall()
@@ -160,6 +187,7 @@ def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConf
     for destination, service, _ in con.execute(_CONSUMERS, rng).fetchall():
         consumers[destination].append(service)
     learned.consumers = {d: sorted(s) for d, s in consumers.items()}
+    learned.operation_targets = operation_targets(con.execute(_OPERATION_CALLEES).fetchall())
     _learn_timing(con, learned, config)
     return learned
 

@@ -60,4 +60,34 @@ def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
     )
     temp_table(con, "exit_target_map", table)
     con.execute(_EXIT_TARGETS, {"typical_lag": int(learned.default_lag.lag.quantile(0.0))})
+    _resolve_by_operation(con, learned)
     con.execute("DROP TABLE exits")  # xt holds it all now; at 10M spans, memory is the limit
+
+
+# The weakest resolution: an exit that names no target at all (no address, URL, peer.service,
+# and no rpc.service a known service serves) takes the callee its operation's propagated calls
+# land in (learn.py, `operation_targets`). Synchronous calls only: their `continued_to_target`
+# is `continued` whatever the target, so only the target columns change.
+_BY_OPERATION = """
+UPDATE xt SET target = m.target, instrumented = true, how = m.how
+FROM exit_operation_map m
+WHERE xt.service = m.service AND xt.name = m.name AND xt.protocol = m.protocol
+  AND NOT xt.instrumented AND xt.server_address IS NULL AND xt.peer_service IS NULL
+  AND xt.protocol NOT IN ('messaging', 'db') AND xt.db_system IS NULL
+"""
+
+
+def _resolve_by_operation(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
+    ops = [
+        (*op, callee, f"operation (learned from {n} propagated calls)")
+        for op, (callee, n) in learned.operation_targets.items()
+    ]
+    if not ops:
+        return
+    names = ("service", "name", "protocol", "target", "how")
+    temp_table(
+        con,
+        "exit_operation_map",
+        {k: pa.array([r[i] for r in ops], pa.string()) for i, k in enumerate(names)},
+    )
+    con.execute(_BY_OPERATION)
