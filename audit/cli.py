@@ -13,10 +13,11 @@ import time
 from datetime import UTC, datetime
 
 import click
+from pydantic import ValidationError
 
 from . import __version__
 from .cli_params import Duration, Time, TimeOfDay, Zone, hostport, setting
-from .settings import AUDIT_MEMORY_LIMIT, AuditSettings, ServeSettings, SettingsError
+from .settings import AUDIT_MEMORY_LIMIT, AuditSettings, ServeSettings, SettingsError, explain
 from .store.errors import StoreError
 
 log = logging.getLogger("ctxaudit")
@@ -94,6 +95,7 @@ def main(verbose: bool) -> None:
 @setting(ServeSettings, "max_connections")
 @setting(ServeSettings, "metrics_public")
 @setting(ServeSettings, "metrics_max_edges")
+@setting(ServeSettings, "export_otlp", metavar="URL")
 @click.option(
     "--report-at",
     type=TimeOfDay(),
@@ -211,7 +213,10 @@ def serve(
                     "network in clear; set --tls-cert and --tls-key",
                     address,
                 )
-    settings = ServeSettings(**knobs)
+    try:
+        settings = ServeSettings(**knobs)
+    except ValidationError as e:  # what click's types cannot check (--export-otlp's form)
+        raise click.UsageError(str(explain(e, ServeSettings))) from None
     report = DailyReport(report_at, report_tz, report_dir, settings.report_keep_days, report_since)
     config = ServeConfig(
         db,
@@ -914,14 +919,25 @@ def import_captures(db: str, fmt: str | None, memory_limit: str, files: tuple[st
 
 @main.command()
 @click.option("--db", default=DEFAULT_DB, show_default=True, metavar="PATH", help="DuckDB file to export.")
+@_SERVER
 @click.option(
     "--parquet",
     "out",
-    required=True,
     metavar="DIR",
     help="Folder of the export (shared by every shard): DIR/spans, DIR/links, DIR/_shards.",
 )
-@click.option("--since", type=Time(), help="First hour to export, ISO 8601 [default: the first span].")
+@click.option(
+    "--otlp",
+    metavar="URL",
+    help="Instead: send each stitched hop of an audit run as a span into its probable parent's trace, to "
+    "this OTLP endpoint (grpc://HOST:4317, http://HOST:4318; docs/getting-data-out.md).",
+)
+@click.option(
+    "--since",
+    type=Time(),
+    help="First hour to export, ISO 8601 [default: the first span]; with --otlp: only hops whose orphan "
+    "starts there or later.",
+)
 @click.option("--until", type=Time(), help="Export up to here, ISO 8601 [default: past the newest span].")
 @click.option(
     "--shard",
@@ -930,9 +946,49 @@ def import_captures(db: str, fmt: str | None, memory_limit: str, files: tuple[st
     metavar="NAME",
     help="This store's name among the shards: its files go under shard=NAME.",
 )
-def export(db, out, since, until, shard) -> None:
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="With --otlp: the audit run [default: the last].",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    metavar="C",
+    help="With --otlp: only hops whose probable parent has this confidence or more "
+    "[default: every one the run named].",
+)
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="With --otlp: what each target took already, so nothing is sent twice "
+    "[default: DB + '.otlp-export', or ctxaudit-otlp-export in the current folder with --server].",
+)
+@click.option(
+    "--otlp-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --otlp: how long a batch is retried (with backoff) before the export stops and says so.",
+)
+def export(db, server, out, otlp, since, until, shard, run_id, min_confidence, state, otlp_timeout) -> None:
     """Write DB's spans and links as Hive-partitioned Parquet (shard, date, hour of span start),
-    in whole hours. Exporting hours again replaces them (docs/scale.md)."""
+    in whole hours. Exporting hours again replaces them (docs/scale.md).
+
+    With --otlp URL instead: show an audit run's stitched hops in your own trace backend (Jaeger,
+    Tempo...): one span per stitched orphan, in its probable parent's trace, linking to the orphan.
+    Exporting the same run again sends nothing new."""
+    if (out is None) == (otlp is None):
+        raise click.UsageError("give exactly one of --parquet DIR and --otlp URL")
+    if otlp:
+        _export_otlp(db, server, otlp, since, run_id, min_confidence, state, otlp_timeout)
+        return
+    if server:
+        raise click.UsageError("--parquet reads the file --db itself; --server is for --otlp")
     from .store.parquet import export_store
 
     try:
@@ -944,6 +1000,37 @@ def export(db, out, since, until, shard) -> None:
         _fail(str(e))
     done = manifest["last_export"]
     click.echo(f"exported {done['spans']:,} spans in {done['hours']} hour(s) to {out} (shard={shard})")
+
+
+def _export_otlp(db, server, url, since, run_id, min_confidence, state, timeout_s) -> None:
+    """`export --otlp`: the run's stitched hops as spans in their parents' traces."""
+    from .otlp_export import ExportError, ExportRecord, OtlpTarget, StitchExporter
+
+    try:
+        target = OtlpTarget(url, timeout_s=timeout_s)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--otlp") from None
+    try:
+        reader = _reader(db, server)
+        record = ExportRecord(state or ("ctxaudit-otlp-export" if server else f"{db}.otlp-export"))
+    except (StoreError, ExportError) as e:
+        _fail(str(e))
+    try:
+        stats = StitchExporter(reader, target, record).export_run(
+            run_id,
+            min_confidence=min_confidence,
+            since_ns=since,
+            progress=lambda line: click.echo(f"export: {line}", err=True),
+        )
+    except (StoreError, ExportError) as e:
+        _fail(str(e))
+    finally:
+        target.close()
+        record.close()
+        reader.close()
+    if stats.run_id is None and run_id is not None:
+        _fail(f"no audit run {run_id} in {server or db}")
+    click.echo(stats.summary(url))
 
 
 if __name__ == "__main__":

@@ -301,6 +301,14 @@ class ServeSettings(BaseModel):
         gt=0.0,
         description="Delete the oldest spans once the stored data exceed GIB [default: no limit].",
     )
+    export_otlp: str | None = Field(
+        None,
+        pattern=r"^(grpcs?|https?)://[^/\s]+(/\S*)?$",
+        max_length=2048,
+        description="After each audit, send its stitched hops as spans into their probable parents' "
+        "traces at this OTLP endpoint (grpc://HOST:4317, http://HOST:4318), as `ctxaudit export --otlp`, "
+        "on a thread of its own; what was sent is kept in DB's name + '.otlp-export' [default: never].",
+    )
 
     @property
     def max_body_bytes(self) -> int:

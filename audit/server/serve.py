@@ -23,6 +23,7 @@ from collector_ext.receivers import OtlpReceivers
 
 from ..net.access import OPEN, Access
 from ..net.connections import ConnectionLimits, fit_to_fd_limit, raise_fd_limit
+from ..otlp_export import ExportError
 from ..settings import AuditSettings, ServeSettings
 from ..store.errors import StoreError
 from ..store.reader import StoreReader
@@ -111,11 +112,20 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     )
     # the API and the daily report read on a connection of their own to the same database
     reader = StoreReader(store, c.db)
+    try:
+        export = _stitch_export(c, reader)
+    except ServeError:
+        close_store()
+        raise
     api = (
         ReadApi(
             reader,
             *parse_hostport(c.api_address),
-            ingest_health=lambda: health.snapshot() | {"audits": audits.status()},
+            ingest_health=lambda: (
+                health.snapshot()
+                | {"audits": audits.status()}
+                | ({"otlp_export": export.status()} if export else {})
+            ),
             auditor=audits,
             access=c.access,
             limits=limits,
@@ -151,6 +161,8 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     audits.start()
     nightly = _daily_report(c, audits, reader)
     retention = _retention(c, store)
+    if export:
+        export.start()
     while not stop.wait(c.settings.log_interval or None):
         h = health.snapshot()
         log.info(
@@ -168,7 +180,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         )
 
     say("ctxaudit serve: stopping: draining requests in flight")
-    for background in (nightly, retention):
+    for background in (nightly, retention, export):
         if background:
             background.stop()
     audits.stop()
@@ -238,6 +250,18 @@ def _daily_report(c: ServeConfig, audits: ServerAudits, reader: StoreReader):
     )
     nightly.start()
     return nightly
+
+
+def _stitch_export(c: ServeConfig, reader: StoreReader):
+    """--export-otlp: each saved run's stitched hops to the user's trace backend."""
+    if not c.settings.export_otlp:
+        return None
+    from .stitch_export import ScheduledExport
+
+    try:
+        return ScheduledExport(reader, c.settings.export_otlp, f"{c.db}.otlp-export")
+    except (ValueError, ExportError, StoreError) as e:
+        raise ServeError(f"--export-otlp: {e}") from None
 
 
 RETENTION_EVERY_S = 60.0
