@@ -612,6 +612,8 @@ def ui(db, server, port, host) -> None:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",  # for people reading findings: no deploy button, no developer menu
+        "viewer",
     ]
     sys.stderr.flush()
     # become Streamlit: a signal to this process then reaches the server itself, and no child is left behind

@@ -106,7 +106,8 @@ def test_trace_view_joins_the_stitched_parent(page, store):
         reader.close()
     at = page("trace.py", trace_id=stitched["trace_id"])
     assert any("probable parent" in i.value for i in at.info)
-    assert any(stitched["cause"] in w.value or "orphan_root" in w.value for w in at.warning)
+    hops = at.table[1].value  # the stitched hops joining the fragments, with cause and fix
+    assert f"{stitched['trace_id']} {stitched['span_id']}" in set(hops["orphan trace, span"])
     bad = page("trace.py", trace_id="xyz")
     assert "not a trace id" in bad.error[0].value
 
@@ -179,3 +180,44 @@ def test_ctxaudit_ui_refuses_a_store_it_cannot_read(tmp_path):
         timeout=60,
     )
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def chain_store(tmp_path_factory):
+    """Every request split into three traces by two broken hops in a row (the chain scenario)."""
+    return audited_store(tmp_path_factory.mktemp("chain"), "chain-two-hops")
+
+
+def test_trace_view_reassembles_the_whole_request_from_any_fragment(chain_store, monkeypatch):
+    from audit.store.reader import LocalReader
+
+    monkeypatch.setenv("CTXAUDIT_DB", chain_store)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    reader = LocalReader(chain_store)
+    try:
+        top = reader.fragmented_requests(limit=1)[0]
+        assert top["fragments"] == 3 and top["hops"] == 2
+        # the chain from the top: its orphan one level down, and that one's orphan below it
+        (first,) = reader.findings(parent_trace_id=int(top["trace_id"], 16), kind="orphan_root")["findings"]
+        (second,) = reader.findings(parent_trace_id=int(first["trace_id"], 16), kind="orphan_root")[
+            "findings"
+        ]
+    finally:
+        reader.close()
+    expected = {top["trace_id"], first["trace_id"], second["trace_id"]}
+    for opened in expected:  # the top, the middle and the last fragment: the same whole request
+        at = AppTest.from_file(str(PAGES / "trace.py"), default_timeout=60)
+        at.session_state["trace_id"] = opened
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        assert "split into 3 traces" in at.info[0].value
+        fragments, hops = (t.value for t in at.table)
+        assert set(fragments["trace id"]) == expected
+        assert set(hops["cause"]) == {first["cause"].replace("_", "\\_"), second["cause"].replace("_", "\\_")}
+        assert set(hops["orphan trace, span"]) == {f"{f['trace_id']} {f['span_id']}" for f in (first, second)}
+    # opened without a trace id: the most fragmented requests, and a button opens one
+    at = AppTest.from_file(str(PAGES / "trace.py"), default_timeout=60).run()
+    assert at.subheader[0].value == "Most fragmented requests"
+    at.button(key=f"open-{top['trace_id']}").click().run()
+    assert at.session_state["trace_id"] == top["trace_id"] and "split into 3 traces" in at.info[0].value

@@ -5,6 +5,7 @@ through the environment: CTXAUDIT_SERVER (a URL) or CTXAUDIT_DB (a path)."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from contextlib import contextmanager
 
 import streamlit as st
@@ -65,6 +66,52 @@ def findings(run_id: int | None, **filters) -> dict:
 def trace(trace_id: int) -> list[dict]:
     with _shown():
         return reader().trace(trace_id)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def fragmented_requests(run_id: int | None = None, limit: int = 20) -> list[dict]:
+    with _shown():
+        return reader().fragmented_requests(run_id, limit)
+
+
+MAX_FRAGMENTS = 40  # a request split wider than this is shown in part, and says so
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def whole_request(run_id: int, trace_id: int) -> dict:
+    with _shown():
+        return assemble_request(reader(), run_id, trace_id)
+
+
+def assemble_request(r: Reader, run_id: int, trace_id: int, max_fragments: int = MAX_FRAGMENTS) -> dict:
+    """The logical request `trace_id` is a fragment of: every trace reached from it up and down
+    the run's stitched hops (a fragment's orphan to its probable parent's trace, and the traces
+    whose orphans name a parent in it), at any depth. `traces` in the order reached, `hops` the
+    stitched findings joining them, `findings` every finding on the fragments."""
+    traces, seen, queue = [trace_id], {trace_id}, deque([trace_id])
+    hops: dict[tuple[str, str], dict] = {}
+    found: list[dict] = []
+    truncated = False
+    while queue:
+        t = queue.popleft()
+        own = r.findings(run_id, trace_id=t, limit=10_000)["findings"]
+        below = r.findings(run_id, parent_trace_id=t, limit=10_000)["findings"]
+        found += own
+        for f in own + below:
+            parent = f["probable_parent"]
+            if not parent or parent["trace_id"] == f["trace_id"]:
+                continue
+            hops[(f["trace_id"], f["span_id"])] = f
+            for linked in (int(parent["trace_id"], 16), int(f["trace_id"], 16)):
+                if linked in seen:
+                    continue
+                if len(seen) >= max_fragments:
+                    truncated = True
+                    continue
+                seen.add(linked)
+                traces.append(linked)
+                queue.append(linked)
+    return {"traces": traces, "hops": list(hops.values()), "findings": found, "truncated": truncated}
 
 
 def live() -> bool:

@@ -116,13 +116,21 @@ class Reader(Protocol):
         protocol: ProtocolName | None = None,
         cause: Name | None = None,
         trace_id: TraceId | None = None,
+        parent_trace_id: TraceId | None = None,
         since_ns: UnixNs | None = None,
         until_ns: UnixNs | None = None,
         limit: Annotated[int, Field(ge=1, le=10_000)] = 100,
         offset: Annotated[int, Field(ge=0, le=10**12)] = 0,
     ) -> dict:
-        """one page of a run's findings (the last run by default), filtered; since_ns/until_ns
-        bound the span start"""
+        """one page of a run's findings (the last run by default), filtered; parent_trace_id:
+        those whose probable parent is in that trace; since_ns/until_ns bound the span start"""
+
+    def fragmented_requests(
+        self, run_id: RunId | None = None, limit: Annotated[int, Field(ge=1, le=1_000)] = 20
+    ) -> list[dict]:
+        """a run's (the last by default) logical requests split into the most traces: each
+        request's top trace (whose root has no probable parent), its fragments (traces joined by
+        stitched hops, all levels down), hops, lowest confidence and newest hop start"""
 
     def close(self) -> None: ...
 
@@ -138,6 +146,7 @@ QUERIES = (
     "audit_runs",
     "finding_counts",
     "findings",
+    "fragmented_requests",
 )
 
 

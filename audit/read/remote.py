@@ -142,5 +142,8 @@ class RemoteReader:
         """As `Reader.findings`; the filters are checked against its declaration."""
         return self._query("findings", run_id=run_id, **filters)
 
+    def fragmented_requests(self, run_id: int | None = None, limit: int = 20) -> list[dict]:
+        return self._query("fragmented_requests", run_id=run_id, limit=limit)
+
     def close(self) -> None:
         pass

@@ -78,6 +78,28 @@ FROM audit_findings
 """
 
 
+MAX_HOPS_DOWN = 32  # a request deeper than this (or a cycle of wrong links) is cut there
+# stitched hops as trace -> trace edges; the tops are parent traces that no hop leads to; each
+# top's request is every trace reached down from it (UNION: a trace reached twice counts once)
+_FRAGMENTED_REQUESTS = """
+WITH RECURSIVE
+run AS (SELECT coalesce(?, (SELECT max(run_id) FROM audit_runs)) AS id),
+hops AS (SELECT trace_id AS child, parent_trace_id AS parent, confidence, start_ns FROM audit_findings
+         WHERE run_id = (SELECT id FROM run) AND parent_span_id IS NOT NULL AND parent_trace_id <> trace_id),
+tops AS (SELECT DISTINCT parent AS top FROM hops WHERE parent NOT IN (SELECT child FROM hops)),
+walk(top, trace_id, depth) AS (
+    SELECT top, top, 0 FROM tops
+    UNION
+    SELECT w.top, h.child, w.depth + 1 FROM walk w JOIN hops h ON h.parent = w.trace_id WHERE w.depth < ?
+),
+reached AS (SELECT DISTINCT top, trace_id FROM walk)
+SELECT r.top::VARCHAR AS trace_id, count(DISTINCT r.trace_id) AS fragments, count(h.child) AS hops,
+       round(min(h.confidence), 4) AS min_confidence, max(h.start_ns) AS last_hop_start_ns
+FROM reached r LEFT JOIN hops h ON h.child = r.trace_id
+GROUP BY r.top ORDER BY fragments DESC, last_hop_start_ns DESC, trace_id LIMIT ?
+"""
+
+
 def _register_functions(con: duckdb.DuckDBPyConnection) -> None:
     # "special": a span without attributes (or events) gives NULL, which DuckDB's default refuses
     con.create_function("otlp_attributes", otlp_attributes, ["BLOB"], "JSON", null_handling="special")
@@ -236,6 +258,7 @@ class StoreReader:
         protocol: str | None = None,
         cause: str | None = None,
         trace_id: int | None = None,
+        parent_trace_id: int | None = None,
         since_ns: int | None = None,
         until_ns: int | None = None,
         limit: int = 100,
@@ -258,9 +281,10 @@ class StoreReader:
         }
         where = " AND ".join(["run_id = ?"] + [f"{k} = ?" for k, v in filters.items() if v is not None])
         params = [run_id] + [v for v in filters.values() if v is not None]
-        if trace_id is not None:
-            where += " AND trace_id = ?::UHUGEINT"
-            params.append(str(trace_id))
+        for column, value in (("trace_id", trace_id), ("parent_trace_id", parent_trace_id)):
+            if value is not None:
+                where += f" AND {column} = ?::UHUGEINT"
+                params.append(str(value))
         for bound, op in ((since_ns, ">="), (until_ns, "<")):
             if bound is not None:
                 where += f" AND start_ns {op} ?"
@@ -271,6 +295,17 @@ class StoreReader:
             params + [limit, offset],
         )
         return {"run_id": run_id, "total": total, "findings": [finding_dict(r) for r in rows]}
+
+    def fragmented_requests(self, run_id: int | None = None, limit: int = 20) -> list[dict]:
+        """The run's (the last by default) logical requests split into the most traces, newest
+        first among equals: each one's top trace, fragments, stitched hops, lowest confidence
+        and newest hop start (the trace view's list when no trace is given)."""
+        if not self._has_runs():
+            return []
+        rows = self._dicts(_FRAGMENTED_REQUESTS, [run_id, MAX_HOPS_DOWN, limit])
+        for r in rows:
+            r["trace_id"] = f"{int(r['trace_id']):032x}"
+        return rows
 
     def close(self) -> None:
         pass  # the connection belongs to whoever opened it
