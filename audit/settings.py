@@ -229,7 +229,7 @@ class ServeSettings(BaseModel):
         256.0, ge=0.001, description="Request bytes being decoded or committed before requests are refused."
     )
     staging_mib: int = Field(
-        1024,
+        256,
         ge=0,
         description="Disk space of the staging log (DB's name + '.staging/'): requests are acknowledged "
         "once their spans are fsync'd there, and loaded into DB within about a second; beyond it requests "

@@ -327,3 +327,26 @@ def test_sigterm_drains_the_log_and_a_crash_left_log_loads_at_start(tmp_path, rn
 def test_serve_help_lists_staging_mib():
     r = subprocess.run([sys.executable, "-m", "audit", "serve", "--help"], capture_output=True, text=True)
     assert "--staging-mib" in r.stdout
+
+
+def test_ingest_figures_show_the_staging_log(tmp_path, rng):
+    from collector_ext.ingest import Ingestor
+    from collector_ext.ingest_health import IngestHealth
+
+    db = str(tmp_path / "h.duckdb")
+    s = Store(db, load=False, max_bytes=64 << 20)
+    sent = [batch(rng) for _ in range(3)]
+    for _, b in sent:
+        s.log.submit(b).result(10)
+    ingestor = Ingestor(s.writer, staging=s.log, decoders=0)
+    loader = StagingLoader(s.log, s.writer)
+    snap = IngestHealth(ingestor, s.writer, loader=loader).snapshot()
+    assert snap["staged_spans"] == 3 * N and snap["committed_spans"] == 0
+    assert snap["staging_segments"] == 1 and 0 < snap["staging_bytes"] <= snap["staging_capacity_bytes"]
+    assert snap["staging_lag_s"] >= 0 and snap["loads"] == 0
+    s.log.seal()
+    assert loader._load(s.log.sealed())
+    snap = IngestHealth(ingestor, s.writer, loader=loader).snapshot()
+    assert (snap["staged_spans"], snap["staging_bytes"], snap["staging_segments"]) == (0, 0, 0)
+    assert snap["committed_spans"] == 3 * N and snap["loads"] == 1 and snap["staging_lag_s"] == 0
+    s.close()
