@@ -53,12 +53,17 @@ def main() -> None:
     print(f"orphans {len(orphans)}, whose producer span is stored {len(stored)}")
     lag = np.array([c[2] - p[3] for c, p in stored]) / 1e6
     q = np.percentile(lag, [1, 5, 50, 95, 99])
-    print("lag (consumer start - producer end), ms: p1 %.1f p5 %.1f median %.1f p95 %.1f p99 %.1f" % tuple(q))
+    p1, p5, p50, p95, p99 = q
+    print(
+        f"lag (consumer start - producer end), ms: p1 {p1:.1f} p5 {p5:.1f} median {p50:.1f} "
+        f"p95 {p95:.1f} p99 {p99:.1f}"
+    )
     consumers = np.sort([r[2] for r in rows if r[1] == "CONSUMER"]) / 1e6
     producer_ends = np.sort([r[3] for r in rows if r[1] == "PRODUCER"]) / 1e6
+    consumer_gap, producer_gap = np.median(np.diff(consumers)), np.median(np.diff(producer_ends))
     print(
-        "gap between consumer starts, ms: median %.2f; between stored producer spans: median %.1f"
-        % (np.median(np.diff(consumers)), np.median(np.diff(producer_ends)))
+        f"gap between consumer starts, ms: median {consumer_gap:.2f}; "
+        f"between stored producer spans: median {producer_gap:.1f}"
     )
     fits = [
         int(np.sum((c[2] / 1e6 - producer_ends >= q[0]) & (c[2] / 1e6 - producer_ends <= q[4])))

@@ -16,9 +16,9 @@ import sys
 import time
 
 from audit.audit_job import audit_store
-from audit.settings import AuditSettings
 from audit.read.remote import RemoteReader
 from audit.server.process import start_server, stop_server
+from audit.settings import AuditSettings
 from audit.store.reader import LocalReader
 from graph.service_graph import build_graphs, to_dot
 

@@ -6,7 +6,6 @@ that outgrows the memory ceiling is stopped while ingestion goes on."""
 from __future__ import annotations
 
 import json
-import math
 import threading
 import urllib.error
 import urllib.request
