@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .cli_params import Duration, Time, TimeOfDay, Zone, hostport, setting
-from .settings import AUDIT_MEMORY_LIMIT, AuditSettings, ServeSettings, SettingsError, explain
+from .settings import AUDIT_MEMORY_LIMIT, REPORT_SINCE, AuditSettings, ServeSettings, SettingsError, explain
 from .store.errors import StoreError
 
 log = logging.getLogger("ctxaudit")
@@ -120,7 +120,7 @@ def main(verbose: bool) -> None:
 @click.option(
     "--report-since",
     type=Duration(),
-    default="24h",
+    default=REPORT_SINCE,
     show_default=True,
     metavar="DURATION",
     help="How far back each daily report reaches.",
@@ -633,7 +633,7 @@ def ui(db, server, port, host) -> None:
     "--since",
     "since_s",
     type=Duration(),
-    default="24h",
+    default=REPORT_SINCE,
     show_default=True,
     help="How far back from the newest settled span the report reaches.",
 )
@@ -867,7 +867,8 @@ def demo(db: str, truth: str, seconds: float, rate: float) -> None:
         from .report.command import ReportRequest, report_from_file
 
         settings = AuditSettings.load(None, settle_s=0)
-        report_from_file(ReportRequest(out, 86400, settings, []), db, AUDIT_MEMORY_LIMIT, lambda step: None)
+        since = Duration().convert(REPORT_SINCE, None, None)
+        report_from_file(ReportRequest(out, since, settings, []), db, AUDIT_MEMORY_LIMIT, lambda step: None)
         click.echo(f"\nreport: {out / 'report.html'} (and report.md, report.json)")
     except (StoreError, OSError) as e:
         click.echo(f"report: not written: {e}", err=True)

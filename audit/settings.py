@@ -329,6 +329,8 @@ class ServeSettings(BaseModel):
 
 # the audit's DuckDB memory when a command opens the file itself (`audit`, `report` with --db)
 AUDIT_MEMORY_LIMIT = "2GB"
+# how far back a report reaches (`ctxaudit report --since`, `serve --report-since`)
+REPORT_SINCE = "24h"
 
 
 class AuditRequest(BaseModel):
