@@ -99,6 +99,8 @@ def receive(shipped: Shipped) -> SpanBatch:
         rejected=shipped.rejected,
         rejection_reasons=shipped.rejection_reasons,
         end_before_start=shipped.end_before_start,
+        # the staging log writes these streams as they are (audit/store/staging.py)
+        ipc=(data.slice(0, shipped.spans_size), data.slice(shipped.spans_size, shipped.links_size)),
     )
 
 

@@ -350,3 +350,26 @@ def test_ingest_figures_show_the_staging_log(tmp_path, rng):
     assert (snap["staged_spans"], snap["staging_bytes"], snap["staging_segments"]) == (0, 0, 0)
     assert snap["committed_spans"] == 3 * N and snap["loads"] == 1 and snap["staging_lag_s"] == 0
     s.close()
+
+
+@pytest.mark.parametrize("shm", [True, False])
+def test_a_batch_from_a_decode_worker_is_staged_as_its_ipc_streams(tmp_path, rng, shm):
+    """The worker's IPC streams go into the frame as they are, and read back as the same tables."""
+    from collector_ext.worker import SHM_DIR, receive, ship
+
+    _, original = batch(rng)
+    links = request(spans(3, rng))
+    for s in links.resource_spans[0].scope_spans[0].spans:  # some links too
+        s.links.add(trace_id=rng.randbytes(16), span_id=rng.randbytes(8))
+    with_links = decode_batch(links.SerializeToString(), PROTOBUF, False, 1 << 30)
+    for b in (original, with_links):
+        received = receive(ship(b, SHM_DIR if shm else None))
+        assert received.ipc is not None
+        frame = encode_frame(received)
+        assert frame[1] is received.ipc[0]  # not encoded again
+        path = str(tmp_path / f"{id(b)}.seg")
+        with open(path, "wb") as f:
+            for buf in frame:
+                f.write(memoryview(buf))
+        (back,), n, _, _ = read_segment(path)
+        assert n == b.accepted and back.spans.equals(b.spans) and back.links.equals(b.links)

@@ -93,6 +93,9 @@ class SpanBatch:
     rejected: int = 0
     rejection_reasons: dict[str, int] = field(default_factory=dict)
     end_before_start: int = 0
+    # the Arrow IPC streams (spans, links) the tables were read from, when they came as such
+    # (from a decode worker): the staging log writes them as they are instead of encoding again
+    ipc: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def accepted(self) -> int:

@@ -104,8 +104,11 @@ _STOP = object()
 
 def encode_frame(batch: SpanBatch) -> list:
     """A batch as the buffers of one frame (header, spans IPC stream, links IPC stream)."""
-    spans = _ipc(batch.spans)
-    links = _ipc(batch.links) if batch.links.num_rows else b""
+    if batch.ipc is not None:
+        spans, links = batch.ipc
+    else:
+        spans = _ipc(batch.spans)
+        links = _ipc(batch.links) if batch.links.num_rows else b""
     crc = zlib.crc32(links, zlib.crc32(spans))
     header = _HEADER.pack(_MAGIC, batch.accepted, len(spans), len(links), crc)
     return [header, spans, links] if links else [header, spans]
