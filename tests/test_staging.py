@@ -373,3 +373,47 @@ def test_a_batch_from_a_decode_worker_is_staged_as_its_ipc_streams(tmp_path, rng
                 f.write(memoryview(buf))
         (back,), n, _, _ = read_segment(path)
         assert n == b.accepted and back.spans.equals(b.spans) and back.links.equals(b.links)
+
+
+_FULL_DISK = """
+import random, resource, sys
+from audit.store.errors import StoreUnavailable
+from audit.store.staging import StagingLog, read_segment
+from tests.test_staging import batch
+rng = random.Random(5)
+log = StagingLog(sys.argv[1], max_bytes=1 << 30)
+done = [b for _, b in [batch(rng) for _ in range(3)]]
+for b in done:
+    log.submit(b).result(10)
+size = log.bytes
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1000, resource.RLIM_INFINITY))  # the file cannot grow
+try:
+    log.submit(batch(rng)[1]).result(10)
+    print("accepted")
+except StoreUnavailable as e:
+    print("refused:", e)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log.submit(batch(rng)[1]).result(10)  # space is back: a new segment takes it
+print("segments", log.segments, "spans", log.spans)
+log.close()
+"""
+
+
+def test_a_failed_append_refuses_retryably_and_appends_resume(tmp_path):
+    """The disk fills up (here: the process's file size limit, which fails writes with EFBIG):
+    the request is refused with a retryable error, nothing it half-wrote is loaded, and the
+    next append, in a new segment, succeeds."""
+    staging = str(tmp_path / "x.duckdb.staging")
+    r = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, staging],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "refused: cannot write the staging log" in r.stdout and "free disk space" in r.stdout, r.stdout
+    assert "refusing spans, retryably" in r.stderr and "resumed after" in r.stderr
+    assert f"segments 2 spans {4 * N}" in r.stdout  # the refused request is not in the log
+    total = sum(read_segment(os.path.join(staging, f))[1] for f in sorted(os.listdir(staging)))
+    assert total == 4 * N

@@ -300,7 +300,7 @@ class StagingLog:
             _write_all(self._fd, buffers)
             _crash("append.fsync")
             os.fdatasync(self._fd)
-        except OSError as e:
+        except Exception as e:  # OSError: disk full, I/O error; anything else is a bug, refused the same
             self._failed(frames, segment, e)
             return
         _crash("append.ack")
@@ -328,7 +328,7 @@ class StagingLog:
         if segment.spans >= self.segment_spans or segment.bytes >= self.segment_bytes:
             self._seal_open()
 
-    def _failed(self, frames: list[_Frame], segment: Segment | None, error: OSError) -> None:
+    def _failed(self, frames: list[_Frame], segment: Segment | None, error: Exception) -> None:
         # The frames may be partly on disk: cut them off (a reader would stop at them anyway,
         # but whole ones would be loaded though refused), and start a new segment next time.
         if segment is not None and self._fd is not None:
@@ -347,9 +347,10 @@ class StagingLog:
                 self.directory,
                 error,
             )
+        why = getattr(error, "strerror", None) or error
         refusal = StoreUnavailable(
-            f"cannot write the staging log {self.directory} ({error.strerror or error}); free disk "
-            "space or fix the I/O error: writes resume by themselves"
+            f"cannot write the staging log {self.directory} ({why}); free disk space or fix the I/O "
+            "error: writes resume by themselves"
         )
         for f in frames:
             f.done.set_exception(refusal)
@@ -497,7 +498,14 @@ class StagingLoader:
                 if draining and not self.staging.segments:
                     return
                 continue
-            if not self._load(segments) and draining and time.monotonic() > self._drain_deadline:
+            try:
+                loaded = self._load(segments)
+            except Exception:  # a bug must not stop the loader: the log would fill and refuse forever
+                log.exception("unexpected error while loading the staging log; retrying")
+                self.staging.stats.failed_loads += 1
+                time.sleep(self.retry_s)
+                loaded = False
+            if not loaded and draining and time.monotonic() > self._drain_deadline:
                 return
 
     def _next_load(self) -> list[Segment] | None:
@@ -531,7 +539,11 @@ class StagingLoader:
         staging = self.staging
         batches, counts = [], []
         for s in segments:
-            got, spans, read, size = read_segment(s.path)
+            try:
+                got, spans, read, size = read_segment(s.path)
+            except FileNotFoundError:  # removed by someone else: nothing to load, record it all the same
+                log.error("staging segment %s has disappeared: its %d spans are lost", s.path, s.spans)
+                got, spans, read, size = [], 0, 0, 0
             if read < size:
                 staging.stats.damaged_bytes += size - read
                 log.warning(
