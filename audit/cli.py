@@ -75,7 +75,8 @@ def main(verbose: bool) -> None:
     show_default=True,
     callback=hostport,
     metavar="HOST:PORT",
-    help="Read API listen address (loopback only): the UI and `--server` commands read through it; 'off' to disable.",
+    help="Read API listen address (loopback only): the UI and `--server` commands read through it; "
+    "'off' to disable.",
 )
 @setting(ServeSettings, "audit_every", metavar="SECONDS")
 @setting(ServeSettings, "audit_settle", metavar="SECONDS")
@@ -386,7 +387,7 @@ def audit(
     Each run audits a settled window and by default starts where the last one ended.
     With --server, the running server audits its own store (it holds the file).
     """
-    from .audit_job import audit_store, summary_lines
+    from .audit_job import audit_store
 
     listed = ",".join(entrypoints) if entrypoints else None
     try:
@@ -434,20 +435,11 @@ def audit(
         )
     except StoreError as e:
         _fail(str(e))
-    if result is None:
-        _nothing_new(as_json)
-    elif as_json:
-        for chunk in result.document_chunks():
-            sys.stdout.write(chunk)
-        sys.stdout.flush()
-    else:
-        for line in summary_lines(result):
-            click.echo(line)
+    _print_result(result, as_json)
 
 
 def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_limit, as_json) -> None:
     """`audit --spark`: the same engine, per time slice in Spark tasks, over every shard's Parquet."""
-    from .audit_job import summary_lines
     from .spark_audit import spark_audit
 
     if not (master and parquet):
@@ -466,6 +458,13 @@ def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_lim
         )
     except StoreError as e:
         _fail(str(e))
+    _print_result(result, as_json)
+
+
+def _print_result(result, as_json: bool) -> None:
+    """An audit's result: the document with --json, else the summary."""
+    from .audit_job import summary_lines
+
     if result is None:
         _nothing_new(as_json)
     elif as_json:
@@ -731,7 +730,8 @@ def report(
     if result["comparison"]:
         n = result["comparison"]["counts"]
         click.echo(
-            f"report: since the previous report: {n['new_broken_hops']} newly broken, {n['fixed_hops']} fixed, "
+            f"report: since the previous report: {n['new_broken_hops']} newly broken, "
+            f"{n['fixed_hops']} fixed, "
             f"{n['worse_hops']} worse, {n['better_hops']} better"
         )
     from .report.build import verdicts
@@ -996,7 +996,11 @@ def export(db, server, out, otlp, since, until, shard, run_id, min_confidence, s
 
     try:
         manifest = export_store(
-            db, out, shard=shard, since_ns=since, until_ns=until,
+            db,
+            out,
+            shard=shard,
+            since_ns=since,
+            until_ns=until,
             progress=lambda s: click.echo(f"export: {s}", err=True),
         )
     except StoreError as e:
