@@ -143,7 +143,8 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
     lines = [
         f"audit {saved}: {_when(result.window_start_ns)} .. {_when(result.window_end_ns)}, "
         f"{result.spans:,} spans in {result.traces:,} traces, {result.seconds:.1f} s",
-        f"findings: {c['orphan_root']:,} orphan roots ({result.stitched():,} findings with a probable parent), "
+        f"findings: {c['orphan_root']:,} orphan roots "
+        f"({result.stitched():,} findings with a probable parent), "
         f"{c['in_process_break']:,} in-process breaks, {c['dangling_parent']:,} dangling parents, "
         f"{c['unpaired_exit']:,} unpaired exits",
         f"entry points: {', '.join(result.entrypoints) or 'none found'}",
@@ -153,13 +154,15 @@ def summary_lines(result: AuditResult, *, top: int = 10) -> list[str]:
     for e in sorted(broken, key=lambda e: e.propagation_rate or 0.0):
         system = f"/{e.system}" if e.system else ""
         lines.append(
-            f"  {e.caller} -> {e.callee} ({e.protocol}{system}): {e.propagated:,}/{e.calls:,} stored calls propagated "
+            f"  {e.caller} -> {e.callee} ({e.protocol}{system}): "
+            f"{e.propagated:,}/{e.calls:,} stored calls propagated "
             f"({e.propagation_rate:.1%}), {e.stitched:,} stitched"
             + (f"; likely cause: {e.cause}" if e.cause else "")
         )
     for d in result.degraded:
         lines.append(
-            f"degraded: stitching ran out of memory on {d['callee']}:{d['operation']}: {d['orphans']:,} orphans "
+            f"degraded: stitching ran out of memory on {d['callee']}:{d['operation']}: "
+            f"{d['orphans']:,} orphans "
             "left without a parent there (raise --memory-limit to name them)"
         )
     lines += _sampling_lines(result.sampling)

@@ -34,6 +34,7 @@ def run_demo(db: str, truth: str, seconds: float, rate: float) -> FleetRun:
     if code != 0:
         raise RuntimeError(f"ctxaudit serve exited with {code}")
     print(
-        f"fleet: {run.requests} requests ({run.failed} failed); ground truth: {run.truth_records} spans in {truth}"
+        f"fleet: {run.requests} requests ({run.failed} failed); "
+        f"ground truth: {run.truth_records} spans in {truth}"
     )
     return run

@@ -114,7 +114,8 @@ class AuditConfig(BaseModel):
         60.0,
         gt=0.0,
         le=86_400.0,
-        description="Longest producer-to-consumer lag a stitching candidate may have (caps the learned lags).",
+        description="Longest producer-to-consumer lag a stitching candidate may have "
+        "(caps the learned lags).",
     )
     entry_candidate_share: float = Field(
         0.05,

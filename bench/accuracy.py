@@ -2,7 +2,8 @@
 concurrency level, on simulator scenarios (and on a demo-fleet store, if given).
 
     python -m bench.accuracy [--scenario shop-busy] [--scales 0.05,0.25,1] [--seed 1]
-                             [--fleet-db demo-data/ctxaudit-demo.duckdb --fleet-truth demo-data/ground-truth.jsonl]
+                             [--fleet-db demo-data/ctxaudit-demo.duckdb
+                              --fleet-truth demo-data/ground-truth.jsonl]
                              [--json accuracy.json]
 
 Each scale multiplies the scenario's entry rates, so the number of calls in flight on each
@@ -31,8 +32,9 @@ from audit.scenarios.simulate import Simulator
 # calls in flight on each edge with orphans: for each stored exit, the stored exits of the same
 # caller and target overlapping its start, scaled up by the caller's sampling probability
 _IN_FLIGHT = """
-WITH e AS (SELECT trace_id, service_name AS caller, coalesce(server_address, messaging_destination) AS target,
-                  start_ns, end_ns, (72057594037927936 - coalesce(sampling_threshold, 0)) / 72057594037927936 AS p
+WITH e AS (SELECT trace_id, service_name AS caller,
+                  coalesce(server_address, messaging_destination) AS target, start_ns, end_ns,
+                  (72057594037927936 - coalesce(sampling_threshold, 0)) / 72057594037927936 AS p
            FROM spans WHERE kind IN ('CLIENT', 'PRODUCER') AND protocol <> 'db'),
      s AS (SELECT * FROM e USING SAMPLE 2000 ROWS)
 SELECT s.caller, s.target, avg(n / s.p) FROM (
@@ -99,7 +101,8 @@ def report(label: str, result: dict, summary: dict, in_flight: list) -> None:
     for e in summary["edges"]:
         if e["broken"] or e["found_broken"]:
             print(
-                f"     {e['caller']:>14} -> {e['callee']:<24} truth {e['true_rate']:.4f} found {_fmt(e['found_rate'])}"
+                f"     {e['caller']:>14} -> {e['callee']:<24} truth {e['true_rate']:.4f} "
+                f"found {_fmt(e['found_rate'])}"
             )
 
 

@@ -156,7 +156,8 @@ def main() -> None:
             f"median {statistics.median(x['seconds'] for x in done):.1f} s, "
             f"peak RSS {max(x['peak_rss_mib'] for x in done):,.0f} MiB, {r['spans']:,} spans; "
             f"orphans {r['orphans']:,}: named {r['named']:,}, right {r['correct']:,} "
-            f"(precision {r['correct'] / max(r['named'], 1):.4f}, recall {r['correct'] / max(r['orphans'], 1):.4f}), "
+            f"(precision {r['correct'] / max(r['named'], 1):.4f}, "
+            f"recall {r['correct'] / max(r['orphans'], 1):.4f}), "
             f"degraded {r.get('degraded')}"
         )
 

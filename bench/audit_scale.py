@@ -111,7 +111,8 @@ def main() -> None:
         runs = [audit_once(args.db, first, end, context, args.memory_limit) for _ in range(args.runs)]
         med = statistics.median(r["seconds"] for r in runs)
         print(
-            f"{fraction:>8.0%} {runs[0]['spans']:>12,} {med:>9.1f} {str([round(r['seconds'], 1) for r in runs]):>24} "
+            f"{fraction:>8.0%} {runs[0]['spans']:>12,} {med:>9.1f} "
+            f"{str([round(r['seconds'], 1) for r in runs]):>24} "
             f"{max(r['peak_rss_mib'] for r in runs):>13,.0f} {med / runs[0]['spans'] * 1e6:>8.2f}"
         )
     # re-auditing only what is new: the newest 1% of the store, read with its context margin
@@ -119,7 +120,8 @@ def main() -> None:
     runs = [audit_once(args.db, start, last + 1, context, args.memory_limit) for _ in range(args.runs)]
     med = statistics.median(r["seconds"] for r in runs)
     print(
-        f"{'new 1%':>8} {runs[0]['spans']:>12,} {med:>9.1f} {str([round(r['seconds'], 1) for r in runs]):>24} "
+        f"{'new 1%':>8} {runs[0]['spans']:>12,} {med:>9.1f} "
+        f"{str([round(r['seconds'], 1) for r in runs]):>24} "
         f"{max(r['peak_rss_mib'] for r in runs):>13,.0f}"
     )
 

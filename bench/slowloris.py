@@ -171,7 +171,8 @@ def main() -> None:
         xs = lat[name]
         if xs:
             print(
-                f"  {name}: {len(xs)} ok, {failed[name]} failed; median {statistics.median(xs) * 1000:.1f} ms, "
+                f"  {name}: {len(xs)} ok, {failed[name]} failed; "
+                f"median {statistics.median(xs) * 1000:.1f} ms, "
                 f"max {max(xs) * 1000:.0f} ms"
             )
         else:

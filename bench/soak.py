@@ -214,14 +214,17 @@ def main() -> None:
 
     print(f"\n{args.minutes:g} min at {args.rate:,.0f} spans/s target; server exit {code}")
     print(
-        f"acknowledged {load.acked:,} spans, stored {stored:,}: {'nothing lost' if stored >= load.acked else 'LOST ' + str(load.acked - stored)}"
+        f"acknowledged {load.acked:,} spans, stored {stored:,}: "
+        f"{'nothing lost' if stored >= load.acked else 'LOST ' + str(load.acked - stored)}"
     )
     print(
-        f"audit runs: {len(runs)}; their durations (s): {[round(r['seconds'], 1) for r in sorted(runs, key=lambda r: r['run_id'])]}"
+        f"audit runs: {len(runs)}; their durations (s): "
+        f"{[round(r['seconds'], 1) for r in sorted(runs, key=lambda r: r['run_id'])]}"
     )
     for key in ("rate", "rss_mib", "pss_mib", "p50_ms", "p99_ms", "queued"):
         print(
-            f"{key:>8}: first fifth median {med(first, key):>10,.1f}   last fifth median {med(last, key):>10,.1f}   "
+            f"{key:>8}: first fifth median {med(first, key):>10,.1f}   "
+            f"last fifth median {med(last, key):>10,.1f}   "
             f"max {max((r[key] for r in samples if r[key] is not None), default=float('nan')):>10,.1f}"
         )
     if tmp:

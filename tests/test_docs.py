@@ -18,7 +18,9 @@ def test_every_command_and_option_is_in_cli_md(command):
     for param in main.commands[command].params:
         for flag in getattr(param, "opts", []):
             if flag.startswith("--") and flag != "--help":
-                assert f"`{flag}" in CLI_DOC or f"{flag} " in CLI_DOC, f"{command} {flag} is not in docs/cli.md"
+                assert f"`{flag}" in CLI_DOC or f"{flag} " in CLI_DOC, (
+                    f"{command} {flag} is not in docs/cli.md"
+                )
 
 
 @pytest.mark.parametrize("name", sorted(AuditSettings.model_fields))

@@ -132,8 +132,9 @@ def test_answers_are_strict_json_even_over_stored_nan(api):
     con = store.cursor()  # a run saved before settings were checked: NaN in its JSON text
     run_id = 1_000_000
     con.execute(
-        "INSERT INTO audit_runs (run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds, "
-        "entrypoints, roots, settings) VALUES (?, current_timestamp, 1, 2, 0, 0, 'NaN'::DOUBLE, [], '{}', ?)",
+        "INSERT INTO audit_runs (run_id, finished_at, window_start_ns, window_end_ns, spans, traces, "
+        "seconds, entrypoints, roots, settings) "
+        "VALUES (?, current_timestamp, 1, 2, 0, 0, 'NaN'::DOUBLE, [], '{}', ?)",
         [run_id, '{"settle_s": NaN, "context_s": Infinity}'],
     )
     con.close()

@@ -22,7 +22,8 @@ def _counts(db: str) -> tuple[int, int, int, int]:
     con = duckdb.connect(db, read_only=True)
     try:
         return con.execute("""SELECT (SELECT count(*) FROM spans), (SELECT count(*) FROM span_links),
-                                     (SELECT count(*) FROM audit_runs), (SELECT count(*) FROM audit_findings)""").fetchone()
+                                     (SELECT count(*) FROM audit_runs),
+                                     (SELECT count(*) FROM audit_findings)""").fetchone()
     finally:
         con.close()
 
@@ -39,7 +40,8 @@ def test_age_limit_deletes_old_spans_and_their_links_and_keeps_the_audits(tmp_pa
     pruned = Retention(con, db, days=days).prune_once()
     (left, oldest_left) = con.execute("SELECT count(*), min(start_ns) FROM spans").fetchone()
     orphan_links = con.execute("""SELECT count(*) FROM span_links l WHERE NOT EXISTS
-                                    (SELECT 1 FROM spans s WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()[
+                                    (SELECT 1 FROM spans s
+                                     WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()[
         0
     ]
     con.close()

@@ -121,7 +121,8 @@ services:
     operations:
       "GET /":
         calls:
-          - {to: back, protocol: http, operation: "GET /x", drop: {probability: 0.3, cause: proxy_strips_traceparent}}
+          - {to: back, protocol: http, operation: "GET /x",
+             drop: {probability: 0.3, cause: proxy_strips_traceparent}}
   back:
     sampler: {type: parent_based, probability: 0.5, writes_threshold: false}
     operations:

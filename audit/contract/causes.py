@@ -20,7 +20,8 @@ _CAUSES = (
         "that is not the callee's, or some of them get through. Something in between (a proxy, gateway or "
         "sidecar) does not forward traceparent.",
         "Forward the W3C headers at the proxy or gateway: add traceparent and tracestate to its header "
-        "allowlist (nginx: proxy_pass_request_headers on / proxy_set_header; Envoy: keep the tracing headers).",
+        "allowlist (nginx: proxy_pass_request_headers on / proxy_set_header; "
+        "Envoy: keep the tracing headers).",
     ),
     Cause(
         "client_does_not_inject",

@@ -10,7 +10,8 @@ from ..contract.figures import context_health, orphan_rate
 
 # headline figures: name -> what it is (the report and the gate's grammar list them)
 HEADLINE = {
-    "context_health": "stored calls between instrumented services whose context reached the callee, as a share",
+    "context_health": "stored calls between instrumented services whose context reached the callee, "
+    "as a share",
     "orphan_rate": "orphan roots / all roots (entry roots and orphan roots)",
     "broken_hops": "hops (caller, callee, protocol) with at least one call that lost its context",
     "findings": "findings of every kind",

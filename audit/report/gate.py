@@ -34,7 +34,8 @@ HOP = {
     "propagated": "stored calls whose context arrived",
     "dropped": "stored calls whose context was lost",
     "stitched": "orphans linked back to this hop's calls",
-    "conditional_capture_rate": "the callee side stored when the caller's is (sampling.md; one protocol only)",
+    "conditional_capture_rate": "the callee side stored when the caller's is "
+    "(sampling.md; one protocol only)",
     "upstream_missing_share": "orphans with no stored upstream (sampling.md; one protocol only)",
     "volume_ratio": "the caller's estimated calls / the callee's (sampling.md; one protocol only)",
 }
@@ -86,7 +87,8 @@ class Threshold:
                 raise GateError(
                     f"{text!r}: unknown figure {name!r}; known: "
                     f"{', '.join(sorted(HEADLINE) + sorted(COMPARISON))}, and per hop "
-                    f"{', '.join(sorted(HOP))}[CALLER->CALLEE], per service {', '.join(sorted(SERVICE))}[SERVICE]"
+                    f"{', '.join(sorted(HOP))}[CALLER->CALLEE], "
+                    f"per service {', '.join(sorted(SERVICE))}[SERVICE]"
                 )
         elif "->" in arg:
             caller, _, callee = (s.strip() for s in arg.partition("->"))

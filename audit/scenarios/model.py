@@ -151,7 +151,8 @@ def load_scenario(path_or_name: str) -> Scenario:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ScenarioError(
-            f"cannot read scenario {path_or_name!r}: {e.strerror}; bundled ones: {', '.join(bundled_scenarios())}"
+            f"cannot read scenario {path_or_name!r}: {e.strerror}; "
+            f"bundled ones: {', '.join(bundled_scenarios())}"
         ) from None
     except yaml.YAMLError as e:
         raise ScenarioError(f"{path}: not valid YAML: {e}") from None

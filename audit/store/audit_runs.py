@@ -68,8 +68,9 @@ def save_run(
         con.execute("BEGIN TRANSACTION")
         (run_id,) = con.execute("SELECT nextval('audit_run_ids')").fetchone()
         con.execute(
-            "INSERT INTO audit_runs (run_id, finished_at, window_start_ns, window_end_ns, spans, traces, seconds, "
-            "entrypoints, roots, settings, sampling) VALUES (?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_runs (run_id, finished_at, window_start_ns, window_end_ns, spans, traces, "
+            "seconds, entrypoints, roots, settings, sampling) "
+            "VALUES (?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 run_id,
                 window_start_ns,

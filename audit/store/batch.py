@@ -1,8 +1,9 @@
 """The write side's contract: the Arrow columns a span batch must carry.
 
 Producers (the OTLP receivers) build tables with exactly these schemas (string
-columns may be dictionary-encoded); the writer appends them in bulk. Ids travel as big-endian 64-bit halves because Arrow has no
-128-bit unsigned integer; the writer joins them into `UHUGEINT` inside DuckDB.
+columns may be dictionary-encoded); the writer appends them in bulk. Ids travel as
+big-endian 64-bit halves because Arrow has no 128-bit unsigned integer; the writer
+joins them into `UHUGEINT` inside DuckDB.
 """
 
 from __future__ import annotations

@@ -71,9 +71,10 @@ FROM r LEFT JOIN f USING (run_id) LEFT JOIN e USING (run_id) ORDER BY run_id DES
 # the saved findings in the engine's row shape (128-bit ids as halves), for finding_dict
 _FINDING_ROWS = """
 SELECT kind, (trace_id >> 64)::UBIGINT AS trace_hi, (trace_id & 18446744073709551615)::UBIGINT AS trace_lo,
-       span_id, service, span_name, span_kind, start_ns, protocol, system, caller, callee, cause, candidates, detail,
-       (parent_trace_id >> 64)::UBIGINT AS parent_trace_hi,
-       (parent_trace_id & 18446744073709551615)::UBIGINT AS parent_trace_lo, parent_span_id, parent_service, confidence
+       span_id, service, span_name, span_kind, start_ns, protocol, system, caller, callee, cause, candidates,
+       detail, (parent_trace_id >> 64)::UBIGINT AS parent_trace_hi,
+       (parent_trace_id & 18446744073709551615)::UBIGINT AS parent_trace_lo, parent_span_id, parent_service,
+       confidence
 FROM audit_findings
 """
 

@@ -95,7 +95,8 @@ class Retention:
             if pruned.spans:
                 (pruned.links,) = con.execute("""
                     DELETE FROM span_links l WHERE NOT EXISTS
-                      (SELECT 1 FROM spans s WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()
+                      (SELECT 1 FROM spans s
+                       WHERE s.trace_id = l.trace_id AND s.span_id = l.span_id)""").fetchone()
                 self._checkpoint(con)
                 if self.max_bytes is not None:
                     self._size_after_last_delete = self._used(con)
