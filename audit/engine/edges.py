@@ -18,7 +18,8 @@ WITH remapped AS (  -- (caller, unknown peer) -> the service its orphans belong 
   SELECT e.service AS caller, e.target, mode(o.service) AS service FROM orphan_rows o
   JOIN stitched s USING (oid) JOIN cand_exits e ON e.eid = s.eid
   WHERE o.confidence IS NOT NULL AND NOT e.instrumented GROUP BY ALL)
-SELECT x.rid, x.trace_id, x.th, x.target, x.service AS caller, coalesce(r.service, x.target) AS callee, x.protocol,
+SELECT x.rid, x.trace_id, x.th, x.target, x.service AS caller, coalesce(r.service, x.target) AS callee,
+  x.protocol,
        coalesce(x.rpc_system, x.messaging_system, x.db_system) AS system,
        x.instrumented OR r.service IS NOT NULL AS instrumented,
        CASE WHEN x.instrumented THEN x.continued_to_target

@@ -25,7 +25,8 @@ LEFT JOIN cand_counts c USING (oid) GROUP BY ALL
 _ORPHAN_ROWS = """
 CREATE OR REPLACE TEMP TABLE orphan_rows AS
 WITH base AS (
-  SELECT o.oid, o.rid, o.trace_id, o.span_id, o.service, o.name, o.kind, o.start_ns, o.protocol AS own_protocol,
+  SELECT o.oid, o.rid, o.trace_id, o.span_id, o.service, o.name, o.kind, o.start_ns,
+    o.protocol AS own_protocol,
          substr(o.k_dest, 6) AS destination, coalesce(n.candidates, 0) AS candidates,
          e.service AS parent_service, e.trace_id AS parent_trace_id, e.span_id AS parent_span_id,
          e.protocol AS parent_protocol, e.instrumented AS parent_instrumented, p.confidence

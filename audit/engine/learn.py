@@ -35,7 +35,8 @@ FROM hops h JOIN exits e ON e.rid = h.exit_rid
 WHERE NOT h.via_link AND e.server_address IS NOT NULL GROUP BY ALL
 """
 _SELF_ADDRESSES = """
-SELECT peer_host(server_address, url_full) AS host, peer_port(server_port, server_address, url_full), service_name,
+SELECT peer_host(server_address, url_full) AS host, peer_port(server_port, server_address, url_full),
+  service_name,
        count(*)
 FROM spans WHERE start_ns BETWEEN $lo AND $hi AND kind = 'SERVER' AND host IS NOT NULL GROUP BY ALL
 """

@@ -27,7 +27,8 @@ h AS (  -- calls into the service that propagated: did it follow its caller's de
          count(*) FILTER (WHERE entry_th IS DISTINCT FROM exit_th) AS threshold_differs
   FROM hops WHERE NOT via_link GROUP BY callee)
 SELECT s.service, s.spans, s.roots, s.with_parent, s.known_th, s.invalid_th,
-       coalesce(f.orphans, 0), coalesce(f.dangling, 0), coalesce(h.entries, 0), coalesce(h.threshold_differs, 0)
+       coalesce(f.orphans, 0), coalesce(f.dangling, 0), coalesce(h.entries, 0),
+       coalesce(h.threshold_differs, 0)
 FROM s LEFT JOIN f USING (service) LEFT JOIN h USING (service) ORDER BY s.service
 """
 

@@ -38,10 +38,12 @@ SELECT caller, callee, protocol, entry_trace_id AS cluster, entry_trace_id AS tr
        adjusted_count(entry_th, $assumed) AS w, 1.0 AS share, true AS propagated
 FROM hops WHERE entry_start_ns >= $wlo AND entry_start_ns < $whi
 UNION ALL
-SELECT u.caller, d.service, u.protocol, d.trace_id, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0, true
+SELECT u.caller, d.service, u.protocol, d.trace_id, d.trace_id, d.th, adjusted_count(d.th, $assumed), 1.0,
+  true
 FROM dangling d JOIN (
   SELECT callee AS service, entry_name AS name, mode(caller) AS caller, mode(protocol) AS protocol
-  FROM hops WHERE NOT via_link AND callee IN (SELECT service FROM dangling) GROUP BY ALL) u USING (service, name)
+  FROM hops WHERE NOT via_link AND callee IN (SELECT service FROM dangling) GROUP BY ALL)
+  u USING (service, name)
 WHERE d.kind IN ('SERVER', 'CONSUMER')
 UNION ALL
 SELECT o.caller, o.callee, o.protocol, coalesce(o.cluster, r.trace_id), r.trace_id, r.th,

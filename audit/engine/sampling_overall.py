@@ -20,7 +20,8 @@ FROM roots r LEFT JOIN fragments f ON f.trace_id = r.trace_id AND f.span_id = r.
 # Every root that is not a linked consumer is a fragment or a logical request's entry (a
 # request, a job). Fragments cluster with the trace they were stitched to.
 _ROOT_UNITS = """
-SELECT coalesce(parent_trace_id, trace_id) AS cluster, adjusted_count(th, $assumed) AS w, 1 AS a, NOT fragment AS b
+SELECT coalesce(parent_trace_id, trace_id) AS cluster, adjusted_count(th, $assumed) AS w, 1 AS a,
+  NOT fragment AS b
 FROM root_kinds WHERE NOT linked
 """
 # A stored entry trace is whole when nothing is missing from it: no exit the callee did not
@@ -63,7 +64,9 @@ requests AS (
   WHERE t.top NOT IN (SELECT trace_id FROM fragments) GROUP BY t.top)
 SELECT greatest(0, r.fragments_end - x.e) / 1e6 AS ms,
        CASE WHEN greatest(r.fragments_end, x.e) > x.s
-            THEN greatest(0, r.fragments_end - x.e) / (greatest(r.fragments_end, x.e) - x.s)::DOUBLE ELSE 0.0 END
+            THEN greatest(0, r.fragments_end - x.e)
+                 / (greatest(r.fragments_end, x.e) - x.s)::DOUBLE
+            ELSE 0.0 END
          AS relative
 FROM requests r JOIN extent x ON x.trace_id = r.top
 """

@@ -26,7 +26,8 @@ CREATE OR REPLACE TEMP MACRO peer_host(address, url) AS CASE
   ELSE address END;
 CREATE OR REPLACE TEMP MACRO peer_port(port, address, url) AS CASE
   WHEN port IS NOT NULL THEN port
-  WHEN address IS NOT NULL THEN CASE WHEN host_port(address) THEN try_cast(split_part(address, ':', 2) AS INTEGER) END
+  WHEN address IS NOT NULL
+    THEN CASE WHEN host_port(address) THEN try_cast(split_part(address, ':', 2) AS INTEGER) END
   WHEN url IS NULL THEN NULL
   ELSE coalesce(
     try_cast(nullif(regexp_extract(url, '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*:([0-9]+)', 1), '') AS INTEGER),
@@ -37,8 +38,10 @@ CREATE OR REPLACE TEMP MACRO peer_port(port, address, url) AS CASE
 _WINDOW = """
 CREATE OR REPLACE TEMP TABLE w AS
 SELECT trace_id, span_id, parent_span_id, start_ns, end_ns, service_name AS service, kind, name,
-       protocol, link_count, sampling_threshold AS th, sampling_tracestate_invalid AS th_invalid, rowid AS rid,
-       status_code = 'ERROR' AS error, CASE WHEN kind = 'CONSUMER' THEN messaging_destination END AS destination
+       protocol, link_count, sampling_threshold AS th, sampling_tracestate_invalid AS th_invalid,
+         rowid AS rid,
+       status_code = 'ERROR' AS error,
+         CASE WHEN kind = 'CONSUMER' THEN messaging_destination END AS destination
 FROM spans
 WHERE start_ns BETWEEN $lo AND $hi
 """
@@ -82,7 +85,8 @@ SELECT e.*,
        EXISTS (SELECT 1 FROM w c WHERE c.trace_id = e.trace_id AND c.parent_span_id = e.span_id)
          OR e.rid IN (SELECT exit_rid FROM hops WHERE via_link) AS continued
 FROM (
-  SELECT rowid AS rid, trace_id, span_id, parent_span_id IS NULL AS is_root, service_name AS service, kind, name,
+  SELECT rowid AS rid, trace_id, span_id, parent_span_id IS NULL AS is_root, service_name AS service, kind,
+    name,
          protocol, start_ns, end_ns, sampling_threshold AS th,
          peer_host(server_address, url_full) AS server_address,
          peer_port(server_port, server_address, url_full) AS server_port,
@@ -104,7 +108,8 @@ SELECT r.*,
        ) AS linked
 FROM (
   SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
-         sampling_threshold AS th, link_count, server_address, server_port, rpc_system, rpc_service, rpc_method,
+         sampling_threshold AS th, link_count, server_address, server_port, rpc_system, rpc_service,
+           rpc_method,
          messaging_system, messaging_destination, messaging_message_id, messaging_partition, messaging_offset,
          coalesce(url_path, url_path(url_full)) AS url_path,
          http_route, db_system
