@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from .estimate import stored_probability
+from .tables import temp_table
 
 _BUCKET_NS = 1_000_000_000
 
@@ -45,8 +47,12 @@ _SHIFTED = """SELECT rid, trace_id, service, name, start_ns + d AS start_ns, end
          THEN 1 ELSE -1 END) AS d
   FROM ({roots}) r JOIN break_ops USING (service, name), range({shifts}) t(k))"""
 # each candidate's last event in the break's service before the break started (a span's end, or
-# the request's start) and its first event after the break ended (a span's start, or its end)
+# the request's start) and its first event after the break ended (a span's start, or its end).
+# A table in DuckDB: at 10M spans there are millions of candidates (a row per request in flight
+# for each break, twice that for the background), and their step names as Python strings were
+# most of the audit's memory; Python fetches them numeric, the steps coded (_CODED).
 _FEATURES = """
+CREATE OR REPLACE TEMP TABLE {out} AS
 WITH before AS (
   SELECT trace_id, service, end_ns::BIGINT AS t, name FROM w WHERE service IN (SELECT service FROM break_ops)
   UNION ALL
@@ -61,11 +67,33 @@ after AS (
 p AS (SELECT * FROM {table} JOIN break_ops USING (service, name)),
 p1 AS (SELECT p.*, p.start_ns - b.t AS gap1, b.name AS name1 FROM p ASOF LEFT JOIN before b
        ON b.trace_id = p.parent_trace AND b.service = p.service AND b.t <= p.start_ns)
-SELECT p1.break_rid, p1.parent_rid, p1.service || chr(0) || p1.name AS op, p1.parent_th,
+SELECT p1.break_rid, p1.parent_rid, p1.service, p1.name, p1.parent_th,
        p1.gap1, coalesce(p1.name1, '<none>') AS name1, a.t - p1.end_ns AS gap2,
        coalesce(a.name, '<none>') AS name2
 FROM p1 ASOF LEFT JOIN after a ON a.trace_id = p1.parent_trace AND a.service = p1.service AND a.t >= p1.end_ns
 """
+# how often each step name is a candidate's previous or next step, per break operation (real
+# and background candidates): each operation's vocabulary is its 30 most frequent steps
+_STEP_COUNTS = """
+SELECT service, name, step, count(*)::BIGINT FROM (
+  SELECT service, name, name1 AS step FROM break_features
+  UNION ALL SELECT service, name, name2 FROM break_features
+  UNION ALL SELECT service, name, name1 FROM break_bg_features
+  UNION ALL SELECT service, name, name2 FROM break_bg_features)
+GROUP BY ALL
+"""
+# candidates with their operation as a number and their steps as codes in its vocabulary
+# (`other`, one past the vocabulary, for the rest); the real ones in a fixed order, so that a
+# break's equally likely candidates are ranked the same in every run
+_CODED = """
+SELECT f.break_rid, f.parent_rid, o.op, f.parent_th,
+       f.gap1::DOUBLE AS gap1, coalesce(c1.code, o.other) AS code1,
+       f.gap2::DOUBLE AS gap2, coalesce(c2.code, o.other) AS code2
+FROM {table} f JOIN break_vocab_ops o USING (service, name)
+LEFT JOIN break_vocab c1 ON c1.op = o.op AND c1.step = f.name1
+LEFT JOIN break_vocab c2 ON c2.op = o.op AND c2.step = f.name2
+"""
+_BATCH_ROWS = 1 << 20  # background candidates are counted into histograms a batch at a time
 _SHIFTS = 2  # shifted copies of each break: the background sample is twice the real one
 
 _BREAK_OPS = """
@@ -77,15 +105,18 @@ WHERE r.kind NOT IN ('SERVER', 'CONSUMER') GROUP BY r.service, r.name
 # evenly spaced instants: what "starts during a request" would be by chance alone
 _DUTY = """
 WITH pts AS (SELECT $wlo + i * (($whi - $wlo) // 1000) AS t FROM range(1000) r(i)),
-     s AS (SELECT service, start_ns, end_ns, unnest(range((start_ns // $b)::BIGINT, (end_ns // $b)::BIGINT + 1)) AS bucket
-           FROM w WHERE kind IN ('SERVER', 'CONSUMER') AND end_ns >= start_ns AND end_ns - start_ns < 3600000000000
+     s AS (SELECT service, start_ns, end_ns,
+                  unnest(range((start_ns // $b)::BIGINT, (end_ns // $b)::BIGINT + 1)) AS bucket
+           FROM w WHERE kind IN ('SERVER', 'CONSUMER') AND end_ns >= start_ns
+             AND end_ns - start_ns < 3600000000000
              AND service IN (SELECT service FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')))
 SELECT service, count(DISTINCT pts.t) / 1000.0 FROM pts JOIN s ON (pts.t // $b)::BIGINT = s.bucket
 WHERE pts.t BETWEEN s.start_ns AND s.end_ns GROUP BY service
 """
 _GAPS = """
 WITH ev AS (
-  SELECT trace_id, service, end_ns::BIGINT AS t FROM w WHERE service IN (SELECT DISTINCT service FROM break_pairs)
+  SELECT trace_id, service, end_ns::BIGINT AS t FROM w
+  WHERE service IN (SELECT DISTINCT service FROM break_pairs)
   UNION ALL
   SELECT trace_id, service, start_ns::BIGINT FROM w WHERE kind IN ('SERVER', 'CONSUMER')
     AND service IN (SELECT DISTINCT service FROM break_pairs))
@@ -126,24 +157,92 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     model learned for its break operation (`HandoffModel`)."""
     shifted = _SHIFTED.format(roots=_ROOTS, shifts=_SHIFTS)
     con.execute(_ENCLOSING.format(table="break_bg_pairs", roots=shifted), {"b": _BUCKET_NS})
-    real = con.execute(_FEATURES.format(table="break_pairs")).fetchnumpy()
-    background = con.execute(_FEATURES.format(table="break_bg_pairs")).fetchnumpy()
+    con.execute(_FEATURES.format(table="break_pairs", out="break_features"))
+    con.execute(_FEATURES.format(table="break_bg_pairs", out="break_bg_features"))
     con.execute("DROP TABLE break_bg_pairs")
+    rows = _vocabularies(con)
+    real = _fetch(con, _CODED.format(table="break_features") + " ORDER BY f.break_rid, f.parent_rid")
+    background = _background_counts(con, rows)
+    for table in ("break_features", "break_bg_features", "break_vocab", "break_vocab_ops"):
+        con.execute(f"DROP TABLE {table}")
     n = len(real["break_rid"])
     empty = {"rid": np.zeros(0, np.int64), "parent_rid": np.zeros(0, np.int64), "confidence": np.zeros(0)}
     if n == 0:
         return empty | {"candidates": np.zeros(0, np.int64)}
     brk, parent = real["break_rid"].astype(np.int64), real["parent_rid"].astype(np.int64)
+    c1, c2 = _cells(real["code1"], real["gap1"]), _cells(real["code2"], real["gap2"])
+    p_stored = stored_probability(real["parent_th"])
     ratio = np.ones(n)
     for op in np.unique(real["op"]):
-        i, j = np.nonzero(real["op"] == op)[0], np.nonzero(background["op"] == op)[0]
-        model = HandoffModel.fit(_subset(real, i), _subset(background, j), brk[i])
-        ratio[i] = model.ratio(_subset(real, i))
-    return posterior(brk, parent, ratio, stored_probability(real["parent_th"]))
+        i = np.nonzero(real["op"] == op)[0]
+        size = rows[op] * _BINS
+        counts = (np.bincount(c1[i], minlength=size), np.bincount(c2[i], minlength=size))
+        per_break = np.unique(brk[i], return_index=True)[1]
+        trues = float(p_stored[i][per_break].sum())  # expected true parents among the candidates
+        model = HandoffModel.fit(counts, background[op], rows[op], len(i), trues)
+        ratio[i] = model.ratio(c1[i], c2[i])
+    return posterior(brk, parent, ratio, p_stored)
 
 
-def _subset(cols: dict, i: np.ndarray) -> dict:
-    return {k: v[i] for k, v in cols.items()}
+def _vocabularies(con: duckdb.DuckDBPyConnection) -> dict[int, int]:
+    """Tables break_vocab_ops (service, name, op, other) and break_vocab (op, step, code): each
+    break operation's 30 most frequent steps; returns the histogram rows per op (steps + other)."""
+    steps: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for service, name, step, count in con.execute(_STEP_COUNTS).fetchall():
+        steps.setdefault((service, name), []).append((step, count))
+    ops, vocab = [], []
+    for op, (key, pairs) in enumerate(sorted(steps.items())):
+        pairs.sort()  # as np.unique orders them, so that ties in count are broken the same way
+        names = np.array([x for x, _ in pairs], dtype=object)
+        kept = names[np.argsort(-np.array([c for _, c in pairs], dtype=np.int64))][:30]
+        ops.append((*key, op, len(kept)))
+        vocab += [(op, str(x), k) for k, x in enumerate(kept)]
+    temp_table(
+        con,
+        "break_vocab_ops",
+        {
+            "service": pa.array([o[0] for o in ops], pa.string()),
+            "name": pa.array([o[1] for o in ops], pa.string()),
+            "op": pa.array([o[2] for o in ops], pa.int64()),
+            "other": pa.array([o[3] for o in ops], pa.int64()),
+        },
+    )
+    temp_table(
+        con,
+        "break_vocab",
+        {
+            "op": pa.array([v[0] for v in vocab], pa.int64()),
+            "step": pa.array([v[1] for v in vocab], pa.string()),
+            "code": pa.array([v[2] for v in vocab], pa.int64()),
+        },
+    )
+    return {op: other + 1 for _, _, op, other in ops}
+
+
+def _columns(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    # gaps without an event are NULL: NaN in the float column
+    return {n: batch.column(n).to_numpy(zero_copy_only=False) for n in batch.schema.names}
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, query: str) -> dict[str, np.ndarray]:
+    table = con.sql(query).to_arrow_table()
+    return {n: table.column(n).to_numpy() for n in table.column_names}
+
+
+def _background_counts(con: duckdb.DuckDBPyConnection, rows: dict[int, int]) -> dict:
+    """Per operation: the background candidates' counts per (step, gap bin) cell, before and
+    after, counted a batch at a time (the background is twice the real candidates)."""
+    counts = {op: (np.zeros(r * _BINS, np.int64), np.zeros(r * _BINS, np.int64)) for op, r in rows.items()}
+    reader = con.sql(_CODED.format(table="break_bg_features")).to_arrow_reader(_BATCH_ROWS)
+    for batch in reader:
+        cols = _columns(batch)
+        c1, c2 = _cells(cols["code1"], cols["gap1"]), _cells(cols["code2"], cols["gap2"])
+        for op in np.unique(cols["op"]):
+            i = cols["op"] == op
+            size = rows[op] * _BINS
+            counts[op][0][:] += np.bincount(c1[i], minlength=size)
+            counts[op][1][:] += np.bincount(c2[i], minlength=size)
+    return counts
 
 
 def posterior(brk, parent, ratio, p_stored) -> dict[str, np.ndarray]:
@@ -166,19 +265,18 @@ _Z = 2.0  # an excess within this many standard deviations of the background's n
 _SMOOTH = np.array([0.25, 0.5, 0.25])
 
 
-def _cells(names: np.ndarray, gaps: np.ndarray, vocab: dict[str, int]) -> np.ndarray:
-    """(step, gap bin) -> one cell number; steps outside the vocabulary share the last row."""
-    other = len(vocab)
-    row = np.fromiter((vocab.get(x, other) for x in names), np.int64, len(names))
-    g = np.ma.filled(np.ma.asarray(gaps).astype(float), np.nan)
+def _cells(codes: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+    """(step code, gap bin) -> one cell number; a gap without an event (NaN) is bin 0."""
+    g = np.asarray(gaps, dtype=float)
     missing = np.isnan(g)
     lg = np.log10(np.maximum(np.where(missing, 1.0, g), 1_000.0)) - 3.0
     b = np.where(missing, 0, 1 + np.clip((lg * 10).astype(np.int64), 0, _BINS - 2))
-    return row * _BINS + b
+    return np.asarray(codes, dtype=np.int64) * _BINS + b
 
 
-def _histogram(cells: np.ndarray, rows: int) -> np.ndarray:
-    h = np.bincount(cells, minlength=rows * _BINS).astype(float).reshape(rows, _BINS)
+def _histogram(counts: np.ndarray, rows: int) -> np.ndarray:
+    """Cell counts smoothed along the gap bins of each step."""
+    h = counts.astype(float).reshape(rows, _BINS)
     smooth = h.copy()
     smooth[:, 1:] = np.apply_along_axis(lambda x: np.convolve(x, _SMOOTH, mode="same"), 1, h[:, 1:])
     return smooth.ravel()
@@ -190,33 +288,24 @@ class HandoffModel:
     step x log-gap. The background is measured at shifted instants; the true parents' share is
     what the real candidates show in excess of it (E[real] = (N - p) background + p true)."""
 
-    def __init__(self, vocab: dict[str, int], lr1: np.ndarray, lr2: np.ndarray):
-        self.vocab, self.lr1, self.lr2 = vocab, lr1, lr2
+    def __init__(self, lr1: np.ndarray, lr2: np.ndarray):
+        self.lr1, self.lr2 = lr1, lr2
 
     @classmethod
-    def fit(cls, real: dict, background: dict, brk: np.ndarray) -> HandoffModel:
-        names = np.concatenate([real["name1"], real["name2"], background["name1"], background["name2"]])
-        kept, counts = np.unique(names.astype(str), return_counts=True)
-        kept = kept[np.argsort(-counts)][:30]
-        vocab = {str(x): k for k, x in enumerate(kept)}
-        rows = len(vocab) + 1
-        p = stored_probability(real["parent_th"])
-        per_break = np.unique(brk, return_index=True)[1]
-        trues = float(p[per_break].sum())  # expected true parents among the candidates
+    def fit(cls, real: tuple, background: tuple, rows: int, n_real: int, trues: float) -> HandoffModel:
+        """`real`, `background`: per feature (before, after), the candidates' counts per cell
+        (_cells); `trues`: the expected number of true parents among the n_real candidates."""
         lrs = []
-        for name, gap in (("name1", "gap1"), ("name2", "gap2")):
-            h = _histogram(_cells(real[name], real[gap], vocab), rows)
-            bg = _histogram(_cells(background[name], background[gap], vocab), rows)
+        for real_counts, bg_counts in zip(real, background):
+            h, bg = _histogram(real_counts, rows), _histogram(bg_counts, rows)
             p_bg = (bg + 1.0 / len(bg)) / (bg.sum() + 1.0)
-            expected = max(len(real[name]) - trues, 0.0) * p_bg
+            expected = max(n_real - trues, 0.0) * p_bg
             excess = np.maximum(h - expected - _Z * np.sqrt(expected + 1.0), 0.0)
             if excess.sum() > trues:
                 excess *= trues / excess.sum()
             p_true = excess / max(trues, 1e-9) + (1.0 - excess.sum() / max(trues, 1e-9)) * p_bg
             lrs.append(p_true / p_bg)
-        return cls(vocab, *lrs)
+        return cls(*lrs)
 
-    def ratio(self, cols: dict) -> np.ndarray:
-        c1 = _cells(cols["name1"], cols["gap1"], self.vocab)
-        c2 = _cells(cols["name2"], cols["gap2"], self.vocab)
-        return self.lr1[c1] * self.lr2[c2]
+    def ratio(self, cells1: np.ndarray, cells2: np.ndarray) -> np.ndarray:
+        return self.lr1[cells1] * self.lr2[cells2]
