@@ -50,6 +50,12 @@ class RunResult:
     bytes_per_span: float
     ack_ms: list[float]
     lag_s: list[float]  # the staging log's lag, sampled: how far behind the acks readers are
+    loaded_spans: int  # in the store when the load ended
+    stop_s: float  # SIGTERM to exit: the staging log's backlog is loaded meanwhile
+
+    @property
+    def loaded_per_s(self) -> float:
+        return self.loaded_spans / self.seconds
 
     @property
     def spans_per_s(self) -> float:
@@ -151,6 +157,9 @@ class Sampler:
         self.cpu = self._cpu() - self._cpu_start
         self._stop.set()
         self.thread.join()
+        # spans in the store when the load ends: the rate the store kept up with (the rest is
+        # in the staging log, loaded while the server stops)
+        self.loaded = self.api.ingest()["committed_spans"] if self.api else None
 
 
 def one_run(
@@ -172,7 +181,9 @@ def one_run(
         load = Load(transport, target, bodies, per, streams)
         with Sampler(proc.pid, proc.api_url) as sampler:
             elapsed = load.run(seconds)
-        code = stop_server(proc, timeout=120)
+        stopping = time.monotonic()
+        code = stop_server(proc, timeout=300)
+        stop_s = time.monotonic() - stopping
         if code != 0:
             raise SystemExit(f"server exited with {code}")
         reader = LocalReader(db)
@@ -192,6 +203,8 @@ def one_run(
             size / max(stored, 1),
             load.ack_ms,
             sampler.lag_s,
+            sampler.loaded if sampler.loaded is not None else stored,
+            stop_s,
         )
 
 
@@ -243,6 +256,7 @@ def main() -> None:
                     f"(pss with workers {r.peak_total_pss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
                     f"refused {r.refused}  ack p50/p99 {_pct(r.ack_ms, 50):.0f}/{_pct(r.ack_ms, 99):.0f} ms  "
                     f"reader lag p50/max {_pct(r.lag_s, 50):.2f}/{max(r.lag_s, default=0):.2f} s  "
+                    f"loaded {r.loaded_per_s:,.0f}/s, stop {r.stop_s:.1f} s  "
                     f"{'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
                     flush=True,
                 )
@@ -261,7 +275,9 @@ def main() -> None:
                 f"ack p50/p99 {statistics.median(_pct(r.ack_ms, 50) for r in rs):.0f}/"
                 f"{statistics.median(_pct(r.ack_ms, 99) for r in rs):.0f} ms  reader lag p50/max "
                 f"{statistics.median(_pct(r.lag_s, 50) for r in rs):.2f}/"
-                f"{max(max(r.lag_s, default=0) for r in rs):.2f} s"
+                f"{max(max(r.lag_s, default=0) for r in rs):.2f} s  "
+                f"loaded by the end {statistics.median(r.loaded_per_s for r in rs):,.0f}/s  "
+                f"stop {statistics.median(r.stop_s for r in rs):.1f} s"
             )
         if not args.no_baseline:
             default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
