@@ -64,13 +64,14 @@ def ranks(path: str, truth: dict[int, int]) -> tuple[np.ndarray, float]:
     stitch.build_candidates(
         con, learned, config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9, per_orphan=_UNCAPPED
     )
+    edges = stitch.pair_edges(con)
     cols = con.execute(
         stitch._PAIR_ROWS.replace(
             "SELECT p.oid,", "SELECT o.span_id AS o_span, e.span_id AS e_span, p.oid,", 1
         )
     ).fetchnumpy()
     con.close()
-    cost, _ = stitch._costs(cols, learned)
+    cost, _ = stitch._costs(cols, learned, edges)
     cost = cost - cols["path_odds"]
     oid = cols["oid"].astype(np.int64)
     order = np.lexsort((cost, oid))

@@ -168,13 +168,33 @@ WITH path_share AS (
   SELECT k_path, service, count(*) AS n, sum(count(*)) OVER (PARTITION BY service) AS total
   FROM cand_exits WHERE k_path IS NOT NULL GROUP BY k_path, service)
 SELECT p.oid, p.eid, p.rank, o.start_ns::BIGINT AS o_start, o.end_ns::BIGINT AS o_end,
-       e.start_ns::BIGINT AS e_start, e.end_ns::BIGINT AS e_end, e.service AS caller, o.service AS callee,
-       e.protocol, coalesce(e.th, 0)::DOUBLE AS e_th,
-       dense_rank() OVER (ORDER BY e.service, o.service, e.protocol) AS edge,
+       e.start_ns::BIGINT AS e_start, e.end_ns::BIGINT AS e_end, coalesce(e.th, 0)::DOUBLE AS e_th, g.edge,
        CASE WHEN p.rank = 3 THEN ln(ps.total / ps.n) ELSE 0.0 END AS path_odds
 FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
+JOIN pair_edges g ON g.caller = e.service AND g.callee = o.service
+  AND g.protocol IS NOT DISTINCT FROM e.protocol
 LEFT JOIN path_share ps ON p.rank = 3 AND ps.k_path = e.k_path AND ps.service = e.service
 """
+# The edges (caller, callee, the exit's protocol) the pairs are on, numbered in that order: the
+# pairs carry the number, not the three names (millions of pairs at 10M spans, and three Python
+# strings each were gigabytes).
+_PAIR_EDGES = """
+CREATE OR REPLACE TEMP TABLE pair_edges AS
+SELECT row_number() OVER (ORDER BY caller, callee, protocol) AS edge, * FROM (
+  SELECT DISTINCT e.service AS caller, o.service AS callee, e.protocol
+  FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid))
+"""
+
+
+def pair_edges(con: duckdb.DuckDBPyConnection) -> dict[int, tuple[str, str, str]]:
+    """Build pair_edges (for _PAIR_ROWS) from cand_pairs; edge number -> (caller, callee, protocol)."""
+    con.execute(_PAIR_EDGES)
+    return {
+        edge: (caller, callee, protocol)
+        for edge, caller, callee, protocol in con.execute(
+            "SELECT edge, caller, callee, protocol FROM pair_edges"
+        ).fetchall()
+    }
 
 
 @dataclass
@@ -308,12 +328,18 @@ def _models_table(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
 def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndarray) -> Stitched:
     """Assign parents to the given orphans (ids in cand_orphans; entry-point roots left out)."""
     temp_table(con, "stitch_orphans", {"oid": orphan_ids})
+    edges = pair_edges(con)
     cols = con.execute(_PAIR_ROWS + " WHERE p.oid IN (SELECT oid FROM stitch_orphans)").fetchnumpy()
+    con.execute("DROP TABLE pair_edges")
+    # in a fixed order (sorted here: an ORDER BY needs memory a small limit may not have): an
+    # orphan with candidates on several edges takes its "no parent" price from the last (_assign)
+    order = np.lexsort((cols["eid"], cols["oid"], cols["edge"]))
+    cols = {name: column[order] for name, column in cols.items()}
     n = len(cols["oid"])
     if n == 0:
         return Stitched(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     oid, eid, rank = cols["oid"].astype(np.int64), cols["eid"].astype(np.int64), cols["rank"]
-    cost, null = _costs(cols, learned)
+    cost, null = _costs(cols, learned, edges)
     cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols["path_odds"])
     # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
     p_stored = stored_probability(cols["e_th"])
@@ -323,16 +349,19 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
 _BORROWED = 0.5  # likelihoods from a model borrowed from other edges count for half: they only hint
 
 
-def _costs(cols: dict, learned: Learned) -> tuple[np.ndarray, np.ndarray]:
+def _costs(
+    cols: dict, learned: Learned, edges: dict[int, tuple[str, str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per pair: the negative log-likelihood of its timing under its edge's model, and what a
-    candidate at the edge of plausibility would cost on that edge (the "no parent" price)."""
+    candidate at the edge of plausibility would cost on that edge (the "no parent" price).
+    `edges`: the pairs' edge numbers -> (caller, callee, protocol), from `pair_edges`."""
     cost, null = np.empty(len(cols["oid"])), np.empty(len(cols["oid"]))
-    groups, first = np.unique(cols["edge"], return_index=True)
+    groups = np.unique(cols["edge"])
     order = np.argsort(cols["edge"], kind="stable")
     bounds = np.searchsorted(cols["edge"][order], groups)
-    for _g, f, a, b in zip(groups, first, bounds, np.r_[bounds[1:], len(order)]):
+    for g, a, b in zip(groups, bounds, np.r_[bounds[1:], len(order)]):
         i = order[a:b]
-        caller, callee, protocol = cols["caller"][f], cols["callee"][f], cols["protocol"][f]
+        caller, callee, protocol = edges[int(g)]
         if protocol == "messaging":
             m = learned.lag_model(caller, callee)
             cost[i] = m.nll(cols["o_start"][i] - cols["e_end"][i])
