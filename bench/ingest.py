@@ -219,7 +219,8 @@ def main() -> None:
     ap.add_argument(
         "--compare",
         default="",
-        help="`ctxaudit serve` options (and NAME=VALUE environment) of a third server, e.g. '--staging-mib 0' "
+        help="`ctxaudit serve` options (and NAME=VALUE environment) of a third server, "
+        "e.g. '--staging-mib 0' "
         "or 'CTXAUDIT_DECODER=python'",
     )
     ap.add_argument(
@@ -252,8 +253,10 @@ def main() -> None:
                 lost = r.acked_spans - r.stored_spans
                 print(
                     f"run {run + 1} {transport:<4} {label:<26} {r.spans_per_s:>9,.0f} spans/s  "
-                    f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  rss {r.peak_rss_mib:5.0f} MiB "
-                    f"(pss with workers {r.peak_total_pss_mib:5.0f})  {r.bytes_per_span:5.0f} B/span on disk  "
+                    f"cpu {r.cpu_seconds / r.seconds:4.2f} cores = {r.cpu_us_per_span:4.1f} us/span  "
+                    f"rss {r.peak_rss_mib:5.0f} MiB "
+                    f"(pss with workers {r.peak_total_pss_mib:5.0f})  "
+                    f"{r.bytes_per_span:5.0f} B/span on disk  "
                     f"refused {r.refused}  ack p50/p99 {_pct(r.ack_ms, 50):.0f}/{_pct(r.ack_ms, 99):.0f} ms  "
                     f"reader lag p50/max {_pct(r.lag_s, 50):.2f}/{max(r.lag_s, default=0):.2f} s  "
                     f"loaded {r.loaded_per_s:,.0f}/s, stop {r.stop_s:.1f} s  "
@@ -270,7 +273,8 @@ def main() -> None:
             base = base or (med if label.startswith("baseline") else None)
             print(
                 f"  {transport:<4} {label:<26} {med:>9,.0f} spans/s  "
-                f"{statistics.median(r.cpu_us_per_span for r in rs):4.1f} us CPU/span  peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
+                f"{statistics.median(r.cpu_us_per_span for r in rs):4.1f} us CPU/span  "
+                f"peak rss {statistics.median(r.peak_rss_mib for r in rs):5.0f} MiB  "
                 f"stored==acked in {sum(r.stored_spans >= r.acked_spans for r in rs)}/{len(rs)} runs  "
                 f"ack p50/p99 {statistics.median(_pct(r.ack_ms, 50) for r in rs):.0f}/"
                 f"{statistics.median(_pct(r.ack_ms, 99) for r in rs):.0f} ms  reader lag p50/max "

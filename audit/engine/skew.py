@@ -55,7 +55,8 @@ e AS (
   WHERE service = $caller AND target = $callee AND protocol = $protocol AND instrumented
     AND NOT continued_to_target),
 s AS (SELECT unnest($shifts::BIGINT[]) AS shift)
-SELECT s.shift, (o.os + s.shift - e.es) - (e.ee - o.oe - s.shift) AS offset, (e.ee - e.es) - (o.oe - o.os) AS overhead
+SELECT s.shift, (o.os + s.shift - e.es) - (e.ee - o.oe - s.shift) AS offset,
+       (e.ee - e.es) - (o.oe - o.os) AS overhead
 FROM o CROSS JOIN s JOIN e ON o.os + s.shift BETWEEN e.es - $reach AND e.ee + $reach
   AND (e.ee - e.es) - (o.oe - o.os) BETWEEN 0 AND $max_overhead
 """
