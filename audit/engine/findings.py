@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from .breaks import break_operations, stitch_breaks
+from .calibrate import calibrate, calibrated
 from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
@@ -156,7 +157,13 @@ class FindingBuilder:
         add_virtual_candidates(con, self.learned)  # caller spans that are not CLIENT spans (virtual_exits.py)
         audited = self._audited_orphans()
         self.progress(f"stitching {len(audited):,} orphan roots")
-        temp_table(con, "stitched", stitch(con, self.learned, audited).table())
+        got = stitch(con, self.learned, audited)
+        # the confidences, checked against propagated calls cut on purpose (calibrate.py)
+        self.progress("calibrating the confidence on propagated calls")
+        skew, lag = config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9
+        cal = calibrate(con, self.learned, audited, skew, lag)
+        got.confidence = calibrated(con, cal, got.oid, got.eid, got.confidence)
+        temp_table(con, "stitched", got.table())
         con.execute(_ORPHAN_ROWS, {"min_confidence": config.min_confidence})
         self._orphan_causes()
         self.progress("looking for in-process breaks")
