@@ -35,10 +35,12 @@ SELECT row_number() OVER (ORDER BY rid, target) - 1 AS eid, rid, trace_id, span_
        start_ns, end_ns, th, target, instrumented, in_window,
        CASE WHEN instrumented THEN 'svc:' || target END AS k_svc,
        CASE WHEN protocol IN ('http', 'none') AND url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
-       CASE WHEN rpc_service IS NOT NULL THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '') END AS k_rpc,
+       CASE WHEN rpc_service IS NOT NULL
+         THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '') END AS k_rpc,
        CASE WHEN messaging_destination IS NOT NULL THEN 'dest:' || messaging_destination END AS k_dest,
        CASE WHEN messaging_partition IS NOT NULL AND messaging_offset IS NOT NULL
-              THEN 'kafka:' || coalesce(messaging_destination, '') || '/' || messaging_partition || '/' || messaging_offset
+              THEN 'kafka:' || coalesce(messaging_destination, '') || '/' || messaging_partition
+                   || '/' || messaging_offset
             WHEN messaging_message_id IS NOT NULL THEN 'msg:' || messaging_message_id END AS k_exact,
        start_ns::BIGINT - $tol AS win_lo,
        end_ns::BIGINT + CASE WHEN protocol = 'messaging' THEN $max_lag ELSE $tol END AS win_hi
@@ -47,14 +49,17 @@ WHERE NOT continued_to_target AND protocol <> 'db'
 """
 _CANDIDATE_ORPHANS = """
 CREATE OR REPLACE TEMP TABLE cand_orphans AS  -- oids in time order: the assignment windows on them
-SELECT row_number() OVER (ORDER BY start_ns, rid) - 1 AS oid, rid, trace_id, span_id, service, name, kind, protocol,
+SELECT row_number() OVER (ORDER BY start_ns, rid) - 1 AS oid, rid, trace_id, span_id, service, name, kind,
+       protocol,
        start_ns, end_ns, th,
        'svc:' || service AS k_svc,
        CASE WHEN url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
-       CASE WHEN rpc_service IS NOT NULL THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '') END AS k_rpc,
+       CASE WHEN rpc_service IS NOT NULL
+         THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '') END AS k_rpc,
        CASE WHEN messaging_destination IS NOT NULL THEN 'dest:' || messaging_destination END AS k_dest,
        CASE WHEN messaging_partition IS NOT NULL AND messaging_offset IS NOT NULL
-              THEN 'kafka:' || coalesce(messaging_destination, '') || '/' || messaging_partition || '/' || messaging_offset
+              THEN 'kafka:' || coalesce(messaging_destination, '') || '/' || messaging_partition
+                   || '/' || messaging_offset
             WHEN messaging_message_id IS NOT NULL THEN 'msg:' || messaging_message_id END AS k_exact
 FROM roots WHERE kind IN ('SERVER', 'CONSUMER') AND NOT linked
 """
@@ -145,15 +150,18 @@ def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[st
     else:
         pairs = f"""
         WITH ok AS (SELECT *, o_start // $b AS bucket FROM ({okeys})),
-             ek AS (SELECT *, unnest(range(greatest(win_lo, $lo) // $b, least(win_hi, $hi - 1) // $b + 1)) AS bucket
+             ek AS (SELECT *, unnest(range(greatest(win_lo, $lo) // $b,
+                                           least(win_hi, $hi - 1) // $b + 1)) AS bucket
                     FROM ({ekeys}) WHERE win_hi >= $lo AND win_lo < $hi AND key IN (SELECT key FROM ok))
-        SELECT * EXCLUDE (bucket) FROM ok JOIN ek USING (key, bucket) WHERE o_start BETWEEN win_lo AND win_hi"""
+        SELECT * EXCLUDE (bucket) FROM ok JOIN ek USING (key, bucket)
+        WHERE o_start BETWEEN win_lo AND win_hi"""
     # a pair matched through two keys of a stage (rpc and destination) is listed once
     top = f"""
     CREATE OR REPLACE TEMP TABLE cand_top AS
     SELECT oid, list_distinct(min_by(eid, fit, {int(per_orphan)})) AS top, count(fit) AS n FROM (
       SELECT oid, eid, {_FIT} AS fit FROM ({pairs}) p
-      LEFT JOIN cand_models m ON m.caller = p.e_service AND m.callee = p.o_service AND m.protocol = p.e_protocol)
+      LEFT JOIN cand_models m
+        ON m.caller = p.e_service AND m.callee = p.o_service AND m.protocol = p.e_protocol)
     GROUP BY oid"""
     # given up: the orphans that share a key with exits in flight during the slice
     overlap = "" if rank == RANK_EXACT else " WHERE win_hi >= $lo AND win_lo < $hi"
