@@ -42,6 +42,7 @@ demo: $(STAMP) /usr/bin/dot
 ## make test: lint, the import contracts, and the whole suite (with the UI in real Chromium)
 test: $(STAMP) /usr/bin/chromium /usr/bin/dot /usr/lib/jvm/java-17-openjdk-amd64/bin/java /usr/bin/promtool /usr/bin/prometheus
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

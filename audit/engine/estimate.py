@@ -35,6 +35,7 @@ def stored_probability(th) -> np.ndarray:
     store keeps it: 0 where the tracestate had none), kept away from 0."""
     return np.clip((P56 - np.asarray(th, dtype=float)) / P56, 1e-6, 1.0)
 
+
 # adjusted count of a span: 1/p from its threshold, else from the configured assumption (NULL
 # when neither is known: such a span is left out of the weighted figures and counted apart)
 ADJUSTED_COUNT_MACRO = f"""
