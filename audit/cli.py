@@ -979,10 +979,12 @@ def import_captures(db: str, fmt: str | None, memory_limit: str, files: tuple[st
     help="With --otlp: how long a batch is retried (with backoff) before the export stops and says so.",
 )
 def export(db, server, out, otlp, since, until, shard, run_id, min_confidence, state, otlp_timeout) -> None:
-    """Write DB's spans and links as Hive-partitioned Parquet (shard, date, hour of span start),
-    in whole hours. Exporting hours again replaces them (docs/scale.md).
+    """Export the store: its spans as Parquet (--parquet), or its stitched hops into a trace backend (--otlp).
 
-    With --otlp URL instead: show an audit run's stitched hops in your own trace backend (Jaeger,
+    With --parquet DIR: DB's spans and links as Hive-partitioned Parquet (shard, date, hour of
+    span start), in whole hours. Exporting hours again replaces them (docs/scale.md).
+
+    With --otlp URL: show an audit run's stitched hops in your own trace backend (Jaeger,
     Tempo...): one span per stitched orphan, in its probable parent's trace, linking to the orphan.
     Exporting the same run again sends nothing new."""
     if (out is None) == (otlp is None):
