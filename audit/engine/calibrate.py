@@ -37,27 +37,29 @@ from .tables import temp_table
 
 DECOYS_PER_EDGE = 300  # at most, per (caller, callee, protocol): bounds the added time and memory
 MIN_EDGE_LINKS = 100  # decoy links an edge needs for a curve of its own; else its protocol's
+MIN_PROTOCOL_LINKS = 200  # decoy links a protocol needs for a curve; else confidences stay raw
 MIN_BLOCK = 50  # decoy links per step of a curve, at least
 _Z = 1.0  # the Wilson bound's z (one-sided about 84%)
 _SWAPPED = ("cand_orphans", "cand_exits", "cand_pairs", "cand_counts", "exact_only", "stitch_orphans")
 
 # Sampled propagated calls: per edge, up to `cap` (the callee's real orphans, at least 50, at most
-# DECOYS_PER_EDGE), chosen by a hash of the exit so runs are reproducible. `orphaned`: the callee's
+# DECOYS_PER_EDGE), chosen by a hash of the exit's ids (not its row number) so runs are reproducible
+# whatever the order the spans were stored in. `orphaned`: the callee's
 # orphans in excess of its unpaired exits, the share of decoys whose exit is withheld.
 _DECOYS = """
 CREATE OR REPLACE TEMP TABLE cal_decoys AS
 WITH orphans AS (SELECT service, count(*) AS n FROM cand_orphans GROUP BY 1),
 exits AS (SELECT target, count(*) AS n FROM cand_exits WHERE instrumented AND in_window GROUP BY 1),
 calls AS (
-  SELECT h.exit_rid, h.entry_rid, h.caller, h.callee, x.protocol,
+  SELECT h.exit_rid, h.entry_rid, h.caller, h.callee, x.protocol, x.trace_id, x.span_id,
          row_number() OVER (PARTITION BY h.caller, h.callee, x.protocol
-                            ORDER BY hash(h.exit_rid, $seed)) AS k,
+                            ORDER BY hash(x.trace_id, x.span_id, $seed), x.trace_id, x.span_id) AS k,
          greatest(0.0, 1.0 - coalesce(e.n, 0) / o.n) AS orphaned, o.n AS orphans
   FROM hops h JOIN xt x ON x.rid = h.exit_rid AND x.target = h.callee AND x.instrumented
   JOIN orphans o ON o.service = h.callee LEFT JOIN exits e ON e.target = h.callee
   WHERE NOT h.via_link AND x.continued_to_target AND x.protocol <> 'db' AND x.in_window)
 SELECT exit_rid, entry_rid, caller, callee, protocol,
-       (hash(entry_rid, $seed) % 1000000) / 1e6 < least(orphaned, 0.9) AS withheld
+       (hash(span_id, trace_id, $seed) % 1000000) / 1e6 < least(orphaned, 0.9) AS withheld
 FROM calls WHERE k <= least($cap, greatest(50, orphans))
 """
 _AUG_ORPHANS = """
@@ -247,8 +249,9 @@ def _fit(rows: dict) -> Calibration:
     edge = np.array([f"{a}\x00{b}\x00{c}" for a, b, c in zip(rows["caller"], rows["callee"], protocol)])
     for p in np.unique(protocol):
         m = protocol == p
-        cal.protocols[p] = fit_curve(conf[m], right[m])
         cal.links[p], cal.right[p] = int(m.sum()), int(right[m].sum())
+        if m.sum() >= MIN_PROTOCOL_LINKS:  # fewer: too few to say more than the raw confidence
+            cal.protocols[p] = fit_curve(conf[m], right[m])
     for e in np.unique(edge):
         m = edge == e
         if m.sum() >= MIN_EDGE_LINKS:
