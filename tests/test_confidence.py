@@ -395,3 +395,29 @@ def test_calibrated_confidences_match_the_observed_precision_where_raw_ones_over
     assert got.confidence[raw_named].mean() - right[raw_named].mean() >= 0.03
     assert abs(new[new_named].mean() - right[new_named].mean()) <= 0.05
     assert right[new >= 0.6].mean() > right[got.confidence >= 0.6].mean()
+
+
+def test_the_calibration_pass_can_be_turned_off_and_only_ever_lowers_confidences(tmp_path):
+    """`calibrate: false` skips the pass (a faster audit); with it on, the same parents are named
+    at the same or a lower confidence, never a higher one."""
+    from audit.engine import AuditConfig, AuditWindow, run_audit
+    from tests.audit_helpers import simulated_store
+
+    db, _ = simulated_store(tmp_path)
+    con = duckdb.connect(db, read_only=True)
+    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
+    runs = {}
+    for on in (True, False):
+        steps: list[str] = []
+        result = run_audit(
+            con, AuditWindow(lo, hi), AuditConfig(calibrate=on, min_confidence=0.0), steps.append
+        )
+        assert any("calibrating" in s for s in steps) == on
+        runs[on] = {(f["trace_id"], f["span_id"]): f["probable_parent"] for f in result.iter_findings()}
+    con.close()
+    assert runs[True].keys() == runs[False].keys()
+    for key, parent in runs[True].items():
+        raw = runs[False][key]
+        assert (parent is None) == (raw is None)
+        if parent is not None:
+            assert parent["span_id"] == raw["span_id"] and parent["confidence"] <= raw["confidence"] + 1e-9

@@ -158,11 +158,11 @@ class FindingBuilder:
         audited = self._audited_orphans()
         self.progress(f"stitching {len(audited):,} orphan roots")
         got = stitch(con, self.learned, audited)
-        # the confidences, checked against propagated calls cut on purpose (calibrate.py)
-        self.progress("calibrating the confidence on propagated calls")
-        skew, lag = config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9
-        cal = calibrate(con, self.learned, audited, skew, lag)
-        got.confidence = calibrated(con, cal, got.oid, got.eid, got.confidence)
+        if config.calibrate:  # the confidences, checked against propagated calls cut on purpose
+            self.progress("calibrating the confidence on propagated calls")
+            skew, lag = config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9
+            cal = calibrate(con, self.learned, audited, skew, lag)
+            got.confidence = calibrated(con, cal, got.oid, got.eid, got.confidence)
         temp_table(con, "stitched", got.table())
         con.execute(_ORPHAN_ROWS, {"min_confidence": config.min_confidence})
         self._orphan_causes()
