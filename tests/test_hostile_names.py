@@ -25,6 +25,7 @@ from audit.report.render import md_text
 from audit.scenarios.model import BUNDLED
 from audit.server.process import start_server, stop_server
 from tests.otlp_builders import request, span
+from tests.serve_helpers import wait_loaded
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -159,6 +160,7 @@ def live(tmp_path_factory, beacon, names):
             timeout=30,
         )
         assert answer.status == 200
+        wait_loaded(server.api_url)  # acknowledged spans reach DuckDB a moment later (staging log)
         _ctxaudit("audit", "--server", server.api_url, "--settle", "0")
         _ctxaudit("report", "--server", server.api_url, "--settle", "0", "--out", str(tmp / "report"))
         yield server.api_url, tmp / "report"

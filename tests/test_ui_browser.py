@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from audit.server.process import start_server, stop_server
+from tests.serve_helpers import wait_loaded
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,6 +53,7 @@ def explorer(tmp_path_factory):
             "--truth",
             str(tmp / "t2.jsonl"),
         )
+        wait_loaded(server.api_url)  # acknowledged spans reach DuckDB a moment later (staging log)
         ui_port = _free_port()
         ui = subprocess.Popen(
             [sys.executable, "-m", "audit", "ui", "--server", server.api_url, "--port", str(ui_port)],
