@@ -80,6 +80,13 @@ def main(verbose: bool) -> None:
 )
 @setting(ServeSettings, "audit_every", metavar="SECONDS")
 @setting(ServeSettings, "audit_settle", metavar="SECONDS")
+@click.option(
+    "--audit-config",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="YAML audit settings (the keys of `ctxaudit audit --config`: entrypoints, min_confidence, ...) "
+    "for the periodic audits and the daily reports; --audit-settle overrides the file's settle_s.",
+)
 @setting(ServeSettings, "max_body_mib")
 @setting(ServeSettings, "queue_spans")
 @setting(ServeSettings, "inflight_mib")
@@ -165,6 +172,7 @@ def serve(
     tls_cert,
     tls_key,
     tls_client_ca,
+    audit_config,
     **knobs,
 ) -> None:
     """Receive OTLP spans over gRPC and HTTP and store them in DB.
@@ -218,6 +226,14 @@ def serve(
         settings = ServeSettings(**knobs)
     except ValidationError as e:  # what click's types cannot check (--export-otlp's form)
         raise click.UsageError(str(explain(e, ServeSettings))) from None
+    settle_given = click.get_current_context().get_parameter_source("audit_settle")
+    try:
+        audit_settings = AuditSettings.load(
+            audit_config,
+            settle_s=None if settle_given is click.core.ParameterSource.DEFAULT else settings.audit_settle,
+        )
+    except SettingsError as e:
+        raise click.BadParameter(str(e), param_hint="--audit-config") from None
     report = DailyReport(report_at, report_tz, report_dir, settings.report_keep_days, report_since)
     config = ServeConfig(
         db,
@@ -227,6 +243,7 @@ def serve(
         settings,
         report=report if report_at else None,
         access=Access(auth, tls),
+        audit=audit_settings,
     )
     try:
         run(config, lambda line: click.echo(line, err=True))

@@ -74,3 +74,52 @@ def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
         assert all(a["window_end_ns"] <= b["window_start_ns"] for a, b in zip(runs, runs[1:]))  # no overlap
     finally:
         reader.close()
+
+
+def test_serve_audits_with_its_audit_config(tmp_path):
+    """--audit-config: the periodic audits judge with the file's settings (here, an entry point)."""
+    db = str(tmp_path / "live.duckdb")
+    proc, port, _ = start_server(db, "--audit-every", "0")
+    _simulate(tmp_path, port, 1)
+    assert stop_server(proc) == 0
+    config = tmp_path / "audit.yaml"
+    config.write_text("entrypoints: [recommendations]\nsettle_s: 3600\n")
+    # --audit-settle overrides the file's settle_s (3600 s would leave nothing settled)
+    proc, port, _ = start_server(
+        db, "--audit-every", "1", "--audit-settle", "0", "--audit-config", str(config)
+    )
+    try:
+        remote = RemoteReader(proc.api_url)
+        deadline = time.monotonic() + 90
+        while not remote.audit_runs():
+            assert time.monotonic() < deadline, "no audit run after 90 s"
+            time.sleep(0.5)
+        run = remote.audit_run()
+        assert any(e.startswith("recommendations:") for e in run["entrypoints"])
+        orphans = remote.findings(kind="orphan_root")
+        assert orphans["total"] > 0  # the other broken hops are still found
+        assert remote.findings(kind="orphan_root", service="recommendations")["total"] == 0
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_serve_refuses_a_bad_audit_config(tmp_path):
+    config = tmp_path / "audit.yaml"
+    config.write_text("min_confidence: 3\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "audit",
+            "serve",
+            "--db",
+            str(tmp_path / "x.duckdb"),
+            "--audit-config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--audit-config" in r.stderr and "min_confidence" in r.stderr, r.stderr
+    assert not (tmp_path / "x.duckdb").exists()

@@ -56,6 +56,7 @@ class ServeConfig:
     settings: ServeSettings = ServeSettings()
     report: DailyReport | None = None
     access: Access = OPEN
+    audit: AuditSettings = AuditSettings()  # the periodic audits' and daily reports' (--audit-config)
 
 
 class ServeError(Exception):
@@ -106,7 +107,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     health = IngestHealth(ingestor, writer, loader=loader)
     audits = ServerAudits(
         store,
-        AuditSettings(settle_s=c.settings.audit_settle),
+        c.audit,
         c.settings.audit_every,
         max_rss_bytes=c.settings.audit_max_rss_mib << 20,
     )
