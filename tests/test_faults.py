@@ -4,11 +4,9 @@ audits. Acknowledged spans are never lost; refusals are retryable; writes resume
 
 import os
 import random
-import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import grpc
@@ -31,37 +29,18 @@ def _limited_file_size():
 
 def test_disk_full_refuses_retryably_and_recovers_when_space_returns(tmp_path):
     db = str(tmp_path / "full.duckdb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "audit",
-            "serve",
-            "--db",
-            db,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "off",
-            "--api",
-            "127.0.0.1:0",
-            "--audit-every",
-            "0",
-            "--log-interval",
-            "0",
-            "--checkpoint-mib",
-            "1",
-            "--staging-mib",  # the staging log fills up soon once the store cannot take its spans
-            "4",
-        ],
-        stdout=subprocess.PIPE,
+    proc, port, _ = start_server(
+        db,
+        "--audit-every",
+        "0",
+        "--checkpoint-mib",
+        "1",
+        "--staging-mib",  # the staging log fills up soon once the store cannot take its spans
+        "4",
         stderr=subprocess.PIPE,
-        text=True,
         preexec_fn=_limited_file_size,
     )
-    line = proc.stdout.readline()
-    port = int(re.search(r"gRPC [^:]+:(\d+)", line).group(1))
-    api = RemoteReader(re.search(r"read API (\S+?);", line).group(1))
+    api = RemoteReader(proc.api_url)
     rng = random.Random(4)
     acked, refusals = set(), []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
