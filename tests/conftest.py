@@ -102,6 +102,15 @@ def make_server(tmp_path):
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, for the tests that open the explorer (tests/browser_helpers.py)."""
+    from tests.browser_helpers import chromium
+
+    with chromium() as b:
+        yield b
+
+
 @pytest.fixture
 def rng():
     return random.Random(42)

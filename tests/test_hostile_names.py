@@ -9,7 +9,6 @@ import html
 import http.server
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,12 +23,11 @@ from markdown_it import MarkdownIt
 from audit.report.render import md_text
 from audit.scenarios.model import BUNDLED
 from audit.server.process import start_server, stop_server
+from tests.browser_helpers import NEEDS_CHROMIUM, explorer_on, shot
 from tests.otlp_builders import request, span
 from tests.serve_helpers import wait_loaded
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "hostile"
+pytest.importorskip("playwright.sync_api")
 JOINER = "\u2060"  # what ui.text.md and the Markdown report put inside URLs and the like: invisible
 
 
@@ -112,12 +110,6 @@ def _ctxaudit(*args: str) -> str:
     return r.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _read_as_typed(text: str) -> str:
     return text.replace(JOINER, "")
 
@@ -171,39 +163,12 @@ def live(tmp_path_factory, beacon, names):
 @pytest.fixture(scope="module")
 def explorer(live):
     api_url, _ = live
-    ui_port = _free_port()
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "audit", "ui", "--server", api_url, "--port", str(ui_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{ui_port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).close()
-                break
-            except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, "ctxaudit ui did not start"
-                time.sleep(0.5)
+    with explorer_on(api_url) as url:
         yield url
-    finally:
-        ui.terminate()
-        ui.wait(30)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        yield b
-        b.close()
 
 
 def _shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    shot(page, "hostile", name)
 
 
 def _page_text(page) -> str:
@@ -262,7 +227,7 @@ def _hover_for_tooltip(page, chart, wanted: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)")
+@NEEDS_CHROMIUM
 def test_every_page_and_the_report_show_hostile_names_as_typed(explorer, live, browser, beacon, names):
     _, report_dir = live
     page = browser.new_page(viewport={"width": 1600, "height": 1200})

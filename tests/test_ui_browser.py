@@ -3,25 +3,17 @@ reading through its API, and a person's path through the pages: every page opens
 leads to its findings and a finding to its trace. Screenshots go to test-artifacts/ui/."""
 
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from audit.server.process import start_server, stop_server
+from tests.browser_helpers import NEEDS_CHROMIUM, explorer_on, shot
 from tests.serve_helpers import wait_loaded
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "ui"
-pytestmark = [
-    pytest.mark.slow,  # `ctxaudit ui` in real Chromium
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)"),
-]
+pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.slow, NEEDS_CHROMIUM]  # `ctxaudit ui` in real Chromium
 
 
 def _ctxaudit(*args: str) -> None:
@@ -29,18 +21,11 @@ def _ctxaudit(*args: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def explorer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     # an empty store: the spans arrive over OTLP, and the audit is asked for in the browser
     server, port, _ = start_server(str(tmp / "live.duckdb"), "--audit-every", "0")
-    ui = None
     try:
         _ctxaudit(
             "simulate",
@@ -54,40 +39,14 @@ def explorer(tmp_path_factory):
             str(tmp / "t2.jsonl"),
         )
         wait_loaded(server.api_url)  # acknowledged spans reach DuckDB a moment later (staging log)
-        ui_port = _free_port()
-        ui = subprocess.Popen(
-            [sys.executable, "-m", "audit", "ui", "--server", server.api_url, "--port", str(ui_port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{ui_port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).close()
-                break
-            except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, "ctxaudit ui did not start"
-                time.sleep(0.5)
-        yield url
+        with explorer_on(server.api_url) as url:
+            yield url
     finally:
-        if ui is not None:
-            ui.terminate()
-            ui.wait(30)
         assert stop_server(server) == 0
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        yield b
-        b.close()
-
-
 def _shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    shot(page, "ui", name)
 
 
 def _open(page, link: str, heading: str) -> None:

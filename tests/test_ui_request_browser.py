@@ -5,38 +5,24 @@ fragmented request, sees its three fragments and both stitched hops, then opens 
 fragment and gets the same whole request. No deploy button or developer menu is offered.
 Screenshots go to test-artifacts/ui/."""
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from audit.read.remote import RemoteReader
 from audit.server.process import start_server, stop_server
+from tests.browser_helpers import NEEDS_CHROMIUM, explorer_on, shot
+from tests.serve_helpers import wait_loaded
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "ui"
-pytestmark = [
-    pytest.mark.slow,  # serve, `ctxaudit ui` and real Chromium
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is installed by `make test` (apt-get)"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.slow, NEEDS_CHROMIUM]  # serve, `ctxaudit ui` and real Chromium
 
 
 @pytest.fixture(scope="module")
 def explorer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("request")
     server, port, _ = start_server(str(tmp / "chain.duckdb"), "--audit-every", "0")
-    ui = None
     try:
         r = subprocess.run(
             [sys.executable, "-m", "audit", "simulate", "--scenario", "chain-two-hops", "--otlp"]
@@ -47,42 +33,14 @@ def explorer(tmp_path_factory):
         )
         assert r.returncode == 0, r.stderr
         remote = RemoteReader(server.api_url)
-        deadline = time.monotonic() + 60
-        while remote.ingest().get("staged_spans"):  # acknowledged, then loaded from the staging log
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_loaded(remote)  # acknowledged, then loaded from the staging log
         assert remote.audit({"settings": {"settle_s": 0}, "all": True})["run"]
         top = remote.fragmented_requests(limit=1)[0]
         assert top["fragments"] == 3
-        ui_port = _free_port()
-        ui = subprocess.Popen(
-            [sys.executable, "-m", "audit", "ui", "--server", server.api_url, "--port", str(ui_port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{ui_port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).close()
-                break
-            except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, "ctxaudit ui did not start"
-                time.sleep(0.5)
-        yield url, remote, top
+        with explorer_on(server.api_url) as url:
+            yield url, remote, top
     finally:
-        if ui is not None:
-            ui.terminate()
-            ui.wait(30)
         assert stop_server(server) == 0
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        yield b
-        b.close()
 
 
 def _table_texts(page, index: int) -> list[list[str]]:
@@ -109,8 +67,7 @@ def test_follow_a_request_split_into_three_fragments(explorer, browser):
 
     page.get_by_role("link", name="Trace view").click()
     page.get_by_role("heading", name="Most fragmented requests").wait_for(timeout=30_000)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "requests.png"), full_page=True)
+    shot(page, "ui", "requests")
     page.get_by_role("button", name=f"Open {top['trace_id']}").click()
 
     def whole_request_shown(name: str) -> None:
@@ -123,7 +80,7 @@ def test_follow_a_request_split_into_three_fragments(explorer, browser):
         # the waterfall: one chart, a legend entry per fragment
         chart = page.locator("[data-testid='stVegaLiteChart']").first
         chart.wait_for(timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        shot(page, "ui", name)
 
     whole_request_shown("request-from-top")
     # in a new session, the middle fragment alone leads up to its parent and down to its orphan
