@@ -104,6 +104,9 @@ def main(verbose: bool) -> None:
 @setting(ServeSettings, "metrics_public")
 @setting(ServeSettings, "metrics_max_edges")
 @setting(ServeSettings, "export_otlp", metavar="URL")
+@setting(ServeSettings, "export_parquet", metavar="DIR")
+@setting(ServeSettings, "export_every", type=Duration(), metavar="DURATION")
+@setting(ServeSettings, "export_shard", metavar="NAME")
 @click.option(
     "--report-at",
     type=TimeOfDay(),
@@ -1009,23 +1012,26 @@ def export(db, server, out, otlp, since, until, shard, run_id, min_confidence, s
     if otlp:
         _export_otlp(db, server, otlp, since, run_id, min_confidence, state, otlp_timeout)
         return
-    if server:
-        raise click.UsageError("--parquet reads the file --db itself; --server is for --otlp")
-    from .store.parquet import export_store
+    from .store.parquet import StreamSource, export_spans, export_store
 
+    progress = lambda s: click.echo(f"export: {s}", err=True)  # noqa: E731
     try:
-        manifest = export_store(
-            db,
-            out,
-            shard=shard,
-            since_ns=since,
-            until_ns=until,
-            progress=lambda s: click.echo(f"export: {s}", err=True),
-        )
+        if server:  # the server holds the file: its read API streams the rows (GET /v1/export)
+            remote = _reader(db, server)
+            source = StreamSource(server, lambda: _extent(remote.time_range()), remote.export_batches)
+            manifest = export_spans(
+                source, out, shard=shard, since_ns=since, until_ns=until, progress=progress
+            )
+        else:
+            manifest = export_store(db, out, shard=shard, since_ns=since, until_ns=until, progress=progress)
     except StoreError as e:
         _fail(str(e))
     done = manifest["last_export"]
     click.echo(f"exported {done['spans']:,} spans in {done['hours']} hour(s) to {out} (shard={shard})")
+
+
+def _extent(time_range: dict) -> tuple[int | None, int | None]:
+    return time_range["first_start_ns"], time_range["last_start_ns"]
 
 
 def _export_otlp(db, server, url, since, run_id, min_confidence, state, timeout_s) -> None:

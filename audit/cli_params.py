@@ -130,6 +130,8 @@ def setting(model, name: str, *flags: str, default_from_file: bool = False, **op
         kw = {"default": None}
     else:
         kw = {"default": default, "show_default": True}
-    return click.option(
-        *(flags or ("--" + name.replace("_", "-"),)), name, type=ptype, help=help_text, **(kw | options)
+    return click.option(  # `options` may override the type (e.g. a Duration for seconds)
+        *(flags or ("--" + name.replace("_", "-"),)),
+        name,
+        **({"type": ptype, "help": help_text} | kw | options),
     )

@@ -317,6 +317,27 @@ class ServeSettings(BaseModel):
         "traces at this OTLP endpoint (grpc://HOST:4317, http://HOST:4318), as `ctxaudit export --otlp`, "
         "on a thread of its own; what was sent is kept in DB's name + '.otlp-export' [default: never].",
     )
+    export_parquet: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Export every settled hour of spans as Parquet into this folder, as `ctxaudit export "
+        "--parquet` does (under shard=--export-shard), every --export-every; for `ctxaudit audit --spark` "
+        "(docs/scale.md) [default: never].",
+    )
+    export_every: float = Field(
+        3600.0,
+        ge=1.0,
+        description="How often --export-parquet looks for newly settled hours (an hour is settled once "
+        "--audit-settle has passed since its end).",
+    )
+    export_shard: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+        max_length=200,
+        description="This server's name among the shards sharing --export-parquet's folder [default: the "
+        "host name].",
+    )
 
     @property
     def max_body_bytes(self) -> int:

@@ -12,8 +12,11 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
+import pyarrow as pa
 from pydantic import ValidationError
 
 from ..contract.reader import StoreStats, query_model
@@ -101,6 +104,25 @@ class RemoteReader:
         except (OSError, http.client.HTTPException) as e:  # the stream broke after it started
             raise StoreError(f"the audit document from {self.url} was cut off: {e}") from None
 
+    @contextmanager
+    def export_batches(
+        self, kind: str, from_ns: int, until_ns: int, *, timeout: float = AUDIT_TIMEOUT_S
+    ) -> Iterator[pa.RecordBatchReader]:
+        """The rows `ctxaudit export` writes for `kind` (spans or links) starting in
+        [from_ns, until_ns), streamed from the server (GET /v1/export) as Arrow batches. A stream
+        cut off fails where it is read (StoreError, or the reader's error), never ends early."""
+        response = self._open(
+            "export", {"kind": kind, "from_ns": from_ns, "until_ns": until_ns}, None, timeout
+        )
+        try:
+            try:
+                batches = pa.ipc.open_stream(_WholeStream(response, self.url))
+            except (OSError, pa.ArrowException, http.client.HTTPException) as e:
+                raise StoreError(f"the export stream from {self.url} was cut off: {e}") from None
+            yield batches
+        finally:
+            response.close()
+
     def _query(self, name: str, **params) -> object:
         """One declared query (audit/contract/reader.py), its parameters checked and encoded
         by the same declaration the server parses them with."""
@@ -147,3 +169,25 @@ class RemoteReader:
 
     def close(self) -> None:
         pass
+
+
+class _WholeStream:
+    """A response body that raises OSError when the connection ends before the body does (a
+    chunked body's missing last chunk), so a stream cut off at a batch boundary is not taken
+    for a stream that ended."""
+
+    def __init__(self, response, url: str):
+        self._response, self._url = response, url
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._response.read(n)
+        except http.client.HTTPException as e:  # IncompleteRead: the server cut it off
+            raise OSError(f"the export stream from {self._url} was cut off ({e!r})") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True

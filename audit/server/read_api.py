@@ -7,6 +7,8 @@ so readers elsewhere go through here). No arbitrary SQL, nothing that writes.
     GET  /v1/ingest                       how ingestion is going (spans/s, refusals, queue)
     GET  /metrics                         Prometheus text exposition (audit/server/metrics.py)
     POST /v1/audit[?findings=true]        run an audit inside the server; the result document
+    GET  /v1/export?kind=&from_ns=&until_ns=   the rows `ctxaudit export` writes for spans or links
+                                          starting in [from_ns, until_ns), as an Arrow IPC stream
 
 The one thing a request can make the server write is an audit run, which the server itself
 computes and saves exactly as its scheduled audits do; spans are never touched.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from aiohttp import web
@@ -74,8 +76,10 @@ class ReadApi:
         limits: ConnectionLimits | None = None,
         metrics: ServerMetrics | None = None,
         metrics_public: bool = False,
+        span_export: Callable[[str, int, int], Iterator[bytes]] | None = None,
     ):
         self.reader, self.ingest_health, self.auditor, self.access = reader, ingest_health, auditor, access
+        self.span_export = span_export  # (kind, from_ns, until_ns) -> Arrow IPC chunks (parquet_export.py)
         # /metrics: the given collector, else one over the reader alone (the latest saved run)
         self.metrics, self.metrics_public = metrics or ServerMetrics(reader), metrics_public
         self._server = ThreadedAioServer("read-api", host, port, threads=threads, limits=limits)
@@ -132,6 +136,8 @@ class ReadApi:
             if request.method != "POST":
                 return _error(405, "an audit is requested with POST", {"Allow": "POST"})
             return await self._audit(request)
+        if name == "export" and self.span_export and request.method == "GET":
+            return await self._export(request)
         if request.method != "GET":
             return _error(
                 405, "the read API answers GET (and POST /v1/audit): it never writes spans", {"Allow": "GET"}
@@ -157,6 +163,12 @@ class ReadApi:
                     "doc": "run an audit in the server (JSON body: settings, since_ns, until_ns, "
                     "all, save); the result document with a text summary",
                 }
+            if self.span_export:
+                listing["export"] = {
+                    "params": {"kind": "required", "from_ns": "required", "until_ns": "required"},
+                    "doc": "the rows `ctxaudit export --parquet` writes for spans or links starting in "
+                    "[from_ns, until_ns), as an Arrow IPC stream",
+                }
             return _json(listing)
         if name == "ingest" and self.ingest_health:
             return _json(self.ingest_health())
@@ -175,6 +187,45 @@ class ReadApi:
             log.exception("read API query %s failed", name)
             return _error(500, "internal error; see the server log")
         return _json(_to_json(result))
+
+    async def _export(self, request: web.Request) -> web.StreamResponse:
+        query = dict(request.query)
+        unknown = set(query) - {"kind", "from_ns", "until_ns"}
+        if unknown:
+            return _error(
+                400, f"export: unknown parameter(s) {sorted(unknown)}; known: kind, from_ns, until_ns"
+            )
+        try:
+            kind, lo, hi = query["kind"], int(query["from_ns"]), int(query["until_ns"])
+        except (KeyError, ValueError):
+            return _error(400, "export: give kind (spans or links), from_ns and until_ns (integers)")
+        if kind not in ("spans", "links") or not 0 <= lo < hi < 1 << 63:
+            return _error(400, "export: kind is spans or links, and 0 <= from_ns < until_ns < 2^63")
+        chunks = self.span_export(kind, lo, hi)
+        try:
+            try:  # the query runs before the first chunk: its failure can still be a status
+                first = await self._server.run_blocking(next, chunks)
+            except StoreError as e:
+                return _store_error(e)
+            except Exception:
+                log.exception("export of %s failed", kind)
+                return _error(500, "the export failed; see the server log")
+            response = web.StreamResponse(headers={"Content-Type": "application/vnd.apache.arrow.stream"})
+            await response.prepare(request)
+            await response.write(first)
+            try:
+                while (chunk := await self._server.run_blocking(next, chunks, None)) is not None:
+                    await response.write(chunk)
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception:  # too late for a status: cut it off, the client sees the stream incomplete
+                log.exception("export of %s failed while streaming", kind)
+                request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            await self._server.run_blocking(chunks.close)  # its cursor closes with it
 
     async def _audit(self, request: web.Request) -> web.StreamResponse:
         unknown = set(request.query) - {"findings"}

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ..store.staging import StagingLoader, StagingLog
 from ..store.writer import SpanStore, SpanWriter
 from .audits import ServerAudits
 from .metrics import ServerMetrics
+from .parquet_export import ScheduledParquetExport, ipc_chunks
 from .periodic import Periodic
 from .read_api import ReadApi
 
@@ -115,6 +117,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     reader = StoreReader(store, c.db)
     try:
         export = _stitch_export(c, reader)
+        parquet = _parquet_export(c, store)
     except ServeError:
         close_store()
         raise
@@ -126,6 +129,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
                 health.snapshot()
                 | {"audits": audits.status()}
                 | ({"otlp_export": export.status()} if export else {})
+                | ({"parquet_export": parquet.status()} if parquet else {})
             ),
             auditor=audits,
             access=c.access,
@@ -138,6 +142,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
                 max_edges=c.settings.metrics_max_edges,
             ),
             metrics_public=c.settings.metrics_public,
+            span_export=functools.partial(ipc_chunks, store),
         )
         if c.api_address
         else None
@@ -164,6 +169,8 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
     retention = _retention(c, store)
     if export:
         export.start()
+    if parquet:
+        parquet.start()
     while not stop.wait(c.settings.log_interval or None):
         h = health.snapshot()
         log.info(
@@ -181,7 +188,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
         )
 
     say("ctxaudit serve: stopping: draining requests in flight")
-    for background in (nightly, retention, export):
+    for background in (nightly, retention, export, parquet):
         if background:
             background.stop()
     audits.stop()
@@ -263,6 +270,22 @@ def _stitch_export(c: ServeConfig, reader: StoreReader):
         return ScheduledExport(reader, c.settings.export_otlp, f"{c.db}.otlp-export")
     except (ValueError, ExportError, StoreError) as e:
         raise ServeError(f"--export-otlp: {e}") from None
+
+
+def _parquet_export(c: ServeConfig, store: SpanStore):
+    """--export-parquet: each settled hour as Parquet, for the Spark audit over every shard."""
+    if not c.settings.export_parquet:
+        return None
+    try:
+        return ScheduledParquetExport(
+            store,
+            c.settings.export_parquet,
+            c.settings.export_shard or socket.gethostname(),
+            c.settings.export_every,
+            c.settings.audit_settle,
+        )
+    except (OSError, StoreError) as e:
+        raise ServeError(f"--export-parquet: {e}") from None
 
 
 RETENTION_EVERY_S = 60.0

@@ -112,23 +112,76 @@ _PARTITION = (
     "strftime(make_timestamp((start_ns // 1000)::BIGINT), '%H') AS hour"
 )
 
-_EXPORT_SPANS = """
-COPY (SELECT {columns}, {partition} FROM spans WHERE start_ns >= $lo AND start_ns < $hi)
-TO '{target}' (FORMAT parquet, PARTITION_BY (date, hour), FILENAME_PATTERN 'part-{{uuid}}',
-               COMPRESSION zstd, ROW_GROUP_SIZE 122880, KV_METADATA {{format: '{fmt}'}})
-"""
+# what the export writes, per kind: every column as written, then the date and hour partitions
+_SELECT_SPANS = "SELECT {columns}, {partition} FROM spans WHERE start_ns >= $lo AND start_ns < $hi"
 # a link belongs to the hour its span starts in; a span delivered twice starts at the same time
-_EXPORT_LINKS = """
-COPY (SELECT {columns}, {partition} FROM span_links l
-      JOIN (SELECT DISTINCT trace_id, span_id, start_ns FROM spans
-            WHERE start_ns >= $lo AND start_ns < $hi AND link_count > 0) s USING (trace_id, span_id))
-TO '{target}' (FORMAT parquet, PARTITION_BY (date, hour), FILENAME_PATTERN 'part-{{uuid}}',
-               COMPRESSION zstd, KV_METADATA {{format: '{fmt}'}})
+_SELECT_LINKS = """
+SELECT {columns}, {partition} FROM span_links l
+JOIN (SELECT DISTINCT trace_id, span_id, start_ns FROM spans
+      WHERE start_ns >= $lo AND start_ns < $hi AND link_count > 0) s USING (trace_id, span_id)
 """
+_COPY = """
+COPY ({select}) TO '{target}' (FORMAT parquet, PARTITION_BY (date, hour), FILENAME_PATTERN 'part-{{uuid}}',
+  COMPRESSION zstd, ROW_GROUP_SIZE 122880, KV_METADATA {{format: '{fmt}'}})
+"""
+# each hour's spans, counted in the files just written (the same for either source)
 _HOURS = """
-SELECT start_ns // {h} AS hour, count(*), min(start_ns), max(start_ns) FROM spans
-WHERE start_ns >= $lo AND start_ns < $hi GROUP BY 1
+SELECT start_ns // {h} AS hour, count(*), min(start_ns), max(start_ns)
+FROM read_parquet('{files}', hive_partitioning = false) GROUP BY 1
 """
+KINDS = ("spans", "links")
+
+
+def export_select(kind: str) -> str:
+    """The query (parameters $lo, $hi: span start times) whose rows the export writes for
+    `kind` ('spans' or 'links'): the format's columns, then `date` and `hour`."""
+    sql, columns = {"spans": (_SELECT_SPANS, SPAN_COLUMNS), "links": (_SELECT_LINKS, LINK_COLUMNS)}[kind]
+    select = ", ".join(f"{expr} AS {name}" for name, expr in columns.items())
+    return sql.format(columns=select, partition=_PARTITION)
+
+
+def _copy(con: duckdb.DuckDBPyConnection, select: str, params: dict, target: Path) -> None:
+    quoted = target.as_posix().replace("'", "''")
+    con.execute(_COPY.format(select=select, target=quoted, fmt=_format_tag()), params)
+
+
+class StoreSource:
+    """Spans to export from a store connection: a file opened read-only, or a cursor of the
+    running server's store (`serve --export-parquet`)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: str):
+        self.con, self.path = con, path
+
+    def extent(self) -> tuple[int | None, int | None]:
+        first, last = self.con.execute("SELECT min(start_ns), max(start_ns) FROM spans").fetchone()
+        return first, last
+
+    def write(self, kind: str, lo: int, hi: int, target: Path) -> None:
+        _copy(self.con, export_select(kind), {"lo": lo, "hi": hi}, target)
+
+    def batches(self, kind: str, lo: int, hi: int, rows: int = 65_536) -> pa.RecordBatchReader:
+        """The rows `write` would write, as Arrow batches (the read API streams them)."""
+        return self.con.sql(export_select(kind), params={"lo": lo, "hi": hi}).to_arrow_reader(rows)
+
+
+class StreamSource:
+    """Spans to export that arrive as Arrow batches of `export_select`'s rows (`export --server`:
+    through the read API), written with the same COPY as a store's, so the files are the same."""
+
+    def __init__(self, path: str, extent, batches):
+        self.path, self._extent, self._batches = path, extent, batches
+
+    def extent(self) -> tuple[int | None, int | None]:
+        return self._extent()
+
+    def write(self, kind: str, lo: int, hi: int, target: Path) -> None:
+        con = duckdb.connect()
+        try:
+            with self._batches(kind, lo, hi) as stream:
+                con.register("exported", stream)
+                _copy(con, "SELECT * FROM exported", {}, target)
+        finally:
+            con.close()
 
 
 def hour_key(hour_index: int) -> str:
@@ -145,6 +198,13 @@ def manifest_path(root: Path, shard: str) -> Path:
     return root / "_shards" / f"{shard}.json"
 
 
+def check_shard_name(shard: str) -> None:
+    if not shard or "/" in shard or shard.startswith((".", "_")) or "=" in shard:
+        raise StoreError(
+            f"shard name {shard!r}: use letters, digits, '-' or '_' (no '/', '=' or leading '.')"
+        )
+
+
 def export_store(
     db: str,
     out: str,
@@ -154,22 +214,41 @@ def export_store(
     until_ns: int | None = None,
     progress=lambda step: None,
 ) -> dict:
-    """Export the spans starting in [since, until) (rounded out to whole hours; default: all) and
-    their links under `out`; replace the hours exported before. Returns the shard's manifest."""
-    if not shard or "/" in shard or shard.startswith((".", "_")) or "=" in shard:
-        raise StoreError(
-            f"shard name {shard!r}: use letters, digits, '-' or '_' (no '/', '=' or leading '.')"
-        )
+    """Export the spans of the file `db` starting in [since, until) (rounded out to whole hours;
+    default: all) and their links under `out`; replace the hours exported before. Returns the
+    shard's manifest."""
+    check_shard_name(shard)
     if not Path(db).exists():
         raise StoreError(f"{db} does not exist")
     try:
         con = duckdb.connect(db, read_only=True)
     except duckdb.Error as e:
         raise translate(e, db, writing=False) from None
+    try:
+        return export_spans(
+            StoreSource(con, db), out, shard=shard, since_ns=since_ns, until_ns=until_ns, progress=progress
+        )
+    finally:
+        con.close()
+
+
+def export_spans(
+    source,
+    out: str,
+    *,
+    shard: str,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    progress=lambda step: None,
+) -> dict:
+    """`export_store` from any source (StoreSource, StreamSource): the spans starting in
+    [since, until), rounded out to whole hours, replace those hours under `out`."""
+    check_shard_name(shard)
+    db = source.path
     root = Path(out)
     staging = root / f".export-{uuid.uuid4().hex}"
     try:
-        first, last = con.execute("SELECT min(start_ns), max(start_ns) FROM spans").fetchone()
+        first, last = source.extent()
         if first is None:
             raise StoreError(f"{db} holds no spans: nothing to export")
         lo = (since_ns if since_ns is not None else first) // HOUR_NS * HOUR_NS
@@ -177,30 +256,17 @@ def export_store(
         hi = -(-hi // HOUR_NS) * HOUR_NS
         if hi <= lo:
             raise StoreError("--until is not after --since: nothing to export")
-        params = {"lo": lo, "hi": hi}
         progress(f"writing the spans of {(hi - lo) // HOUR_NS} hour(s)")
         staging.mkdir(parents=True)
-        for kind, sql, columns in (
-            ("spans", _EXPORT_SPANS, SPAN_COLUMNS),
-            ("links", _EXPORT_LINKS, LINK_COLUMNS),
-        ):
-            select = ", ".join(f"{expr} AS {name}" for name, expr in columns.items())
-            target = (staging / kind).as_posix().replace("'", "''")
-            con.execute(
-                sql.format(columns=select, partition=_PARTITION, target=target, fmt=_format_tag()), params
-            )
-        hours = {
-            hour_key(h): {"spans": n, "first_start_ns": a, "last_start_ns": b}
-            for h, n, a, b in con.execute(_HOURS.format(h=HOUR_NS), params).fetchall()
-        }
+        for kind in KINDS:
+            source.write(kind, lo, hi, staging / kind)
+        hours = _hours_written(staging / "spans")
     except duckdb.Error as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise translate(e, db, writing=False) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        con.close()
     progress("swapping the new hours in")
     manifest = read_manifest(root, shard, missing_ok=True) or _new_manifest(shard)
     exported_at = time.time_ns()
@@ -233,6 +299,19 @@ def export_store(
     _write_manifest(root, shard, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _hours_written(spans: Path) -> dict[str, dict]:
+    """Per hour: the spans written under `spans` (a staging folder), their first and last start."""
+    if not any(spans.rglob("*.parquet")):
+        return {}
+    files = (spans / "**" / "*.parquet").as_posix().replace("'", "''")
+    con = duckdb.connect()
+    try:
+        rows = con.execute(_HOURS.format(h=HOUR_NS, files=files)).fetchall()
+    finally:
+        con.close()
+    return {hour_key(h): {"spans": n, "first_start_ns": a, "last_start_ns": b} for h, n, a, b in rows}
 
 
 def _format_tag() -> str:
