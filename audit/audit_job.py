@@ -10,9 +10,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from .contract.document import Edge
 from .engine import AuditResult, choose_window, run_audit
 from .settings import AUDIT_MEMORY_LIMIT, AuditSettings
-from .store.audit_runs import last_window_end, save_run
+from .store.audit_runs import last_window_end, load_run, save_run
 from .store.errors import StoreError, translate
 from .store.writer import SpanStore
 
@@ -88,23 +89,61 @@ def audit_connection(
         raise translate(e, db, writing=False) from None
     if save:
         progress("saving the run")
-        edges = pa.Table.from_pylist([e.to_dict() for e in result.edges]) if result.edges else _no_edges()
-        result.run_id = save_run(
-            con,
-            db,
-            window_start_ns=window.start_ns,
-            window_end_ns=window.end_ns,
-            spans=result.spans,
-            traces=result.traces,
-            seconds=result.seconds,
-            entrypoints=result.entrypoints,
-            roots=result.roots,
-            settings=settings.to_dict(),
-            findings=result.findings,
-            edges=edges,
-            sampling=result.sampling,
-        )
+        save_result(con, db, result, settings)
     return result
+
+
+def save_result(con: duckdb.DuckDBPyConnection, db: str, result: AuditResult, settings: AuditSettings) -> int:
+    """Save `result` as a run in the store `con` is connected to (`db` names it in errors) and
+    set its run_id: the file audit's runs, the server's, and a Spark audit's (`--save-db`)."""
+    edges = pa.Table.from_pylist([e.to_dict() for e in result.edges]) if result.edges else _no_edges()
+    result.run_id = save_run(
+        con,
+        db,
+        window_start_ns=result.window_start_ns,
+        window_end_ns=result.window_end_ns,
+        spans=result.spans,
+        traces=result.traces,
+        seconds=result.seconds,
+        entrypoints=result.entrypoints,
+        roots=result.roots,
+        settings=settings.to_dict(),
+        findings=result.findings,
+        edges=edges,
+        sampling=result.sampling,
+    )
+    return result.run_id
+
+
+def saved_result(db: str, run_id: int | None = None) -> AuditResult | None:
+    """A run saved in the file `db` (the last by default) as the AuditResult it was saved from,
+    whichever audit saved it (the file's, the server's, Spark's); None when there is no such run.
+    What a run does not keep comes back empty: the operations where stitching ran out of memory."""
+    if not Path(db).exists():
+        raise StoreError(f"{db} does not exist")
+    con = _read_only(db, AUDIT_MEMORY_LIMIT)
+    try:
+        run = load_run(con, db, run_id)
+    finally:
+        con.close()
+    if run is None:
+        return None
+    edges = sorted(
+        (Edge(**e) for e in run["edges"]), key=lambda e: (e.caller, e.callee, e.protocol, e.system or "")
+    )
+    return AuditResult(
+        int(run["window_start_ns"]),
+        int(run["window_end_ns"]),
+        run["spans"],
+        run["traces"],
+        run["findings"],
+        edges,
+        list(run["entrypoints"]),
+        run["roots"],
+        run["sampling"],
+        run["seconds"],
+        run_id=run["run_id"],
+    )
 
 
 def _read_only(db: str, memory_limit: str) -> duckdb.DuckDBPyConnection:

@@ -382,6 +382,12 @@ def _when(ns: int) -> str:
     metavar="SECONDS",
     help="With --spark: audit the window in slices of this length, one Spark task each (docs/scale.md).",
 )
+@click.option(
+    "--save-db",
+    metavar="PATH",
+    help="With --spark: save the run in this store (created if missing; no server may hold it), as "
+    "`audit --db` saves its runs, for `ctxaudit report --run` and the explorer.",
+)
 def audit(
     db,
     since,
@@ -400,6 +406,7 @@ def audit(
     spark,
     parquet,
     slice_s,
+    save_db,
 ) -> None:
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
     parents, count every service edge, and save the run in DB.
@@ -422,8 +429,10 @@ def audit(
     except SettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
     if spark or parquet:
-        _audit_on_spark(spark, parquet, settings, since, until, slice_s, memory_limit, as_json)
+        _audit_on_spark(spark, parquet, settings, since, until, slice_s, memory_limit, as_json, save_db)
         return
+    if save_db:
+        raise click.UsageError("--save-db goes with --spark (`audit --db` saves its run in --db)")
     if server:
         _audit_in_server(
             server,
@@ -458,14 +467,20 @@ def audit(
     _print_result(result, as_json)
 
 
-def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_limit, as_json) -> None:
-    """`audit --spark`: the same engine, per time slice in Spark tasks, over every shard's Parquet."""
+def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_limit, as_json, save_db) -> None:
+    """`audit --spark`: the same engine, per time slice in Spark tasks, over every shard's Parquet;
+    with --save-db, the run saved in that store as `audit --db` saves one."""
+    from .audit_job import save_result
     from .spark_audit import spark_audit
+    from .store.writer import SpanStore
 
     if not (master and parquet):
         raise click.UsageError("--spark MASTER and --parquet DIR go together")
     started = time.monotonic()
+    store = None
     try:
+        if save_db:  # opened first: a store it cannot write to stops it before Spark starts
+            store = SpanStore(save_db)
         result = spark_audit(
             master,
             parquet,
@@ -476,8 +491,13 @@ def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_lim
             memory_limit=memory_limit,
             progress=lambda step: click.echo(f"audit: {step} ({time.monotonic() - started:.1f} s)", err=True),
         )
+        if store is not None and result is not None:
+            save_result(store.connection, save_db, result, settings)
     except StoreError as e:
         _fail(str(e))
+    finally:
+        if store is not None:
+            store.close()
     _print_result(result, as_json)
 
 
@@ -699,8 +719,16 @@ def ui(db, server, port, host) -> None:
     show_default=True,
     help="DuckDB memory limit for the audit (--db only).",
 )
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="Report this saved run of --db (e.g. a Spark audit saved with `audit --spark --save-db`) "
+    "instead of auditing the last --since.",
+)
 def report(
-    db, server, since_s, out_dir, fail_on, previous, history, settle_s, config_file, memory_limit
+    db, server, since_s, out_dir, fail_on, previous, history, settle_s, config_file, memory_limit, run_id
 ) -> None:
     """Audit the last --since of the store and write a report: the broken hops with cause and
     fix, what changed since the previous report, trends, the service graph and the sampling
@@ -711,12 +739,14 @@ def report(
     """
     from pathlib import Path
 
-    from .report.command import ReportRequest, report_from_file, report_from_server
+    from .report.command import ReportRequest, report_from_file, report_from_run, report_from_server
     from .report.gate import GateError, Threshold
 
     ctx = click.get_current_context()
     if server and ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("give --db or --server, not both")
+    if server and run_id:
+        raise click.UsageError("--run reports a run saved in --db; not with --server")
     try:
         thresholds = [Threshold.parse(t) for t in fail_on]
     except GateError as e:
@@ -737,6 +767,8 @@ def report(
         if server:
             click.echo(f"report: the server at {server} audits the last {since_s / 3600:g} h", err=True)
             result, written, code = report_from_server(request, server)
+        elif run_id:
+            result, written, code = report_from_run(request, db, run_id)
         else:
             result, written, code = report_from_file(request, db, memory_limit, progress)
     except (StoreError, ValueError, OSError) as e:

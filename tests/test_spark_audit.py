@@ -263,3 +263,83 @@ def test_make_demo_needs_no_java():
     code = "import sys, audit.cli, audit.demo, audit.store.parquet; print('pyspark' in sys.modules)"
     out = os.popen(f'{Path(__file__).parents[1] / ".venv/bin/python"} -c "{code}"').read().strip()
     assert out == "False"
+
+
+# --- a run saved in a store (`audit --spark --save-db`), read back as `report` and the explorer read it ---
+
+
+def _saved(db: str, run_id: int) -> dict:
+    """What the explorer and `report --run` read of a saved run, minus when and how long it ran."""
+    from audit.audit_job import saved_result
+    from audit.store.reader import LocalReader
+
+    reader = LocalReader(db)
+    try:
+        run = reader.audit_run(run_id)
+        findings = reader.findings(run_id, limit=1_000_000)
+        counts = reader.finding_counts(run_id)
+    finally:
+        reader.close()
+    for key in ("run_id", "finished_at", "seconds", "settings"):
+        run.pop(key)
+    for f in findings["findings"]:  # confidences may differ in the fourth decimal (docs/scale.md)
+        if f.get("probable_parent"):
+            f["probable_parent"]["confidence"] = round(f["probable_parent"]["confidence"], 3)
+    doc = json.loads("".join(saved_result(db, run_id).document_chunks()))
+    return {
+        "run": run,
+        "findings": findings["findings"],
+        "total": findings["total"],
+        "counts": counts,
+        "document": {"run": {k: v for k, v in doc["run"].items() if k not in ("id", "seconds")}}
+        | {"edges": doc["edges"], "sampling": _estimates(doc["sampling"]), "keys": _finding_keys(doc)},
+    }
+
+
+def test_a_saved_run_reads_back_as_the_document_it_was_saved_from(store, tmp_path):
+    """The file audit's saved run, rebuilt (audit_job.saved_result), is the document it printed."""
+    db = str(tmp_path / "copy.duckdb")
+    Path(db).write_bytes(Path(store).read_bytes())
+    printed = CliRunner().invoke(main, ["audit", "--db", db, "--all", "--settle", "0", "--json"])
+    assert printed.exit_code == 0, printed.output
+    printed = json.loads(printed.stdout)
+    from audit.audit_job import saved_result
+
+    back = json.loads("".join(saved_result(db, printed["run"]["id"]).document_chunks()))
+    assert back["run"] | {"seconds": 0} == printed["run"] | {"seconds": 0, "degraded": []}
+    assert back["edges"] == printed["edges"] and back["sampling"] == printed["sampling"]
+    assert back["findings"] == printed["findings"] and back["findings"]
+    assert saved_result(db, 99) is None
+
+
+def test_save_db_only_with_spark(store):
+    result = CliRunner().invoke(main, ["audit", "--db", store, "--save-db", "x.duckdb"])
+    assert result.exit_code == 2 and "--save-db goes with --spark" in result.output
+
+
+@pytest.mark.slow
+def test_a_saved_spark_run_reads_back_like_a_single_process_run(store, tmp_path, spark):
+    export_store(store, str(tmp_path / "pq"), shard="all")
+    runs = str(tmp_path / "spark-runs.duckdb")  # a store of runs only: the spans are in the shards
+    printed = CliRunner().invoke(
+        main,
+        ["audit", "--spark", "local[2]", "--parquet", str(tmp_path / "pq"), "--save-db", runs, "--json"],
+    )
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout)["run"]["id"] == 1
+    db = str(tmp_path / "copy.duckdb")
+    Path(db).write_bytes(Path(store).read_bytes())
+    single = CliRunner().invoke(main, ["audit", "--db", db, "--all", "--settle", "0"])
+    assert single.exit_code == 0 and single.stdout.startswith("audit run 1:"), single.output
+    spark_run, db_run = _saved(runs, 1), _saved(db, 1)
+    assert spark_run["total"] > 0 and spark_run["run"]["edges"]
+    assert spark_run == db_run
+    # the report of each saved run: the same figures and hops
+    reports = {}
+    for name, path in (("spark", runs), ("db", db)):
+        out = tmp_path / f"report-{name}"
+        r = CliRunner().invoke(main, ["report", "--db", path, "--run", "1", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        reports[name] = json.loads((out / "report.json").read_text())
+    assert reports["spark"]["figures"] == reports["db"]["figures"]
+    assert reports["spark"]["hops"] == reports["db"]["hops"]

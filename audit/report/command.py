@@ -50,5 +50,9 @@ def report_from_file(request: ReportRequest, db: str, memory_limit: str, progres
     )
 
 
+def report_from_run(request: ReportRequest, db: str, run_id: int):
+    return make_report(request, lambda: sources.from_run(db, run_id), db)
+
+
 def report_from_server(request: ReportRequest, url: str):
     return make_report(request, lambda: sources.from_server(url, request.settings, request.since_s), url)

@@ -81,6 +81,17 @@ def from_file(
     return _require(document(result) if result else None, window)
 
 
+def from_run(db: str, run_id: int) -> dict:
+    """A run saved in the file `db` (by `audit --db`, the server, or `audit --spark --save-db`),
+    not a new audit."""
+    from ..audit_job import saved_result
+
+    result = saved_result(db, run_id)
+    if result is None:
+        raise StoreError(f"no audit run {run_id} in {db}")
+    return document(result)
+
+
 def from_server(url: str, settings: AuditSettings, since_s: float) -> dict:
     from ..read.remote import RemoteReader
 

@@ -103,3 +103,45 @@ def save_run(
 def last_window_end(con: duckdb.DuckDBPyConnection) -> int | None:
     (end,) = con.execute("SELECT max(window_end_ns) FROM audit_runs").fetchone()
     return None if end is None else int(end)
+
+
+def load_run(con: duckdb.DuckDBPyConnection, path: str, run_id: int | None = None) -> dict | None:
+    """A saved run as save_run took it (the last one by default; None if there is none): the
+    run's row, its findings in the engine's row shape (Arrow, in the engine's order) and edges."""
+    from .reader import _FINDING_ROWS  # the saved findings in the engine's row shape
+
+    try:
+        (has_runs,) = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'audit_runs'"
+        ).fetchone()
+        if not has_runs:
+            return None
+        where = "run_id = ?" if run_id is not None else "run_id = (SELECT max(run_id) FROM audit_runs)"
+        rows = con.execute(
+            "SELECT run_id, window_start_ns, window_end_ns, spans, traces, seconds, entrypoints, roots, "
+            f"settings, sampling FROM audit_runs WHERE {where}",
+            [run_id] if run_id is not None else [],
+        ).fetchall()
+        if not rows:
+            return None
+        run = dict(
+            zip(
+                ("run_id", "window_start_ns", "window_end_ns", "spans", "traces", "seconds", "entrypoints")
+                + ("roots", "settings", "sampling"),
+                rows[0],
+            )
+        )
+        params = {"run": run["run_id"]}
+        run["findings"] = con.sql(
+            f"{_FINDING_ROWS} WHERE run_id = $run ORDER BY start_ns, kind, span_id", params=params
+        ).to_arrow_table()
+        names = ", ".join(_EDGE_COLUMNS)
+        run["edges"] = [
+            dict(zip(_EDGE_COLUMNS, r))
+            for r in con.execute(f"SELECT {names} FROM audit_edges WHERE run_id = $run", params).fetchall()
+        ]
+    except duckdb.Error as e:
+        raise translate(e, path, writing=False) from None
+    for key in ("roots", "settings", "sampling"):
+        run[key] = json.loads(run[key]) if run[key] else {}
+    return run
