@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from .contract.document import AuditResult, Edge
 from .engine import AuditWindow, run_audit
+from .engine.sampling_merge import merge_sampling, strip
 from .settings import AUDIT_MEMORY_LIMIT, AuditSettings
 from .store.errors import StoreError
 from .store.parquet import (
@@ -75,6 +76,7 @@ def _result_row(index: int, result: AuditResult) -> dict:
         "entrypoints": result.entrypoints,
         "roots": result.roots,
         "sampling": result.sampling,
+        "sampling_stats": result.sampling_stats,
         "seconds": result.seconds,
         "degraded": result.degraded,
         "window": [result.window_start_ns, result.window_end_ns],
@@ -98,7 +100,8 @@ def merge(
 ) -> AuditResult:
     """The slices' results as one: findings concatenated (each slice's are spans starting in
     it), edges and roots added up, entry points united. Sampling figures are the slice's when
-    there is one; with several they are given per slice (`sampling.slices`)."""
+    there is one; with several, each is computed again from the slices' pooled sufficient
+    statistics (audit/engine/sampling_merge.py)."""
     parts = sorted(parts, key=lambda p: p[0].start_ns)
     findings = pa.concat_tables([p[1] for p in parts])
     if findings.num_rows:
@@ -119,17 +122,12 @@ def merge(
             into = roots.setdefault(service, dict.fromkeys(counts, 0))
             for k, v in counts.items():
                 into[k] = into.get(k, 0) + v
-    if len(parts) == 1:
-        sampling = parts[0][2]["sampling"]
+    audited = [meta for _, _, meta in parts if meta["spans"]]
+    if len(audited) == 1:
+        sampling, sampling_stats = audited[0]["sampling"], audited[0]["sampling_stats"]
     else:
-        sampling = {
-            "services": [],
-            "edges": [],
-            "slices": [
-                {"window_start": w.start_ns, "window_end": w.end_ns, **meta["sampling"]}
-                for w, _, meta in parts
-            ],
-        }
+        sampling_stats = merge_sampling([meta["sampling_stats"] for meta in audited])
+        sampling = strip(sampling_stats)
     degraded: dict[tuple, int] = {}
     for _, _, meta in parts:
         for d in meta["degraded"]:
@@ -149,6 +147,7 @@ def merge(
         sampling,
         seconds,
         degraded=[{"callee": c, "operation": o, "orphans": n} for (c, o), n in sorted(degraded.items())],
+        sampling_stats=sampling_stats,
     )
 
 
@@ -212,7 +211,9 @@ def spark_audit(
     if window is None:
         return None
     progress("checking every shard's manifest and files")
-    check_export(root, window.start_ns, window.end_ns)
+    check_export(
+        root, window.start_ns, window.end_ns, read_from_ns=window.read_from_ns, read_to_ns=window.read_to_ns
+    )
     windows = slices(window, max(int(slice_s * _S), 1))
     progress(f"{len(windows)} slice(s) on Spark")
     spark = session or spark_session(master)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -180,8 +181,82 @@ def test_foreign_files_under_a_shard_are_named(store, tmp_path):
     key = next(iter(manifest["hours"]))
     manifest["hours"][key]["spans_files"]["stray.parquet"] = 1
     (out / "_shards" / "a.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match="stray.parquet.*columns"):
+    with pytest.raises(ExportError, match="stray.parquet: not written by `ctxaudit export`"):
         check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+def test_a_file_the_manifest_does_not_list_is_named(store, tmp_path):
+    """Spark reads every file of an hour's folder: one the manifest does not list would be
+    audited too, so it stops the audit."""
+    out, m = _exported(store, tmp_path)
+    listed = next((out / "spans").rglob("*.parquet"))
+    extra = listed.parent / "part-extra.parquet"
+    extra.write_bytes(listed.read_bytes())
+    with pytest.raises(ExportError, match=f"{extra}: .*not in the manifest"):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+def test_parquet_rewritten_by_another_writer_is_named(store, tmp_path):
+    """Same columns and rows, but not written by `ctxaudit export` (no format tag)."""
+    import pyarrow.parquet as pq
+
+    out, m = _exported(store, tmp_path)
+    victim = next((out / "spans").rglob("*.parquet"))
+    pq.write_table(pq.read_table(victim).replace_schema_metadata(None), victim)
+    with pytest.raises(ExportError, match=f"{victim}: not written by `ctxaudit export`"):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+def test_a_shard_whose_column_types_differ_is_named(store, tmp_path):
+    """A shard exported by another store version: the same column names, another type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "pq"
+    for i, path in enumerate(_split(store, tmp_path)):
+        export_store(path, str(out), shard=f"s{i}")
+    victim = next((out / "spans" / "shard=s2").rglob("*.parquet"))
+    table = pq.read_table(victim)
+    older = table.set_column(
+        table.schema.get_field_index("start_ns"), "start_ns", table.column("start_ns").cast(pa.string())
+    )
+    pq.write_table(older.replace_schema_metadata({"format": "ctxaudit-parquet/1"}), victim)
+    m = json.loads((out / "_shards" / "s2.json").read_text())
+    with pytest.raises(ExportError, match=f"{victim}: column types differ .*start_ns: string vs int64"):
+        check_export(out, m["last_export"]["from_ns"], m["last_export"]["until_ns"])
+
+
+@pytest.mark.parametrize("damage", ["missing hour", "older store schema", "cut file"])
+def test_a_bad_export_prints_no_document_and_saves_no_run(store, tmp_path, damage):
+    """Checked before Spark starts: exit 1 naming the path, nothing on stdout, no run saved."""
+    out, m = _exported(store, tmp_path)
+    args = ["audit", "--spark", "local[1]", "--parquet", str(out), "--json", "--save-db"]
+    runs = str(tmp_path / "runs.duckdb")
+    if damage == "missing hour":
+        named = str(out / "spans" / "shard=a")
+        later = datetime.fromtimestamp(m["last_export"]["until_ns"] / 1e9 + 1800, tz=UTC).isoformat()
+        args += [runs, "--until", later]
+    elif damage == "older store schema":
+        named = str(out / "_shards" / "a.json")
+        old = json.loads(Path(named).read_text())
+        old["store_schema"] = "0000_spans"
+        Path(named).write_text(json.dumps(old))
+        args += [runs]
+    else:
+        victim = next((out / "spans").rglob("*.parquet"))
+        victim.write_bytes(victim.read_bytes()[:100])
+        named = str(victim)
+        args += [runs]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert named in result.stderr and result.stdout == ""
+    from audit.store.reader import LocalReader
+
+    reader = LocalReader(runs)
+    try:
+        assert reader.audit_run() is None
+    finally:
+        reader.close()
 
 
 # --- on Spark (local mode) ---
@@ -240,17 +315,29 @@ def test_spark_slices_are_the_single_process_windows(store, tmp_path, spark):
     spark_doc = _spark_document(spark, tmp_path / "pq", slice_s=slice_s)
     from audit.spark_audit import slices
 
-    keys, edges = [], {}
+    keys, edges, stats, services = [], {}, [], {}
     con = duckdb.connect(store, read_only=True)
     for window in slices(AuditWindow(lo, hi, int(AuditSettings().context_s * 1e9)), int(slice_s * 1e9)):
         result = run_audit(con, window, AuditSettings().config)  # what `audit --db --since --until` runs
         keys += _finding_keys({"findings": list(result.iter_findings())})
+        stats.append(result.sampling_stats)
+        for s in result.sampling["services"]:
+            acc = services.setdefault(s["service"], [0, 0])
+            acc[0], acc[1] = acc[0] + s["orphan_roots"], acc[1] + s["roots"]
         for e in result.edges:
             acc = edges.setdefault((e.caller, e.callee, e.protocol, e.system), [0, 0, 0])
             acc[0], acc[1], acc[2] = acc[0] + e.calls, acc[1] + e.propagated, acc[2] + e.stitched
     con.close()
-    assert len(spark_doc["sampling"]["slices"]) == 3
     assert _finding_keys(spark_doc) == sorted(keys)
+    # sampling: every figure from the three windows' pooled sufficient statistics
+    from audit.engine.sampling_merge import merge_sampling, strip
+
+    assert _estimates(spark_doc["sampling"]) == _estimates(strip(merge_sampling(stats)))
+    assert spark_doc["sampling"]["overall"]["spans"] == spark_doc["run"]["spans"]
+    for s in spark_doc["sampling"]["services"]:  # e.g. root inflation: orphan roots over roots, pooled
+        orphans, roots = services[s["service"]]
+        assert s["root_inflation"]["value"] == (round(orphans / roots, 6) if roots else None)
+    assert any(s["root_inflation"]["value"] for s in spark_doc["sampling"]["services"])
     got = {
         (e["caller"], e["callee"], e["protocol"], e["system"]): [e["calls"], e["propagated"], e["stitched"]]
         for e in spark_doc["edges"]
@@ -282,15 +369,17 @@ def _saved(db: str, run_id: int) -> dict:
         reader.close()
     for key in ("run_id", "finished_at", "seconds", "settings"):
         run.pop(key)
-    for f in findings["findings"]:  # confidences may differ in the fourth decimal (docs/scale.md)
+    confidences = []  # they may differ in the fourth decimal (docs/scale.md): compared apart
+    for f in findings["findings"]:
         if f.get("probable_parent"):
-            f["probable_parent"]["confidence"] = round(f["probable_parent"]["confidence"], 3)
+            confidences.append(f["probable_parent"].pop("confidence"))
     doc = json.loads("".join(saved_result(db, run_id).document_chunks()))
     return {
         "run": run,
         "findings": findings["findings"],
         "total": findings["total"],
         "counts": counts,
+        "confidences": confidences,
         "document": {"run": {k: v for k, v in doc["run"].items() if k not in ("id", "seconds")}}
         | {"edges": doc["edges"], "sampling": _estimates(doc["sampling"]), "keys": _finding_keys(doc)},
     }
@@ -333,6 +422,7 @@ def test_a_saved_spark_run_reads_back_like_a_single_process_run(store, tmp_path,
     assert single.exit_code == 0 and single.stdout.startswith("audit run 1:"), single.output
     spark_run, db_run = _saved(runs, 1), _saved(db, 1)
     assert spark_run["total"] > 0 and spark_run["run"]["edges"]
+    assert spark_run.pop("confidences") == pytest.approx(db_run.pop("confidences"), abs=1e-3)
     assert spark_run == db_run
     # the report of each saved run: the same figures and hops
     reports = {}

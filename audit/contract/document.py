@@ -154,6 +154,9 @@ class AuditResult:
     # operations whose orphans stitching gave up for lack of memory (they abstain there):
     # [{"callee", "operation", "orphans"}], audit/engine/stitch.py
     degraded: list[dict] = field(default_factory=list)
+    # `sampling` with each figure's sufficient statistics, to pool time slices (the Spark
+    # audit: audit/engine/sampling_merge.py); never in the document
+    sampling_stats: dict = field(default_factory=dict, repr=False)
 
     def counts(self) -> dict[str, int]:
         kinds = self.findings.column("kind").to_pylist()

@@ -207,3 +207,21 @@ def share_ratio(m: float, total: float, variance: float, n: int) -> dict:
     share = m / total
     half = _Z95 * math.sqrt(max(variance, 0.0))
     return _estimate(share, max(0.0, share - half), min(1.0, share + half), n)
+
+
+# A figure may carry its sufficient statistics under this key: the arguments it was computed
+# from, so the figures of several time slices (the Spark audit's) are recomputed from their
+# pooled statistics (sampling_merge.py). The run strips them before the document sees them.
+STATS = "_stats"
+
+
+def with_stats(name: str, figure: dict, *args) -> dict:
+    """`figure`, computed by the function registered as `name` in sampling_merge.py from `args`."""
+    figure[STATS] = [name, list(args)]
+    return figure
+
+
+def stat(name: str, *args) -> dict:
+    """One of the primitive figures above, with its statistics: wilson, proportion, ratio, share_ratio."""
+    fn = {"wilson": wilson, "proportion": proportion, "ratio": ratio, "share_ratio": share_ratio}[name]
+    return with_stats(name, fn(*args), *args)

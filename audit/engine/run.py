@@ -13,6 +13,7 @@ from .edges import build_edges
 from .findings import FINDINGS_SELECT, FindingBuilder
 from .learn import learn
 from .sampling import sampling_figures
+from .sampling_merge import strip
 from .scan import scan
 from .skew import learn_unseen_offsets
 from .stitch import degraded_hops
@@ -62,7 +63,7 @@ def run_audit(
         "vhops",
     ):
         con.execute(f"DROP TABLE IF EXISTS {name}")
-    sampling = sampling_figures(
+    sampling_stats = sampling_figures(
         con, window.start_ns, window.end_ns, config.assume_sampling_probability, progress
     )
     # fetched last: at 10M spans the findings are 600 MB of Arrow, held during the sampling
@@ -77,9 +78,10 @@ def run_audit(
         edges,
         sorted(set(builder.entrypoints)),
         roots,
-        sampling,
+        strip(sampling_stats),
         time.monotonic() - started,
         degraded=degraded,
+        sampling_stats=sampling_stats,
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import duckdb
 
-from .estimate import ADJUSTED_COUNT_MACRO, kept_shares, share_ratio, wilson
+from .estimate import ADJUSTED_COUNT_MACRO, STATS, kept_shares, stat
 from .sampling_edges import edge_sampling
 from .sampling_overall import overall_sampling
 
@@ -86,7 +86,7 @@ def service_sampling(
         entries,
         differs,
     ) in con.execute(_PER_SERVICE, {"wlo": start_ns, "whi": end_ns}).fetchall():
-        threshold_differs = wilson(differs, entries)
+        threshold_differs = stat("wilson", differs, entries)
         # a ParentBased sampler keeps a propagated span exactly when its caller did, with the
         # caller's threshold, and never exports a span whose parent was not sampled
         parent_based = None if entries == 0 and dangling == 0 else (dangling == 0 and differs == 0)
@@ -96,13 +96,14 @@ def service_sampling(
                 "spans": spans,
                 "roots": roots,
                 "orphan_roots": orphans,
-                "root_inflation": wilson(orphans, roots),
-                "dangling_parent_rate": wilson(dangling, with_parent),
-                "known_threshold_share": wilson(known_th, spans),
+                "root_inflation": stat("wilson", orphans, roots),
+                "dangling_parent_rate": stat("wilson", dangling, with_parent),
+                "known_threshold_share": stat("wilson", known_th, spans),
                 "invalid_tracestate_spans": invalid_th,
-                "sampling_probability": share_ratio(*kept.get((service,), (0, 0.0, 0.0)), known_th),
+                "sampling_probability": stat("share_ratio", *kept.get((service,), (0, 0.0, 0.0)), known_th),
                 "threshold_differs_from_caller": threshold_differs,
                 "parent_based": parent_based,
+                STATS: ["service_counts", [entries, dangling, differs]],
             }
         )
     return out

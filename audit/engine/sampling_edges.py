@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .estimate import kept_shares, proportion, proportion_from, ratio, ratio_sums
+from .estimate import STATS, kept_shares, proportion_from, ratio_sums, stat, with_stats
 
 # Where the callee's orphans came from. A stitched orphan comes from its parent's service.
 # One without a parent (usually: its caller's exit was not sampled) is shared among the callers
@@ -79,8 +79,9 @@ WHERE instrumented GROUP BY ALL
 # exit's, on every propagated call): under consistent sampling it then keeps every propagated
 # call its caller kept, so every exit it did not continue lost its context
 _FOLLOWS = """
-SELECT caller, callee, protocol FROM hops WHERE NOT via_link GROUP BY ALL
-HAVING count(*) FILTER (WHERE entry_th IS NULL OR exit_th IS NULL OR entry_th > exit_th) = 0
+SELECT caller, callee, protocol,
+       count(*) FILTER (WHERE entry_th IS NULL OR exit_th IS NULL OR entry_th > exit_th) AS stricter
+FROM hops WHERE NOT via_link GROUP BY ALL
 """
 # how often the callee keeps the root of an orphan from this caller, and how often the caller
 # keeps an exit whose context the callee did not get (over the caller's unpaired exits)
@@ -132,7 +133,8 @@ def edge_sampling(
     orphans_kept = kept_shares(con, _ORPHANS_KEPT, _KEYS, variance_every=every)
     unpaired_kept = kept_shares(con, _UNPAIRED_KEPT, _KEYS, params, variance_every=every)
     exits = {tuple(r[:3]): r[3:] for r in con.execute(_EXITS).fetchall()}
-    follows = set(con.execute(_FOLLOWS).fetchall())
+    # per edge with propagated calls: how many had the callee sample more strictly than its caller
+    stricter = {tuple(r[:3]): r[3] for r in con.execute(_FOLLOWS).fetchall()}
     unknown = {tuple(r[:3]): r[3:] for r in con.execute(_UNKNOWN).fetchall()}
     out = []
     for key in sorted(unknown, key=lambda k: tuple(x or "" for x in k)):
@@ -144,15 +146,26 @@ def edge_sampling(
                 "caller": key[0],
                 "callee": key[1],
                 "protocol": _protocol(key[2]),
-                "propagation_rate": proportion(*prop),
-                "conditional_capture_rate": _capture(
-                    exits.get(key, (0, 0)), prop, orphans_kept.get(key), key in follows
+                "propagation_rate": stat("proportion", *prop),
+                "conditional_capture_rate": with_stats(
+                    "capture",
+                    _capture(exits.get(key, (0, 0)), prop, orphans_kept.get(key), stricter.get(key)),
+                    exits.get(key, (0, 0)),
+                    prop,
+                    orphans_kept.get(key),
+                    stricter.get(key),
                 ),
-                "upstream_missing_share": _upstream_missing(orphans_kept.get(key), unpaired_kept.get(key)),
-                "volume_ratio": ratio(n, num, den, var),
+                "upstream_missing_share": with_stats(
+                    "upstream_missing",
+                    _upstream_missing(orphans_kept.get(key), unpaired_kept.get(key)),
+                    orphans_kept.get(key),
+                    unpaired_kept.get(key),
+                ),
+                "volume_ratio": stat("ratio", n, num, den, var),
                 "caller_exits_adjusted": round(num, 1),
                 "callee_entries_adjusted": round(den, 1),
                 "unknown_adjusted_count_share": round(without_th / spans, 6) if spans else None,
+                STATS: ["edge_counts", [spans, without_th]],
             }
         )
     return out
@@ -170,13 +183,17 @@ def _plus_allocation(sums: tuple, allocation_variance: float | None) -> tuple:
     return n, num, den, var, kish
 
 
-def _capture(exits: tuple[int, int], propagation: tuple, orphans_kept: tuple | None, follows: bool) -> dict:
+def _capture(
+    exits: tuple[int, int], propagation: tuple, orphans_kept: tuple | None, stricter: int | None
+) -> dict:
     """P(callee side stored | caller's exit stored) = (c + d * p_B) / n over the caller's n stored
     exits: c continued; d lost their context, and the callee kept the new root of such a call
     with probability p_B (from the thresholds of the orphans it kept: the new root has fresh
     randomness). d = n - c when the callee keeps whatever its caller kept (nothing propagated
-    is then missing); otherwise d = n * (1 - pi), pi the propagation rate: dropping context
-    does not depend on the caller's sampling decision."""
+    is then missing: `stricter`, the propagated calls where it sampled more strictly, is 0);
+    otherwise d = n * (1 - pi), pi the propagation rate: dropping context does not depend on
+    the caller's sampling decision. `stricter` is None when no call propagated."""
+    follows = stricter == 0
     n, continued = exits
     if n == 0:
         return proportion_from(0.0, 0.0, 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import duckdb
 
-from .estimate import median, proportion, ratio, ratio_sums
+from .estimate import STATS, median, ratio_sums, stat, with_stats
 
 # roots that begin a fragment: orphans and in-process breaks (with the trace they were stitched to)
 _FRAGMENTS = """
@@ -86,17 +86,21 @@ def overall_sampling(
     )
     spans, known = con.execute(_KNOWN, window).fetchone()
     return {
-        "fragmentation_factor": ratio(n, num, den, var),
-        "trace_completeness": proportion(*ratio_sums(con, _COMPLETE, (), variance_every=every).get((), none)),
-        "hidden_error_share": proportion(
+        "fragmentation_factor": stat("ratio", n, num, den, var),
+        "trace_completeness": stat(
+            "proportion", *ratio_sums(con, _COMPLETE, (), variance_every=every).get((), none)
+        ),
+        "hidden_error_share": stat(
+            "proportion",
             *ratio_sums(con, _HIDDEN_ERRORS, (), {"assumed": assumed, **window}, variance_every=every).get(
                 (), none
-            )
+            ),
         ),
         "latency_undercount": _latency_undercount(con),
         "spans": spans,
         "known_threshold_share": round(known / spans, 6) if spans else None,
         "assumed_sampling_probability": assumed,
+        STATS: ["overall_counts", [spans, known]],
     }
 
 
@@ -110,6 +114,11 @@ def _latency_undercount(con: duckdb.DuckDBPyConnection) -> dict:
             break
         con.execute(_CLIMB)
     got = con.execute(_UNDERCOUNT).fetchnumpy()
-    figure = median(got["relative"].tolist())
-    figure["median_ms"] = median(got["ms"].tolist())["value"]
+    relative, ms = got["relative"].tolist(), got["ms"].tolist()
+    return with_stats("latency_undercount", latency_figure(relative, ms), relative, ms)
+
+
+def latency_figure(relative: list[float], ms: list[float]) -> dict:
+    figure = median(relative)
+    figure["median_ms"] = median(ms)["value"]
     return figure

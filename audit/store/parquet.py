@@ -382,38 +382,82 @@ def shards(root: Path) -> list[str]:
     return names
 
 
-def check_export(root: Path, start_ns: int, end_ns: int, *, check_files: bool = True) -> dict[str, dict]:
+def check_export(
+    root: Path,
+    start_ns: int,
+    end_ns: int,
+    *,
+    check_files: bool = True,
+    read_from_ns: int | None = None,
+    read_to_ns: int | None = None,
+) -> dict[str, dict]:
     """Every shard's manifest, once it is shown that each shard exported every hour of
-    [start_ns, end_ns) and that each hour's files are there, whole, with this format's columns."""
+    [start_ns, end_ns) and that each hour's files are there, whole, written by this format
+    (its tag, columns and types), and alone in their folder (a file the manifest does not list
+    would be read too). Hours of [read_from_ns, read_to_ns] outside the window (the context
+    margin) are checked the same way if exported; one never exported holds no files."""
     manifests = {name: read_manifest(root, name) for name in shards(root)}
+    lo = min(start_ns, read_from_ns if read_from_ns is not None else start_ns)
+    hi = max(end_ns, read_to_ns + 1 if read_to_ns is not None else end_ns)
+    schemas: dict[str, tuple[Path, pa.Schema]] = {}
     for name, manifest in manifests.items():
-        for index in range(start_ns // HOUR_NS, -(-end_ns // HOUR_NS)):
+        for index in range(lo // HOUR_NS, -(-hi // HOUR_NS)):
             key = hour_key(index)
             entry = manifest["hours"].get(key)
-            if entry is None:
+            in_window = start_ns // HOUR_NS <= index < -(-end_ns // HOUR_NS)
+            if entry is None and in_window:
                 raise ExportError(
                     f"{root / _hour_dir('spans', name, key)}: shard {name!r} never exported hour {key} "
                     f"(export it, or audit a window its manifest {manifest_path(root, name)} covers)"
                 )
-            if check_files:
-                for kind, columns in (("spans", SPAN_COLUMNS), ("links", LINK_COLUMNS)):
-                    for file, rows in entry[f"{kind}_files"].items():
-                        _check_file(root / _hour_dir(kind, name, key) / file, rows, columns)
+            if not check_files:
+                continue
+            for kind, columns in (("spans", SPAN_COLUMNS), ("links", LINK_COLUMNS)):
+                listed = entry[f"{kind}_files"] if entry else {}
+                folder = root / _hour_dir(kind, name, key)
+                for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+                    if path.name not in listed:
+                        raise ExportError(
+                            f"{path}: in an exported hour's folder but not in the manifest "
+                            f"{manifest_path(root, name)} (written by something else, or left by an "
+                            "interrupted writer): remove it, or export the hour again"
+                        )
+                for file, rows in listed.items():
+                    schema = _check_file(folder / file, rows, columns)
+                    first = schemas.setdefault(kind, (folder / file, schema))
+                    if not schema.equals(first[1]):
+                        raise ExportError(
+                            f"{folder / file}: column types differ from those of {first[0]} "
+                            f"({_type_difference(schema, first[1])}): export that shard again with "
+                            "this version"
+                        )
     return manifests
 
 
-def _check_file(path: Path, rows: int, columns: dict) -> None:
+def _type_difference(a: pa.Schema, b: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type} vs {g.type}" for f, g in zip(a, b) if not f.type.equals(g.type))
+
+
+def _check_file(path: Path, rows: int, columns: dict) -> pa.Schema:
     if not path.exists():
         raise ExportError(f"{path}: listed in the shard's manifest but missing (a partial partition)")
     try:
-        meta = pq.ParquetFile(path).metadata
+        parquet = pq.ParquetFile(path)
+        meta, schema = parquet.metadata, parquet.schema_arrow.remove_metadata()
     except (OSError, pa.ArrowException) as e:
         raise ExportError(f"{path}: not readable as Parquet ({e})") from None
+    tag = (meta.metadata or {}).get(b"format", b"").decode(errors="replace")
+    if tag != _format_tag():
+        raise ExportError(
+            f"{path}: not written by `ctxaudit export` (format tag {tag or 'none'!r}, "
+            f"expected {_format_tag()!r})"
+        )
     if meta.num_rows != rows:
         raise ExportError(f"{path}: {meta.num_rows} rows, its manifest says {rows} (a partial partition)")
     names = [meta.schema.column(i).name for i in range(meta.num_columns)]
     if names != list(columns):
         raise ExportError(f"{path}: columns {names} are not those of {FORMAT} version {FORMAT_VERSION}")
+    return schema
 
 
 def window_of(manifests: dict[str, dict]) -> tuple[int, int] | None:
