@@ -29,7 +29,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from audit.store.batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch
+from audit.store.batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch, resource_id, scope_id
 from audit.store.otlp_values import attributes, to_json
 
 from .columns import _GROUP, _HTTP_KEYS, _KINDS, _STATUS, DERIVED, _as_int, _as_int32, _as_path, _as_str
@@ -215,9 +215,11 @@ def _groups(resource_spans: pa.StructArray, scope_spans: pa.ListArray) -> list[t
         resource_of, scopes.field("scope").to_pylist(), scopes.field("schema_url").to_pylist()
     ):
         service, res_json, dropped = _resource(resources[r])
-        name, version, scope_json = _scope(scope_raw)
+        scope_fields = (*_scope(scope_raw), ss_url or None)
+        res_url = rs_urls[r] or None
         groups.append(
-            (service, res_json, dropped, rs_urls[r] or None, name, version, scope_json, ss_url or None)
+            (service, res_json, dropped, res_url, *scope_fields)
+            + (resource_id(res_json, dropped, res_url), scope_id(*scope_fields))
         )
     return groups
 

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 import pyarrow as pa
 
-from audit.store.batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch
+from audit.store.batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch, resource_id, scope_id
 from audit.store.otlp_values import any_value, attributes, to_json
 
 from .tracestate import parse_ot_sampling
@@ -201,6 +201,8 @@ _GROUP = (
     "scope_version",
     "scope_attributes",
     "scope_schema_url",
+    "resource_id",
+    "scope_id",
 )
 
 
@@ -224,20 +226,20 @@ def to_span_batch(traces) -> SpanBatch:
         service = res_attrs.get("service.name")
         service = service if isinstance(service, str) and service else "unknown_service"
         res_json = to_json(res_attrs)
+        res_url = resource_spans.schema_url or None
+        res_id = resource_id(res_json, resource.dropped_attributes_count, res_url)
         for scope_spans in resource_spans.scope_spans:
             scope = scope_spans.scope
             g = len(groups)
+            scope_fields = (
+                scope.name or None,
+                scope.version or None,
+                to_json(attributes(scope.attributes)),
+                scope_spans.schema_url or None,
+            )
             groups.append(
-                (
-                    service,
-                    res_json,
-                    resource.dropped_attributes_count,
-                    resource_spans.schema_url or None,
-                    scope.name or None,
-                    scope.version or None,
-                    to_json(attributes(scope.attributes)),
-                    scope_spans.schema_url or None,
-                )
+                (service, res_json, resource.dropped_attributes_count, res_url, *scope_fields)
+                + (res_id, scope_id(*scope_fields))
             )
             for span in scope_spans.spans:
                 tid = span.trace_id

@@ -38,7 +38,7 @@ def spans_by_name(db: str) -> dict[str, dict]:
         cur = con.execute(
             "SELECT name, service_name, kind, status_code, status_message, trace_id, span_id, parent_span_id,"
             " start_ns, end_ns, server_address, server_port, peer_service, url_path, http_route,"
-            " event_count, link_count, otlp_rest, resource_attributes FROM spans"
+            " event_count, link_count, otlp_rest, resource_attributes FROM spans_full"
         )
         cols = [d[0] for d in cur.description]
         out = {}

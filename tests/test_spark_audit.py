@@ -36,6 +36,8 @@ def _split(db: str, out_dir: Path) -> list[str]:
         con.execute(
             f"INSERT INTO span_links SELECT * FROM src.span_links WHERE hash(trace_id) % {SHARDS} = {i}"
         )
+        con.execute("INSERT INTO span_resources SELECT * FROM src.span_resources")
+        con.execute("INSERT INTO span_scopes SELECT * FROM src.span_scopes")
         con.close()
         paths.append(path)
     return paths

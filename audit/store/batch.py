@@ -8,7 +8,9 @@ joins them into `UHUGEINT` inside DuckDB.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import pyarrow as pa
 
@@ -44,6 +46,10 @@ SPAN_SCHEMA = pa.schema(
         ("scope_version", _str),
         ("scope_attributes", _str),
         ("scope_schema_url", _str),
+        # ids of the resource and the scope (resource_id, scope_id below): the store keeps the
+        # seven columns above once per id, in span_resources and span_scopes
+        ("resource_id", _u64),
+        ("scope_id", _u64),
         ("parent_is_remote", pa.bool_()),
         ("sampling_threshold", _u64),
         ("sampling_rv", _u64),
@@ -68,6 +74,31 @@ SPAN_SCHEMA = pa.schema(
         ("db_system", _str),
     ]
 )
+
+RESOURCE_COLUMNS = ("resource_attributes", "resource_dropped_attributes_count", "resource_schema_url")
+SCOPE_COLUMNS = ("scope_name", "scope_version", "scope_attributes", "scope_schema_url")
+
+
+def _content_id(*parts) -> int:
+    # the same as DuckDB's md5_number_upper(concat(parts joined by chr(31))): migration
+    # 0005_span_resources gives the rows already stored their ids with it
+    key = "\x1f".join("" if p is None else str(p) for p in parts)
+    return int.from_bytes(hashlib.md5(key.encode()).digest()[:8], "little")
+
+
+@lru_cache(maxsize=4096)  # a fleet sends the same few resources and scopes again and again
+def resource_id(attributes_json: str | None, dropped_attributes_count: int, schema_url: str | None) -> int:
+    """The id of a resource (its JSON attributes, dropped count and ResourceSpans schema URL)."""
+    return _content_id(attributes_json, dropped_attributes_count, schema_url)
+
+
+@lru_cache(maxsize=4096)
+def scope_id(
+    name: str | None, version: str | None, attributes_json: str | None, schema_url: str | None
+) -> int:
+    """The id of an instrumentation scope (with its ScopeSpans schema URL)."""
+    return _content_id(name, version, attributes_json, schema_url)
+
 
 LINK_SCHEMA = pa.schema(
     [
@@ -104,3 +135,16 @@ class SpanBatch:
 
     def rejection_message(self) -> str:
         return "; ".join(f"{n} span(s): {why}" for why, n in sorted(self.rejection_reasons.items()))
+
+
+def with_group_ids(spans: pa.Table) -> pa.Table:
+    """`spans` with `resource_id` and `scope_id`: a batch staged by a build before them (a
+    staging log segment written before an upgrade) gets them computed here."""
+    if "resource_id" in spans.column_names:
+        return spans
+    rows = spans.select(RESOURCE_COLUMNS + SCOPE_COLUMNS).to_pylist()
+    resources = [resource_id(*(r[c] for c in RESOURCE_COLUMNS)) for r in rows]
+    scopes = [scope_id(*(r[c] for c in SCOPE_COLUMNS)) for r in rows]
+    spans = spans.append_column("resource_id", pa.array(resources, _u64))
+    spans = spans.append_column("scope_id", pa.array(scopes, _u64))
+    return spans.select(SPAN_SCHEMA.names)

@@ -166,7 +166,81 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0005_span_resources",
+        """
+        -- slimmer rows (issue 19): a span's resource and scope are stored once, in tables of
+        -- their own, and each span names them by an id hashed from their content
+        -- (audit/store/batch.py: resource_id, scope_id), so a batch from one process stores its
+        -- resource once. The view spans_full shows every column a span had before.
+        CREATE TABLE span_resources (
+            resource_id UBIGINT PRIMARY KEY,
+            resource_attributes JSON,
+            resource_dropped_attributes_count UINTEGER NOT NULL,
+            resource_schema_url VARCHAR
+        );
+        CREATE TABLE span_scopes (
+            scope_id UBIGINT PRIMARY KEY,
+            scope_name VARCHAR,
+            scope_version VARCHAR,
+            scope_attributes JSON,
+            scope_schema_url VARCHAR
+        );
+        ALTER TABLE spans ADD COLUMN resource_id UBIGINT;
+        ALTER TABLE spans ADD COLUMN scope_id UBIGINT;
+        UPDATE spans SET
+            resource_id = md5_number_upper(concat(
+                coalesce(resource_attributes::VARCHAR, ''), chr(31),
+                resource_dropped_attributes_count::VARCHAR, chr(31), coalesce(resource_schema_url, ''))),
+            scope_id = md5_number_upper(concat(
+                coalesce(scope_name, ''), chr(31), coalesce(scope_version, ''), chr(31),
+                coalesce(scope_attributes::VARCHAR, ''), chr(31), coalesce(scope_schema_url, '')));
+        INSERT INTO span_resources
+            SELECT resource_id, any_value(resource_attributes), any_value(resource_dropped_attributes_count),
+                   any_value(resource_schema_url)
+            FROM spans GROUP BY resource_id;
+        INSERT INTO span_scopes
+            SELECT scope_id, any_value(scope_name), any_value(scope_version), any_value(scope_attributes),
+                   any_value(scope_schema_url)
+            FROM spans GROUP BY scope_id;
+        ALTER TABLE spans DROP COLUMN resource_attributes;
+        ALTER TABLE spans DROP COLUMN resource_dropped_attributes_count;
+        ALTER TABLE spans DROP COLUMN resource_schema_url;
+        ALTER TABLE spans DROP COLUMN scope_name;
+        ALTER TABLE spans DROP COLUMN scope_version;
+        ALTER TABLE spans DROP COLUMN scope_attributes;
+        ALTER TABLE spans DROP COLUMN scope_schema_url;
+        CREATE VIEW spans_full AS
+            SELECT s.* EXCLUDE (resource_id, scope_id), r.* EXCLUDE (resource_id), c.* EXCLUDE (scope_id)
+            FROM spans s
+            LEFT JOIN span_resources r USING (resource_id)
+            LEFT JOIN span_scopes c USING (scope_id);
+        """,
+    ),
 )
+
+# spans with their resource and scope columns: a view since 0005_span_resources
+SPANS_FULL = "spans_full"
+
+
+def ensure_spans_full(con: duckdb.DuckDBPyConnection) -> str:
+    """The relation with every span column: `spans_full`, or `spans` itself on a store opened
+    read-only before `0005_span_resources` ran (no server has opened it since); on such a
+    connection `spans_full` is also made a temporary view of `spans` (visible to this
+    connection only, not to its cursors)."""
+    (found,) = con.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = 'spans_full' AND database_name <> 'temp'"
+    ).fetchone()
+    if found:
+        return SPANS_FULL
+    (wide,) = con.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'spans' AND column_name = "
+        "'resource_attributes' AND database_name <> 'temp'"
+    ).fetchone()
+    if wide:
+        con.execute("CREATE OR REPLACE TEMP VIEW spans_full AS SELECT * FROM spans")
+        return "spans"
+    return SPANS_FULL
 
 
 def apply_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StoreError, translate
-from .migrations import MIGRATIONS
+from .migrations import MIGRATIONS, SPANS_FULL, ensure_spans_full
 
 FORMAT = "ctxaudit-parquet"
 FORMAT_VERSION = 1
@@ -113,7 +113,9 @@ _PARTITION = (
 )
 
 # what the export writes, per kind: every column as written, then the date and hour partitions
-_SELECT_SPANS = "SELECT {columns}, {partition} FROM spans WHERE start_ns >= $lo AND start_ns < $hi"
+_SELECT_SPANS = (  # spans_full: with their resource and scope columns (migration 0005)
+    "SELECT {columns}, {partition} FROM " + SPANS_FULL + " WHERE start_ns >= $lo AND start_ns < $hi"
+)
 # a link belongs to the hour its span starts in; a span delivered twice starts at the same time
 _SELECT_LINKS = """
 SELECT {columns}, {partition} FROM span_links l
@@ -222,6 +224,7 @@ def export_store(
         raise StoreError(f"{db} does not exist")
     try:
         con = duckdb.connect(db, read_only=True)
+        ensure_spans_full(con)
     except duckdb.Error as e:
         raise translate(e, db, writing=False) from None
     try:

@@ -16,6 +16,7 @@ from ..contract.document import FINDING_KINDS, finding_dict
 from ..contract.figures import orphan_rate, propagation_rate
 from ..contract.reader import ServiceCount, StoreStats
 from .errors import StoreError, translate
+from .migrations import SPANS_FULL, ensure_spans_full
 from .otlp_values import attributes, to_json
 
 
@@ -118,10 +119,15 @@ class StoreReader:
         so each query takes a fresh cursor from it)."""
         self.path = path
         self._con = con
+        self._spans_full = SPANS_FULL  # spans with their resource and scope columns
         if hasattr(con, "on_open"):
             con.on_open(_register_functions)
         else:
             _register_functions(con)
+            try:
+                self._spans_full = ensure_spans_full(con)  # `spans` if migration 0005 has not run
+            except duckdb.Error as e:
+                raise translate(e, path, writing=False) from None
 
     def _query(self, sql: str, params: list | None = None) -> list[tuple]:
         try:
@@ -174,7 +180,8 @@ class StoreReader:
         """Every span of one trace, attributes and events decoded, in start order."""
         return self._dicts(
             "SELECT * EXCLUDE (otlp_rest), otlp_attributes(otlp_rest) AS attributes, "
-            "otlp_events(otlp_rest) AS events FROM spans WHERE trace_id = ?::UHUGEINT ORDER BY start_ns",
+            f"otlp_events(otlp_rest) AS events FROM {self._spans_full} WHERE trace_id = ?::UHUGEINT "
+            "ORDER BY start_ns",
             [str(trace_id)],
         )
 

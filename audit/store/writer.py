@@ -17,10 +17,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from ..settings import ServeSettings
-from .batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch
+from .batch import LINK_SCHEMA, RESOURCE_COLUMNS, SCOPE_COLUMNS, SPAN_SCHEMA, SpanBatch, with_group_ids
 from .errors import StoreError, StoreUnavailable, translate
 from .migrations import apply_migrations
 
@@ -32,11 +33,11 @@ class QueueFull(Exception):
     """The write queue has no room for this batch now; the client should retry."""
 
 
-def _insert_sql(table: str, schema: pa.Schema) -> str:
+def _insert_sql(table: str, schema: pa.Schema, skip: tuple[str, ...] = ()) -> str:
     """INSERT ... SELECT that joins each `<x>_hi`/`<x>_lo` pair into one UHUGEINT column `<x>`."""
     targets, exprs = [], []
     for name in schema.names:
-        if name.endswith("_lo"):
+        if name.endswith("_lo") or name in skip:
             continue
         if name.endswith("_hi"):
             base = name[:-3]
@@ -50,9 +51,14 @@ def _insert_sql(table: str, schema: pa.Schema) -> str:
     return f"INSERT INTO {table} ({', '.join(targets)}) SELECT {', '.join(exprs)} FROM batch_{table}"
 
 
-_INSERT_SPANS = _insert_sql("spans", SPAN_SCHEMA)
+# a span's resource and scope columns go to span_resources and span_scopes, once per id
+_INSERT_SPANS = _insert_sql("spans", SPAN_SCHEMA, RESOURCE_COLUMNS + SCOPE_COLUMNS)
+_INSERT_GROUPS = (
+    "INSERT OR IGNORE INTO span_resources "
+    f"SELECT resource_id, {', '.join(RESOURCE_COLUMNS)} FROM batch_resources; "
+    f"INSERT OR IGNORE INTO span_scopes SELECT scope_id, {', '.join(SCOPE_COLUMNS)} FROM batch_scopes"
+)
 _INSERT_LINKS = _insert_sql("span_links", LINK_SCHEMA)
-_COMMIT_WITH_LINKS = f"BEGIN TRANSACTION; {_INSERT_SPANS}; {_INSERT_LINKS}; COMMIT"
 # a load from the staging log records its segments with their rows (exactly once after a crash)
 # and forgets the rows of segments older than the load's, whose files are gone
 _RECORD_SEGMENTS = (
@@ -60,6 +66,26 @@ _RECORD_SEGMENTS = (
     "INSERT INTO staging_segments SELECT segment, spans, current_timestamp FROM batch_segments"
 )
 _INVALIDATED = "database has been invalidated"
+
+
+def _new_groups(spans: pa.Table, known: tuple[set, set]) -> tuple[pa.Table, pa.Table] | None:
+    """The resources and scopes of `spans` not in `known` (resource ids, scope ids), one row
+    each; None when every one is stored already (the usual case: one statement less)."""
+    if spans.num_rows == 0:
+        return None
+    out, fresh = [], False
+    for key, columns, ids_known in zip(("resource_id", "scope_id"), (RESOURCE_COLUMNS, SCOPE_COLUMNS), known):
+        ids = spans.column(key).to_numpy()
+        # spans come grouped by scope: look at the first row of each run only
+        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+        first: dict[int, int] = {}
+        for row, i in zip(starts.tolist(), ids[starts].tolist()):
+            if i not in ids_known:
+                first.setdefault(i, row)
+        fresh = fresh or bool(first)
+        rows = spans.select([key, *columns])  # sliced, not taken: take would unify the dictionaries
+        out.append(pa.concat_tables([rows.slice(0, 0)] + [rows.slice(r, 1) for r in first.values()]))
+    return (out[0], out[1]) if fresh else None
 
 
 class SpanStore:
@@ -94,6 +120,11 @@ class SpanStore:
         try:
             con = duckdb.connect(self.path, config=self._config)
             apply_migrations(con)
+            # the resources and scopes stored: a load inserts only those it brings new
+            self._known = tuple(
+                {r[0] for r in con.execute(f"SELECT {key} FROM {table}").fetchall()}
+                for key, table in (("resource_id", "span_resources"), ("scope_id", "span_scopes"))
+            )
             for hook in self._hooks:
                 hook(con)
         except duckdb.Error as e:
@@ -150,21 +181,31 @@ class SpanStore:
         (columns segment, spans, forget_below): the staging log's segments these batches come
         from, recorded in the same transaction (`loaded_segments`)."""
         self._reopen_if_invalidated()
-        spans = pa.concat_tables([b.spans for b in batches], promote_options="permissive")
+        spans = pa.concat_tables([with_group_ids(b.spans) for b in batches], promote_options="permissive")
         links = [b.links for b in batches if b.links.num_rows]
+        new = _new_groups(spans, self._known)
         con = self._con
         # Few calls on purpose: each DuckDB call drops and retakes the GIL, which costs
         # milliseconds while transport threads are busy. A registration is simply replaced
         # by the next one, so nothing is unregistered.
         try:
             con.register("batch_spans", spans)
+            statements = [_INSERT_SPANS]
+            if new is not None:
+                con.register("batch_resources", new[0])
+                con.register("batch_scopes", new[1])
+                statements.insert(0, _INSERT_GROUPS)
             if links:
                 con.register("batch_span_links", pa.concat_tables(links, promote_options="permissive"))
-            sql = _COMMIT_WITH_LINKS if links else _INSERT_SPANS
+                statements.append(_INSERT_LINKS)
             if segments is not None:
                 con.register("batch_segments", segments)
-                inserts = f"{_INSERT_SPANS}; {_INSERT_LINKS}" if links else _INSERT_SPANS
-                sql = f"BEGIN TRANSACTION; {inserts}; {_RECORD_SEGMENTS}; COMMIT"
+                statements.append(_RECORD_SEGMENTS)
+            sql = (
+                f"BEGIN TRANSACTION; {'; '.join(statements)}; COMMIT"
+                if len(statements) > 1
+                else _INSERT_SPANS
+            )
             try:
                 con.execute(sql)
             except BaseException:
@@ -173,6 +214,9 @@ class SpanStore:
                 raise
         except duckdb.Error as e:
             raise self._failed(e) from None
+        if new is not None:
+            for known, table, key in zip(self._known, new, ("resource_id", "scope_id")):
+                known.update(table.column(key).to_pylist())
         self._succeeded()
 
     def loaded_segments(self) -> set[int]:
