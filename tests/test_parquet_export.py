@@ -15,7 +15,9 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from audit.cli import main
 from audit.read.remote import RemoteReader
 from audit.server.parquet_export import ScheduledParquetExport
 from audit.server.process import start_server, stop_server
@@ -204,13 +206,16 @@ def test_a_foreign_manifest_stops_serve_at_the_start(store, tmp_path):
 
 
 def test_export_server_and_db_are_exclusive(store, tmp_path):
-    r = _ctxaudit("export", "--db", store, "--server", "http://127.0.0.1:9", "--parquet", str(tmp_path / "x"))
-    assert r.returncode == 2 and "--db or --server" in r.stderr
+    args = ["export", "--db", store, "--server", "http://127.0.0.1:9", "--parquet", str(tmp_path / "x")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--db or --server" in r.output
 
 
 def test_export_server_that_is_not_there_is_named(tmp_path):
-    r = _ctxaudit("export", "--server", "http://127.0.0.1:9", "--parquet", str(tmp_path / "x"))
-    assert r.returncode == 1 and "http://127.0.0.1:9" in r.stderr
+    r = CliRunner().invoke(
+        main, ["export", "--server", "http://127.0.0.1:9", "--parquet", str(tmp_path / "x")]
+    )
+    assert r.exit_code == 1 and "http://127.0.0.1:9" in r.output
     assert not (tmp_path / "x" / "_shards").exists()
 
 
