@@ -10,7 +10,12 @@ lag behind the acknowledgements (the staging log's lag, sampled from /v1/ingest)
 stored == acknowledged. `--compare "ARGS"` adds a third server, e.g. `--staging-mib 0`
 (acknowledge after the DuckDB commit, as before the staging log), interleaved with the others.
 The baseline, measured in the same run, is the same server with `--decoders 0` (decode in the
-server process: the straightforward single-process receiver). Figures: docs/performance.md.
+server process: the straightforward single-process receiver). `--baseline-rev REV` adds the
+server of another commit, run from a `git worktree` of it under /work/data (by default the
+commit before the staging log, issue 19's pre-change build); `--baseline-rev none` leaves it
+out. Per process, CPU is split into the server, its decode workers and the load generator;
+the commit size is the spans per DuckDB transaction during the load. Figures:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -52,6 +58,12 @@ class RunResult:
     lag_s: list[float]  # the staging log's lag, sampled: how far behind the acks readers are
     loaded_spans: int  # in the store when the load ended
     stop_s: float  # SIGTERM to exit: the staging log's backlog is loaded meanwhile
+    cpu_server_s: float = 0.0  # the server process alone
+    cpu_client_s: float = 0.0  # the load generator (this process)
+    commit_spans: float | None = None  # spans per DuckDB transaction during the load
+
+    def us_per_span(self, seconds: float) -> float:
+        return seconds / max(self.acked_spans, 1) * 1e6
 
     @property
     def loaded_per_s(self) -> float:
@@ -134,6 +146,9 @@ class Sampler:
     def _cpu(self) -> float:
         return sum(sum(p.cpu_times()[:2]) for p in self.procs)
 
+    def _ingest(self) -> dict:
+        return self.api.ingest() if self.api else {}
+
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             try:
@@ -150,11 +165,20 @@ class Sampler:
 
     def __enter__(self):
         self._cpu_start = self._cpu()
+        self._server_start = sum(self.proc.cpu_times()[:2])
+        self._client_start = time.process_time()
+        self._ingest_start = self._ingest()
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.cpu = self._cpu() - self._cpu_start
+        self.cpu_server = sum(self.proc.cpu_times()[:2]) - self._server_start
+        self.cpu_client = time.process_time() - self._client_start
+        end = self._ingest()
+        commits = end.get("commits", 0) - self._ingest_start.get("commits", 0)
+        spans = end.get("committed_spans", 0) - self._ingest_start.get("committed_spans", 0)
+        self.commit_spans = spans / commits if "commits" in end and commits else None
         self._stop.set()
         self.thread.join()
         # spans in the store when the load ends: the rate the store kept up with (the rest is
@@ -170,13 +194,19 @@ def one_run(
     seconds: float,
     streams: int,
     server_args: list[str],
+    checkout: str | None = None,
 ) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="ctxaudit-bench-") as tmp:
         db = os.path.join(tmp, "bench.duckdb")
         # NAME=VALUE words are the server's environment (e.g. CTXAUDIT_DECODER=python), the rest options
         env = dict(w.split("=", 1) for w in server_args if "=" in w and w.split("=", 1)[0].isupper())
         server_args = [w for w in server_args if w.split("=", 1)[0] not in env]
-        proc, grpc_port, http_url = start_server(db, *server_args, env={**os.environ, **env})
+        env = {**os.environ, **env}
+        where = {}
+        if checkout:  # another commit's server: its own code, this venv's packages
+            env["PYTHONPATH"] = checkout
+            where["cwd"] = checkout
+        proc, grpc_port, http_url = start_server(db, *server_args, env=env, **where)
         target = f"127.0.0.1:{grpc_port}" if transport == "grpc" else http_url
         load = Load(transport, target, bodies, per, streams)
         with Sampler(proc.pid, proc.api_url) as sampler:
@@ -205,7 +235,32 @@ def one_run(
             sampler.lag_s,
             sampler.loaded if sampler.loaded is not None else stored,
             stop_s,
+            sampler.cpu_server,
+            sampler.cpu_client,
+            sampler.commit_spans,
         )
+
+
+def baseline_checkout(rev: str) -> tuple[str, str]:
+    """A git worktree of `rev` under /work/data (made once, reused): (its path, short commit).
+    `rev` 'pre-staging' is the commit before the one that added audit/store/staging.py."""
+    git = ["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    if rev == "pre-staging":
+        added = subprocess.run(
+            [*git, "log", "--diff-filter=A", "--format=%H", "--", "audit/store/staging.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
+        rev = f"{added}^"
+    short = subprocess.run(
+        [*git, "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    path = os.path.join(os.environ.get("BENCH_WORKTREES", "/work/data/worktrees"), f"ctxaudit-{short}")
+    if not os.path.isdir(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        subprocess.run([*git, "worktree", "add", "--detach", path, short], check=True, capture_output=True)
+    return path, short
 
 
 def main() -> None:
@@ -226,6 +281,12 @@ def main() -> None:
     ap.add_argument(
         "--server-args", default="", help="extra `ctxaudit serve` options for the measured server"
     )
+    ap.add_argument(
+        "--baseline-rev",
+        default="pre-staging",
+        help="a commit whose server is measured too, from a git worktree (default: the commit "
+        "before the staging log, the pre-change build of issue 19); 'none' to leave it out",
+    )
     args = ap.parse_args()
 
     per = 1000
@@ -243,12 +304,28 @@ def main() -> None:
         configs.append(("baseline: --decoders 0", ["--decoders", "0"]))
     if args.compare:
         configs.append((f"compare: {args.compare}", args.compare.split()))
+    checkouts: dict[str, str] = {}
+    if args.baseline_rev != "none":
+        path, short = baseline_checkout(args.baseline_rev)
+        label = f"pre-change build {short}"
+        configs.append((label, []))
+        checkouts[label] = path
+        print(f"{label}: {path}", flush=True)
     transports = ["grpc", "http"] if args.transport == "both" else [args.transport]
     results: dict[tuple[str, str], list[RunResult]] = {}
     for run in range(args.runs):
         for transport in transports:
             for label, server_args in configs:  # interleaved, so noise hits both alike
-                r = one_run(label, transport, bodies, per, args.seconds, args.streams, server_args)
+                r = one_run(
+                    label,
+                    transport,
+                    bodies,
+                    per,
+                    args.seconds,
+                    args.streams,
+                    server_args,
+                    checkouts.get(label),
+                )
                 results.setdefault((label, transport), []).append(r)
                 lost = r.acked_spans - r.stored_spans
                 print(
@@ -260,6 +337,9 @@ def main() -> None:
                     f"refused {r.refused}  ack p50/p99 {_pct(r.ack_ms, 50):.0f}/{_pct(r.ack_ms, 99):.0f} ms  "
                     f"reader lag p50/max {_pct(r.lag_s, 50):.2f}/{max(r.lag_s, default=0):.2f} s  "
                     f"loaded {r.loaded_per_s:,.0f}/s, stop {r.stop_s:.1f} s  "
+                    f"cpu us/span server {r.us_per_span(r.cpu_server_s):.1f} workers "
+                    f"{r.us_per_span(r.cpu_seconds - r.cpu_server_s):.1f} client "
+                    f"{r.us_per_span(r.cpu_client_s):.1f}  commit {_size(r.commit_spans)} spans  "
                     f"{'OK stored == acked' if lost <= 0 else f'LOST {lost}'}",
                     flush=True,
                 )
@@ -281,17 +361,43 @@ def main() -> None:
                 f"{statistics.median(_pct(r.lag_s, 50) for r in rs):.2f}/"
                 f"{max(max(r.lag_s, default=0) for r in rs):.2f} s  "
                 f"loaded by the end {statistics.median(r.loaded_per_s for r in rs):,.0f}/s  "
-                f"stop {statistics.median(r.stop_s for r in rs):.1f} s"
+                f"stop {statistics.median(r.stop_s for r in rs):.1f} s  "
+                f"CPU us/span server {statistics.median(r.us_per_span(r.cpu_server_s) for r in rs):.1f} "
+                f"workers {statistics.median(r.us_per_span(r.cpu_seconds - r.cpu_server_s) for r in rs):.1f} "
+                f"client {statistics.median(r.us_per_span(r.cpu_client_s) for r in rs):.1f}  "
+                f"commit {_size(_median_or_none([r.commit_spans for r in rs]))} spans  "
+                f"peak pss with workers {statistics.median(r.peak_total_pss_mib for r in rs):5.0f} MiB"
             )
         if not args.no_baseline:
             default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
             baseline = statistics.median(r.spans_per_s for r in results[(configs[1][0], transport)])
             print(f"  {transport:<4} ratio default / baseline: {default / baseline:.2f}x")
-        if args.compare:
-            default = statistics.median(r.spans_per_s for r in results[(configs[0][0], transport)])
-            other = statistics.median(r.spans_per_s for r in results[(configs[-1][0], transport)])
-            print(f"  {transport:<4} ratio default / compare: {default / other:.2f}x")
+        default_rs = results[(configs[0][0], transport)]
+        for label, _ in configs[1:]:
+            if label.startswith("baseline"):
+                continue
+            rs = results[(label, transport)]
+            print(
+                f"  {transport:<4} ratio default / {label}: acked "
+                f"{_ratio(default_rs, rs, 'spans_per_s'):.2f}x, "
+                f"loaded {_ratio(default_rs, rs, 'loaded_per_s'):.2f}x"
+                "; per run (interleaved): "
+                + ", ".join(f"{a.spans_per_s / b.spans_per_s:.2f}x" for a, b in zip(default_rs, rs))
+            )
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def _ratio(a: list[RunResult], b: list[RunResult], what: str) -> float:
+    return statistics.median(getattr(r, what) for r in a) / statistics.median(getattr(r, what) for r in b)
+
+
+def _size(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -65,6 +65,7 @@ class IngestHealth:
             "uptime_s": round(self._clock() - self._started, 1),
             "spans_per_s": round(self.spans_per_s(), 1),
             "committed_spans": w.committed_spans,
+            "commits": w.commits,  # DuckDB transactions: committed_spans / commits is the commit size
             "requests": s.requests,
             "accepted_spans": s.accepted_spans,  # durable (staged or committed) and acknowledged
             "rejected_spans": s.rejected_spans,

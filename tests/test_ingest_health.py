@@ -15,7 +15,9 @@ class Clock:
 
 
 def _health():
-    writer = SimpleNamespace(stats=SimpleNamespace(committed_spans=0, queued_spans=0), max_queued_spans=500)
+    writer = SimpleNamespace(
+        stats=SimpleNamespace(committed_spans=0, commits=0, queued_spans=0), max_queued_spans=500
+    )
     ingestor = SimpleNamespace(
         stats=SimpleNamespace(
             requests=0,
@@ -49,9 +51,10 @@ def test_rate_is_over_the_last_minute():
 def test_snapshot_reports_the_counters():
     health, writer, clock = _health()
     clock.t += 2
-    writer.stats.committed_spans, writer.stats.queued_spans = 300, 40
+    writer.stats.committed_spans, writer.stats.commits, writer.stats.queued_spans = 300, 3, 40
     health.ingestor.stats.refused_requests = 2
     snap = health.snapshot()
     assert snap["spans_per_s"] == 150 and snap["uptime_s"] == 2
     assert (snap["committed_spans"], snap["queued_spans"], snap["queue_capacity_spans"]) == (300, 40, 500)
+    assert snap["commits"] == 3  # bench/ingest.py's commit size: committed_spans / commits
     assert snap["refused_requests"] == 2 and snap["inflight_capacity_bytes"] == 1 << 20
