@@ -76,6 +76,15 @@ def test_settled_hours_are_exported_once_and_then_nothing_is_due(store, tmp_path
         status = export.status()
         assert status["exports"] == 1 and status["failures"] == 0
         assert status["exported_until_ns"] == first["last_export"]["until_ns"]
+        from audit.server.metrics import ServerMetrics
+        from audit.store.reader import StoreReader
+
+        text = ServerMetrics(StoreReader(span_store, store), parquet_export_status=export.status).render()
+        values = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if not line.startswith("#"))
+        assert float(values["ctxaudit_parquet_export_successes_total"]) == 1
+        assert float(values["ctxaudit_parquet_export_failures_total"]) == 0
+        until = float(values["ctxaudit_parquet_export_until_timestamp_seconds"])
+        assert until == first["last_export"]["until_ns"] / 1e9
     finally:
         span_store.close()
     reference = tmp_path / "ref"

@@ -257,6 +257,30 @@ def audit_loop_families(status: dict, every_s: float) -> list[Metric]:
     return families
 
 
+def parquet_export_families(status: dict) -> list[Metric]:
+    """From ScheduledParquetExport.status() (audit/server/parquet_export.py): serve --export-parquet."""
+    families = _counter(
+        "ctxaudit_parquet_export_successes",
+        "Parquet exports of settled hours that succeeded.",
+        status["exports"],
+    )
+    families += _counter(
+        "ctxaudit_parquet_export_failures", "Parquet exports that failed.", status["failures"]
+    )
+    until = status["exported_until_ns"]
+    families += _gauge(
+        "ctxaudit_parquet_export_until_timestamp_seconds",
+        "The end of the last hour exported (Unix time): later spans are not in the Parquet yet.",
+        None if until is None else until / 1e9,
+    )
+    families += _gauge(
+        "ctxaudit_parquet_export_last_success_timestamp_seconds",
+        "When a Parquet export last succeeded (Unix time); absent until one has.",
+        status["last_success_unix_s"],
+    )
+    return families
+
+
 class ServerMetrics(Collector):
     """The collector: `reader` for the latest saved run, `ingest_health` for the ingest snapshot,
     `audit_status` for ServerAudits.status(), each optional."""
@@ -269,8 +293,10 @@ class ServerMetrics(Collector):
         audit_status: Callable[[], dict] | None = None,
         audit_every_s: float = 0.0,
         max_edges: int = 1000,
+        parquet_export_status: Callable[[], dict] | None = None,
     ):
         self.reader, self.ingest_health, self.audit_status = reader, ingest_health, audit_status
+        self.parquet_export_status = parquet_export_status
         self.audit_every_s, self.max_edges = audit_every_s, max_edges
         self._started = time.time()
         self._lock = threading.Lock()
@@ -292,6 +318,8 @@ class ServerMetrics(Collector):
             yield from ingest_families(self.ingest_health())
         if self.audit_status is not None:
             yield from audit_loop_families(self.audit_status(), self.audit_every_s)
+        if self.parquet_export_status is not None:
+            yield from parquet_export_families(self.parquet_export_status())
         yield from self._latest_run()
         yield CounterMetricFamily(
             "ctxaudit_metrics_store_errors",

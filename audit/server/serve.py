@@ -140,6 +140,7 @@ def run(c: ServeConfig, say: Callable[[str], None]) -> None:
                 audit_status=audits.status,
                 audit_every_s=c.settings.audit_every,
                 max_edges=c.settings.metrics_max_edges,
+                parquet_export_status=parquet.status if parquet else None,
             ),
             metrics_public=c.settings.metrics_public,
             span_export=functools.partial(ipc_chunks, store),
