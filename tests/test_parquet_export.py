@@ -21,6 +21,7 @@ from audit.cli import main
 from audit.read.remote import RemoteReader
 from audit.server.parquet_export import ScheduledParquetExport
 from audit.server.process import start_server, stop_server
+from audit.store.errors import StoreError
 from audit.store.parquet import HOUR_NS, check_export, export_store, read_manifest
 from audit.store.writer import SpanStore
 from tests.audit_helpers import simulated_store
@@ -244,8 +245,6 @@ def test_the_stream_is_rejected_with_bad_parameters(store, tmp_path):
     api.start()
     try:
         remote = RemoteReader(api.url)
-        from audit.store.errors import StoreError
-
         for params in ({"kind": "spanz"}, {"from_ns": 5, "until_ns": 5}):
             with pytest.raises(StoreError, match="400"):
                 with remote.export_batches(**({"kind": "spans", "from_ns": 0, "until_ns": 1} | params)):
@@ -267,3 +266,37 @@ def test_a_copy_of_the_export_folder_reads_the_same(store, tmp_path):
     files = (tmp_path / "b" / "spans").as_posix() + "/**/*.parquet"
     (n,) = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{files}')").fetchall()[0]
     assert n == m["last_export"]["spans"]
+
+
+def test_a_stream_cut_off_fails_the_export_and_swaps_nothing_in(store, tmp_path):
+    """The server fails after the first batch: the client sees the stream incomplete (no last
+    chunk), the export stops with an error, and the folder keeps what it had."""
+    from audit.server.parquet_export import ipc_chunks
+    from audit.server.read_api import ReadApi
+    from audit.store.parquet import StreamSource, export_spans
+    from audit.store.reader import StoreReader
+
+    out = tmp_path / "pq"
+    before = export_store(store, str(out), shard="s0")
+    files = sorted(out.rglob("*.parquet"))
+    span_store = SpanStore(store)
+
+    def failing(kind, lo, hi):
+        chunks = ipc_chunks(span_store, kind, lo, hi)
+        yield next(chunks)  # the schema
+        yield next(chunks)  # the first batch
+        raise RuntimeError("the disk went away")
+
+    api = ReadApi(StoreReader(span_store, store), "127.0.0.1", 0, span_export=failing)
+    api.start()
+    try:
+        remote = RemoteReader(api.url)
+        source = StreamSource(api.url, lambda: tuple(remote.time_range().values()), remote.export_batches)
+        with pytest.raises(StoreError, match=f"the export stream from {api.url} was cut off"):
+            export_spans(source, str(out), shard="s0")
+    finally:
+        api.stop()
+        span_store.close()
+    assert sorted(out.rglob("*.parquet")) == files
+    assert read_manifest(out, "s0") == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".export-")]
