@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from audit.cli import DbSink
-from audit.engine import AuditConfig, AuditWindow, run_audit
+from audit.engine import AuditConfig, AuditWindow, run_audit, timing
 from audit.engine.calibrate import Calibration, calibrate, calibrated, fit_curve
 from audit.engine.learn import learn
 from audit.engine.scan import scan
@@ -365,7 +365,10 @@ def _late_handler_store(path: str) -> dict:
     return truth
 
 
-def test_calibrated_confidences_match_the_observed_precision_where_raw_ones_overstate(tmp_path):
+def test_calibrated_confidences_match_the_observed_precision_where_raw_ones_overstate(tmp_path, monkeypatch):
+    # the overhead + offset model misses the late handler's second mode and overstates; the
+    # calls' own density (tests/test_leg_model.py) would learn that mode, so it is kept out here
+    monkeypatch.setattr(timing, "_LEGS_MIN_PAIRS", 10**9)
     path = str(tmp_path / "late.duckdb")
     truth = _late_handler_store(path)
     con = duckdb.connect(path, read_only=True)
