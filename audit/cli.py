@@ -1033,8 +1033,9 @@ def import_captures(db: str, fmt: str | None, memory_limit: str, files: tuple[st
 def export(db, server, out, otlp, since, until, shard, run_id, min_confidence, state, otlp_timeout) -> None:
     """Export the store: its spans as Parquet (--parquet), or its stitched hops into a trace backend (--otlp).
 
-    With --parquet DIR: DB's spans and links as Hive-partitioned Parquet (shard, date, hour of
-    span start), in whole hours. Exporting hours again replaces them (docs/scale.md).
+    With --parquet DIR: DB's spans and links (or, with --server, those of the store a running
+    serve holds) as Hive-partitioned Parquet (shard, date, hour of span start), in whole hours.
+    Exporting hours again replaces them (docs/scale.md).
 
     With --otlp URL: show an audit run's stitched hops in your own trace backend (Jaeger,
     Tempo...): one span per stitched orphan, in its probable parent's trace, linking to the orphan.
