@@ -134,10 +134,15 @@ def test_client_spans_without_a_target_take_the_callee_their_operation_propagate
         re.search(r"resolved by operation \(learned from \d+ propagated calls\)", f["evidence"])
         for f in unpaired
     )
-    # `HTTP POST` lands in two services about half and half: no single callee is learned
-    assert not any(
-        f["kind"] == "unpaired_exit" and f["span_name"] == "HTTP POST" for f in result.iter_findings()
-    )
+    # `HTTP POST` lands in two services about half and half: no single callee is learned, each
+    # of its unpaired exits may have gone to either (tests/test_spread_targets.py), and is one
+    # finding, on one of them
+    posts = [
+        f for f in result.iter_findings() if f["kind"] == "unpaired_exit" and f["span_name"] == "HTTP POST"
+    ]
+    assert posts and {f["callee"] for f in posts} <= {"order", "price"}
+    assert len({f["span_id"] for f in posts}) == len(posts)
+    assert all("one of 2 callees" in f["evidence"] for f in posts)
 
 
 def test_an_operation_is_resolved_only_where_one_callee_dominates_enough_calls():

@@ -49,7 +49,9 @@ _SWAPPED = ("cand_orphans", "cand_exits", "cand_pairs", "cand_counts", "exact_on
 _DECOYS = """
 CREATE OR REPLACE TEMP TABLE cal_decoys AS
 WITH orphans AS (SELECT service, count(*) AS n FROM cand_orphans GROUP BY 1),
-exits AS (SELECT target, count(*) AS n FROM cand_exits WHERE instrumented AND in_window GROUP BY 1),
+exits AS (  -- an exit with a row per candidate callee counts by its share
+  SELECT target, sum(coalesce(share, 1.0)) AS n FROM cand_exits WHERE instrumented AND in_window
+  GROUP BY 1),
 calls AS (
   SELECT h.exit_rid, h.entry_rid, h.caller, h.callee, x.protocol, x.trace_id, x.span_id,
          row_number() OVER (PARTITION BY h.caller, h.callee, x.protocol
@@ -212,11 +214,15 @@ def _run(con, learned: Learned, audited: np.ndarray, tol: float, max_lag: float)
     return _fit(rows)
 
 
-# The decoys' exits as unpaired exits: the same columns as cand_exits (stitch.py), from xt.
+# The decoys' exits as unpaired exits: the same columns as cand_exits (stitch.py), from xt. A
+# decoy exit whose operation reaches several callees gets a row per candidate callee, as a real
+# unpaired one does (targets.py, "spread").
 _DECOY_EXITS = """
 INSERT INTO cand_exits BY NAME
-SELECT (SELECT coalesce(max(eid) + 1, 0) FROM cand_exits) + row_number() OVER (ORDER BY rid) - 1 AS eid,
+SELECT (SELECT coalesce(max(eid) + 1, 0) FROM cand_exits) + row_number() OVER (ORDER BY rid, target) - 1
+         AS eid,
        rid, trace_id, span_id, service, protocol, start_ns, end_ns, th, target, instrumented, in_window,
+       share, CASE WHEN share IS NOT NULL THEN name END AS op,
        'svc:' || target AS k_svc,
        CASE WHEN protocol IN ('http', 'none') AND url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
        CASE WHEN rpc_service IS NOT NULL THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '')
@@ -228,8 +234,14 @@ SELECT (SELECT coalesce(max(eid) + 1, 0) FROM cand_exits) + row_number() OVER (O
             WHEN messaging_message_id IS NOT NULL THEN 'msg:' || messaging_message_id END AS k_exact,
        start_ns::BIGINT - $tol AS win_lo,
        end_ns::BIGINT + CASE WHEN protocol = 'messaging' THEN $max_lag ELSE $tol END AS win_hi
-FROM xt WHERE EXISTS (
-  SELECT 1 FROM cal_decoys d WHERE d.exit_rid = xt.rid AND d.callee = xt.target AND NOT d.withheld)
+FROM (
+  SELECT x.* REPLACE (coalesce(c.target, x.target) AS target, c.share AS share) FROM xt x
+  LEFT JOIN op_callees c ON x.share IS NOT NULL AND c.service = x.service AND c.name = x.name
+    AND c.protocol = x.protocol
+  WHERE x.rid IN (SELECT exit_rid FROM cal_decoys)) xt
+WHERE EXISTS (
+  SELECT 1 FROM cal_decoys d WHERE d.exit_rid = xt.rid AND NOT d.withheld
+    AND (d.callee = xt.target OR xt.share IS NOT NULL))
 """
 # Each decoy orphan: its edge (from its own exit), and the link named for it, if any.
 _DECOY_LINKS = """

@@ -16,6 +16,7 @@ from .config import AuditConfig, AuditWindow
 from .learn import Learned
 from .stitch import build_candidates, stitch
 from .tables import temp_table
+from .targets import collapse_spread_exits
 from .virtual_exits import add_virtual_candidates, virtual_callers
 
 _ORPHAN_OPS = """
@@ -165,6 +166,7 @@ class FindingBuilder:
             got.confidence = calibrated(con, cal, got.oid, got.eid, got.confidence)
         temp_table(con, "stitched", got.table())
         con.execute(_ORPHAN_ROWS, {"min_confidence": config.min_confidence})
+        collapse_spread_exits(con)  # an exit with a row per candidate callee keeps one (targets.py)
         self._orphan_causes()
         self.progress("looking for in-process breaks")
         self._breaks()

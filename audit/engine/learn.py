@@ -52,15 +52,21 @@ SELECT messaging_destination, service_name, count(*) FROM spans
 WHERE start_ns BETWEEN $lo AND $hi AND kind = 'CONSUMER' AND messaging_destination IS NOT NULL GROUP BY ALL
 """
 _SERVICES = "SELECT service, bool_or(kind IN ('SERVER', 'CONSUMER')) FROM w GROUP BY ALL"
-# Per exit operation (caller service, exit span name, protocol): the services its propagated
-# calls landed in. Client spans that name no target (no URL, address or peer.service, as the
-# OTel Java agent's `HTTP GET` spans in TrainTicket) get their callee from these.
+# Per exit operation (caller service, exit span name, protocol): the services, and their
+# operations, its propagated calls landed in. Client spans that name no target (no URL, address
+# or peer.service, as the OTel Java agent's `HTTP GET` spans in TrainTicket) get their callee
+# from these.
 _OPERATION_CALLEES = """
-SELECT e.service, e.name, e.protocol, h.callee, count(*) FROM hops h JOIN exits e ON e.rid = h.exit_rid
+SELECT e.service, e.name, e.protocol, h.callee, h.entry_name, count(*)
+FROM hops h JOIN exits e ON e.rid = h.exit_rid
 WHERE NOT h.via_link AND e.protocol NOT IN ('messaging', 'db') AND e.db_system IS NULL GROUP BY ALL
 """
 _OPERATION_MIN_CALLS = 20  # propagated calls of an operation before its callee is trusted
 _OPERATION_DOMINANT = 0.95  # ... and the share of them that must land in that one service
+# An operation whose calls spread over several services: each of them with at least this share
+# of its calls is a candidate target, at most this many (the most called first)
+_SPREAD_MIN_SHARE = 0.01
+_SPREAD_MAX_CALLEES = 8
 _PROPAGATED_CALLEE_OPS = """
 SELECT DISTINCT c.service, c.name FROM hops h JOIN w c ON c.rid = h.entry_rid
 """
@@ -75,6 +81,20 @@ class Target:
     how: str  # the evidence: "consumer", "peer.service", "address", "server address", "rpc.service", "peer"
 
 
+@dataclass(frozen=True)
+class OperationCallees:
+    """Where an exit operation's propagated calls went, when no one service dominates:
+    propagated calls per callee service, and per (callee service, callee span name)."""
+
+    calls: int  # the operation's propagated calls, every callee counted
+    services: dict[str, int]  # the candidate callees (at least _SPREAD_MIN_SHARE of the calls)
+    operations: dict[tuple[str, str], int]  # (callee, its span name) -> calls, of those callees
+
+    def share(self, callee: str) -> float:
+        """The prior that one of the operation's calls went to `callee`, among the candidates."""
+        return self.services[callee] / sum(self.services.values())
+
+
 @dataclass
 class Learned:
     callee_services: set[str]  # services with SERVER/CONSUMER spans
@@ -86,6 +106,9 @@ class Learned:
     # (caller, exit span name, protocol) -> (callee, propagated calls): where that operation's
     # propagated calls go, for its exits that name no target
     operation_targets: dict[tuple[str, str, str], tuple[str, int]] = field(default_factory=dict)
+    # the operations whose propagated calls spread over several callees: their unpaired exits
+    # may have gone to any of them (targets.py, "spread")
+    operation_callees: dict[tuple[str, str, str], OperationCallees] = field(default_factory=dict)
     sync_models: dict[tuple[str, str, str], SyncModel] = field(default_factory=dict)
     callee_models: dict[tuple[str, str], SyncModel] = field(default_factory=dict)  # pooled, widened
     protocol_models: dict[str, SyncModel] = field(default_factory=dict)  # pooled, widened
@@ -172,6 +195,31 @@ def operation_targets(rows: list[tuple]) -> dict[tuple[str, str, str], tuple[str
     return out
 
 
+def operation_callees(rows: list[tuple]) -> dict[tuple[str, str, str], OperationCallees]:
+    """(caller, span name, protocol, callee, callee span name, n) rows -> the candidate callees of
+    each exit operation with at least _OPERATION_MIN_CALLS propagated calls that no one service
+    dominates (`operation_targets` resolves those): every callee with at least _SPREAD_MIN_SHARE
+    of the calls, the _SPREAD_MAX_CALLEES most called."""
+    by_op: dict[tuple, Counter] = defaultdict(Counter)
+    for caller, name, protocol, callee, callee_name, n in rows:
+        by_op[(caller, name, protocol)][(callee, callee_name)] += n
+    out = {}
+    for op, counts in by_op.items():
+        services: Counter = Counter()
+        for (callee, _), n in counts.items():
+            services[callee] += n
+        total = sum(services.values())
+        if total < _OPERATION_MIN_CALLS or services.most_common(1)[0][1] >= _OPERATION_DOMINANT * total:
+            continue
+        kept = dict(
+            [(s, n) for s, n in services.most_common(_SPREAD_MAX_CALLEES) if n >= _SPREAD_MIN_SHARE * total]
+        )
+        if len(kept) >= 2:
+            ops = {k: n for k, n in counts.items() if k[0] in kept}
+            out[op] = OperationCallees(total, kept, ops)
+    return out
+
+
 def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConfig) -> Learned:
     rng = {"lo": window.read_from_ns, "hi": window.read_to_ns}
     services = con.execute(_SERVICES).fetchall()
@@ -191,7 +239,9 @@ def learn(con: duckdb.DuckDBPyConnection, window: AuditWindow, config: AuditConf
     for destination, service, _ in con.execute(_CONSUMERS, rng).fetchall():
         consumers[destination].append(service)
     learned.consumers = {d: sorted(s) for d, s in consumers.items()}
-    learned.operation_targets = operation_targets(con.execute(_OPERATION_CALLEES).fetchall())
+    by_callee_op = con.execute(_OPERATION_CALLEES).fetchall()
+    learned.operation_targets = operation_targets([(*r[:4], r[5]) for r in by_callee_op])
+    learned.operation_callees = operation_callees(by_callee_op)
     _learn_timing(con, learned, config)
     return learned
 

@@ -33,6 +33,7 @@ _CANDIDATE_EXITS = """
 CREATE OR REPLACE TEMP TABLE cand_exits AS
 SELECT row_number() OVER (ORDER BY rid, target) - 1 AS eid, rid, trace_id, span_id, service, protocol,
        start_ns, end_ns, th, target, instrumented, in_window,
+       share, CASE WHEN share IS NOT NULL THEN name END AS op,  -- an exit with a row per candidate callee
        CASE WHEN instrumented THEN 'svc:' || target END AS k_svc,
        CASE WHEN protocol IN ('http', 'none') AND url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
        CASE WHEN rpc_service IS NOT NULL
@@ -100,7 +101,8 @@ _O_COLS = (
 )
 _E_COLS = (
     "eid, win_lo, win_hi, start_ns::BIGINT AS e_start, end_ns::BIGINT AS e_end, service AS e_service,"
-    " protocol AS e_protocol, instrumented, target, k_path AS e_path, k_rpc AS e_rpc, k_dest AS e_dest"
+    " protocol AS e_protocol, instrumented, target, k_path AS e_path, k_rpc AS e_rpc, k_dest AS e_dest,"
+    " share AS e_share"
 )
 # Per edge (caller, callee, the exit's protocol), the parameters of the timing model the
 # assignment scores it with (audit/engine/timing.py): c0 holds the constant terms, weight the
@@ -159,7 +161,7 @@ def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[st
     top = f"""
     CREATE OR REPLACE TEMP TABLE cand_top AS
     SELECT oid, list_distinct(min_by(eid, fit, {int(per_orphan)})) AS top, count(fit) AS n FROM (
-      SELECT oid, eid, {_FIT} AS fit FROM ({pairs}) p
+      SELECT oid, eid, {_FIT} - ln(coalesce(e_share, 1.0)) AS fit FROM ({pairs}) p
       LEFT JOIN cand_models m
         ON m.caller = p.e_service AND m.callee = p.o_service AND m.protocol = p.e_protocol)
     GROUP BY oid"""
@@ -171,17 +173,25 @@ def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[st
 # `path_odds`: how much a shared URL path says. Among the caller's exits with paths, the share
 # with this path is the chance that an unrelated exit matches it; a path with an id in it is
 # near proof, a fixed path ("/health") is none.
+# `prior`: for an exit whose operation reaches several callees (targets.py, "spread"), the share
+# of the operation's propagated calls that reached the orphan's own operation (or, one it never
+# reached, half a call's worth); 1 for any other exit. `slot`: the exit, once for all its rows.
 _PAIR_ROWS = """
 WITH path_share AS (
   SELECT k_path, service, count(*) AS n, sum(count(*)) OVER (PARTITION BY service) AS total
   FROM cand_exits WHERE k_path IS NOT NULL GROUP BY k_path, service)
 SELECT p.oid, p.eid, p.rank, o.start_ns::BIGINT AS o_start, o.end_ns::BIGINT AS o_end,
        e.start_ns::BIGINT AS e_start, e.end_ns::BIGINT AS e_end, coalesce(e.th, 0)::DOUBLE AS e_th, g.edge,
-       CASE WHEN p.rank = 3 THEN ln(ps.total / ps.n) ELSE 0.0 END AS path_odds
+       CASE WHEN p.rank = 3 THEN ln(ps.total / ps.n) ELSE 0.0 END AS path_odds,
+       coalesce(q.prior, c.unseen, 1.0) AS prior, CASE WHEN e.share IS NOT NULL THEN e.rid END AS slot
 FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
 JOIN pair_edges g ON g.caller = e.service AND g.callee = o.service
   AND g.protocol IS NOT DISTINCT FROM e.protocol
 LEFT JOIN path_share ps ON p.rank = 3 AND ps.k_path = e.k_path AND ps.service = e.service
+LEFT JOIN op_callees c ON e.op IS NOT NULL AND c.service = e.service AND c.name = e.op
+  AND c.protocol = e.protocol AND c.target = e.target
+LEFT JOIN op_priors q ON e.op IS NOT NULL AND q.service = e.service AND q.name = e.op
+  AND q.protocol = e.protocol AND q.target = e.target AND q.callee_name = o.name
 """
 # The edges (caller, callee, the exit's protocol) the pairs are on, numbered in that order: the
 # pairs carry the number, not the three names (millions of pairs at 10M spans, and three Python
@@ -349,9 +359,26 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
     oid, eid, rank = cols["oid"].astype(np.int64), cols["eid"].astype(np.int64), cols["rank"]
     cost, null = _costs(cols, learned, edges)
     cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols["path_odds"])
+    cost = cost - np.log(cols["prior"])
     # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
     p_stored = stored_probability(cols["e_th"])
-    return _assign(oid, eid, cost, null, p_stored)
+    # an exit with a row per candidate callee is one column of the assignment (one orphan at most)
+    spread = ~np.ma.getmaskarray(cols["slot"])
+    if not spread.any():
+        return _assign(oid, eid, cost, null, p_stored)
+    slot = np.where(spread, np.ma.getdata(cols["slot"]), -1).astype(np.int64)
+    return _assign_slots(oid, eid, slot, cost, null, p_stored)
+
+
+def _assign_slots(oid, eid, slot, cost, null, p_stored) -> Stitched:
+    """_assign with the rows of one exit (slot >= 0: its rid) as one column: an orphan meets each
+    exit through at most one of its rows (the row of the orphan's own service)."""
+    column = np.where(slot >= 0, eid.max() + 1 + slot, eid)
+    got = _assign(oid, column, cost, null, p_stored)
+    key = oid * (column.max() + 1) + column
+    order = np.argsort(key, kind="stable")
+    at = order[np.searchsorted(key[order], got.oid * (column.max() + 1) + got.eid)]
+    return Stitched(got.oid, eid[at], got.confidence)
 
 
 _BORROWED = 0.5  # likelihoods from a model borrowed from other edges count for half: they only hint
