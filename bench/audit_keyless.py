@@ -110,6 +110,8 @@ def build(db: str, spans: int, rate: float) -> None:
         con.execute(f"ATTACH '{p}' AS part{i} (READ_ONLY)")
         con.execute(f"INSERT INTO spans SELECT * FROM part{i}.spans ORDER BY start_ns")
         con.execute(f"INSERT INTO span_links SELECT * FROM part{i}.span_links")
+        for table in ("span_resources", "span_scopes"):  # each part stored its processes' once
+            con.execute(f"INSERT OR IGNORE INTO {table} SELECT * FROM part{i}.{table}")
         con.execute(f"DETACH part{i}")
         os.remove(p)
     truths = ", ".join(f"'{p}.truth.parquet'" for p in paths)

@@ -42,7 +42,10 @@ def _subset(db: str, spans: int) -> str:
 
     SpanStore(path).close()
     out = duckdb.connect(path)
+    SpanStore(db).close()  # a source written before migration 0005_span_resources is migrated
     out.execute(f"ATTACH '{db}' AS src (READ_ONLY)")
+    out.execute("INSERT INTO span_resources SELECT * FROM src.span_resources")
+    out.execute("INSERT INTO span_scopes SELECT * FROM src.span_scopes")
     out.execute(f"INSERT INTO spans SELECT * FROM src.spans WHERE start_ns <= {cut} ORDER BY start_ns")
     out.execute(
         "INSERT INTO span_links SELECT * FROM src.span_links l WHERE EXISTS "
