@@ -5,7 +5,8 @@
 The audit runs in a fresh process on a read-only connection with the memory limit, as
 bench/audit_scale.py runs it. A thread samples the process's RSS every 10 ms; each step (the
 engine's progress steps, and the engine functions listed in _STEPS, wrapped where the code has
-them) reports the RSS when it started and the peak while it ran. `--code DIR` audits with
+them) reports the RSS when it started and the peak while it ran, and its wall and CPU seconds
+(the process's user + system time: steadier than wall time on a shared machine). `--code DIR` audits with
 another checkout's `audit/` (a baseline, e.g. a `git worktree` of an older commit); `--out`
 writes the findings as Parquet (PREFIX.findings.parquet) and the edges and sampling figures
 as JSON (PREFIX.edges.json) to compare two runs' results.
@@ -27,17 +28,24 @@ from audit.engine import AuditWindow, run_audit
 db, start, end, context, memory, out = sys.argv[1:7]
 steps = json.loads(sys.argv[7])
 proc = psutil.Process()
-log, current = [], {"name": "start", "t": time.perf_counter(), "rss": proc.memory_info().rss, "peak": 0}
+def cpu():
+    c = proc.cpu_times()
+    return c.user + c.system
+
+
+log = []
+current = {"name": "start", "t": time.perf_counter(), "cpu": cpu(), "rss": proc.memory_info().rss, "peak": 0}
 lock = threading.Lock()
 
 
 def mark(name):
-    now, rss = time.perf_counter(), proc.memory_info().rss
+    now, rss, used = time.perf_counter(), proc.memory_info().rss, cpu()
     with lock:
         current["peak"] = max(current["peak"], rss)
         log.append({"step": current["name"], "seconds": now - current["t"],
-                    "rss_start_mib": current["rss"] / 2**20, "peak_mib": current["peak"] / 2**20})
-        current.update(name=name, t=now, rss=rss, peak=rss)
+                    "cpu_seconds": used - current["cpu"], "rss_start_mib": current["rss"] / 2**20,
+                    "peak_mib": current["peak"] / 2**20})
+        current.update(name=name, t=now, cpu=used, rss=rss, peak=rss)
 
 
 def sample():
@@ -63,7 +71,7 @@ for module, attr in steps:
     wrap(module, attr)
 threading.Thread(target=sample, daemon=True).start()
 con = duckdb.connect(db, read_only=True, config={"memory_limit": memory})
-t = time.perf_counter()
+t, cpu0 = time.perf_counter(), cpu()
 result = run_audit(con, AuditWindow(int(start), int(end), int(context)), progress=mark)
 mark("end")
 seconds = time.perf_counter() - t
@@ -73,8 +81,9 @@ if out != "-":
     with open(out + ".edges.json", "w") as f:
         json.dump({"edges": [e.to_dict() for e in result.edges], "sampling": result.sampling}, f,
                   sort_keys=True)
-print(json.dumps({"seconds": seconds, "spans": result.spans, "findings": result.findings.num_rows,
-                  "peak_rss_mib": max(s["peak_mib"] for s in log), "steps": log[1:]}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu() - cpu0, "spans": result.spans,
+                  "findings": result.findings.num_rows, "peak_rss_mib": max(s["peak_mib"] for s in log),
+                  "steps": log[1:]}))
 """
 
 # engine functions that mark a step when called (module, attribute); those a checkout lacks are skipped
@@ -126,13 +135,15 @@ def main() -> None:
     r = run(args.db, args.fraction, args.memory_limit, args.code, args.out, args.context)
     load = os.getloadavg()
     print(
-        f"{r['spans']:,} spans, {r['findings']:,} findings, {r['seconds']:.1f} s, "
-        f"peak RSS {r['peak_rss_mib']:,.0f} MiB (load average {load[0]:.1f})"
+        f"{r['spans']:,} spans, {r['findings']:,} findings, {r['seconds']:.1f} s "
+        f"({r.get('cpu_seconds', 0):.1f} s CPU), peak RSS {r['peak_rss_mib']:,.0f} MiB"
+        f" (load average {load[0]:.1f})"
     )
-    print(f"{'step':<58} {'s':>7} {'RSS at start':>13} {'peak MiB':>9}")
+    print(f"{'step':<58} {'s':>7} {'CPU s':>7} {'RSS at start':>13} {'peak MiB':>9}")
     for s in r["steps"]:
         print(
-            f"{s['step'][:58]:<58} {s['seconds']:>7.1f} {s['rss_start_mib']:>13,.0f} {s['peak_mib']:>9,.0f}"
+            f"{s['step'][:58]:<58} {s['seconds']:>7.1f} {s.get('cpu_seconds', 0):>7.1f}"
+            f" {s['rss_start_mib']:>13,.0f} {s['peak_mib']:>9,.0f}"
         )
 
 

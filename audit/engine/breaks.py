@@ -50,9 +50,11 @@ _SHIFTED = """SELECT rid, trace_id, service, name, start_ns + d AS start_ns, end
 # the request's start) and its first event after the break ended (a span's start, or its end).
 # A table in DuckDB: at 10M spans there are millions of candidates (a row per request in flight
 # for each break, twice that for the background), and their step names as Python strings were
-# most of the audit's memory; Python fetches them numeric, the steps coded (_CODED).
+# most of the audit's memory; Python fetches them numeric, the steps coded (_CODED). The real
+# (`bg` false) and the background candidates share one statement: each ASOF join sorts the
+# events of every request of the break services once, not once for each.
 _FEATURES = """
-CREATE OR REPLACE TEMP TABLE {out} AS
+CREATE OR REPLACE TEMP TABLE break_all_features AS
 WITH before AS (
   SELECT trace_id, service, end_ns::BIGINT AS t, name FROM w WHERE service IN (SELECT service FROM break_ops)
   UNION ALL
@@ -64,10 +66,11 @@ after AS (
   UNION ALL
   SELECT trace_id, service, end_ns::BIGINT, '<end>' FROM w WHERE kind IN ('SERVER', 'CONSUMER')
     AND service IN (SELECT service FROM break_ops)),
-p AS (SELECT * FROM {table} JOIN break_ops USING (service, name)),
+p AS (SELECT *, false AS bg FROM break_pairs JOIN break_ops USING (service, name)
+      UNION ALL SELECT *, true FROM break_bg_pairs JOIN break_ops USING (service, name)),
 p1 AS (SELECT p.*, p.start_ns - b.t AS gap1, b.name AS name1 FROM p ASOF LEFT JOIN before b
        ON b.trace_id = p.parent_trace AND b.service = p.service AND b.t <= p.start_ns)
-SELECT p1.break_rid, p1.parent_rid, p1.service, p1.name, p1.parent_th,
+SELECT p1.bg, p1.break_rid, p1.parent_rid, p1.service, p1.name, p1.parent_th,
        p1.gap1, coalesce(p1.name1, '<none>') AS name1, a.t - p1.end_ns AS gap2,
        coalesce(a.name, '<none>') AS name2
 FROM p1 ASOF LEFT JOIN after a ON a.trace_id = p1.parent_trace AND a.service = p1.service AND a.t >= p1.end_ns
@@ -76,10 +79,8 @@ FROM p1 ASOF LEFT JOIN after a ON a.trace_id = p1.parent_trace AND a.service = p
 # and background candidates): each operation's vocabulary is its 30 most frequent steps
 _STEP_COUNTS = """
 SELECT service, name, step, count(*)::BIGINT FROM (
-  SELECT service, name, name1 AS step FROM break_features
-  UNION ALL SELECT service, name, name2 FROM break_features
-  UNION ALL SELECT service, name, name1 FROM break_bg_features
-  UNION ALL SELECT service, name, name2 FROM break_bg_features)
+  SELECT service, name, name1 AS step FROM break_all_features
+  UNION ALL SELECT service, name, name2 FROM break_all_features)
 GROUP BY ALL
 """
 # candidates with their operation as a number and their steps as codes in its vocabulary
@@ -89,9 +90,10 @@ _CODED = """
 SELECT f.break_rid, f.parent_rid, o.op, f.parent_th,
        f.gap1::DOUBLE AS gap1, coalesce(c1.code, o.other) AS code1,
        f.gap2::DOUBLE AS gap2, coalesce(c2.code, o.other) AS code2
-FROM {table} f JOIN break_vocab_ops o USING (service, name)
+FROM break_all_features f JOIN break_vocab_ops o USING (service, name)
 LEFT JOIN break_vocab c1 ON c1.op = o.op AND c1.step = f.name1
 LEFT JOIN break_vocab c2 ON c2.op = o.op AND c2.step = f.name2
+WHERE f.bg = {bg}
 """
 _BATCH_ROWS = 1 << 20  # background candidates are counted into histograms a batch at a time
 _SHIFTS = 2  # shifted copies of each break: the background sample is twice the real one
@@ -162,13 +164,12 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     model learned for its break operation (`HandoffModel`)."""
     shifted = _SHIFTED.format(roots=_ROOTS, shifts=_SHIFTS)
     con.execute(_ENCLOSING.format(table="break_bg_pairs", roots=shifted), {"b": _BUCKET_NS})
-    con.execute(_FEATURES.format(table="break_pairs", out="break_features"))
-    con.execute(_FEATURES.format(table="break_bg_pairs", out="break_bg_features"))
+    con.execute(_FEATURES)
     con.execute("DROP TABLE break_bg_pairs")
     rows = _vocabularies(con)
-    real = _fetch(con, _CODED.format(table="break_features") + " ORDER BY f.break_rid, f.parent_rid")
+    real = _fetch(con, _CODED.format(bg="false") + " ORDER BY f.break_rid, f.parent_rid")
     background = _background_counts(con, rows)
-    for table in ("break_features", "break_bg_features", "break_vocab", "break_vocab_ops"):
+    for table in ("break_all_features", "break_vocab", "break_vocab_ops"):
         con.execute(f"DROP TABLE {table}")
     n = len(real["break_rid"])
     empty = {"rid": np.zeros(0, np.int64), "parent_rid": np.zeros(0, np.int64), "confidence": np.zeros(0)}
@@ -238,7 +239,7 @@ def _background_counts(con: duckdb.DuckDBPyConnection, rows: dict[int, int]) -> 
     """Per operation: the background candidates' counts per (step, gap bin) cell, before and
     after, counted a batch at a time (the background is twice the real candidates)."""
     counts = {op: (np.zeros(r * _BINS, np.int64), np.zeros(r * _BINS, np.int64)) for op, r in rows.items()}
-    reader = con.sql(_CODED.format(table="break_bg_features")).to_arrow_reader(_BATCH_ROWS)
+    reader = con.sql(_CODED.format(bg="true")).to_arrow_reader(_BATCH_ROWS)
     for batch in reader:
         cols = _columns(batch)
         c1, c2 = _cells(cols["code1"], cols["gap1"]), _cells(cols["code2"], cols["gap2"])

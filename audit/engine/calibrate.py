@@ -24,13 +24,12 @@ from scipy.optimize import isotonic_regression
 
 from .learn import Learned
 from .stitch import (
+    _BUCKET_NS,
+    _BYTES_PER_ROW,
     _EXACT_ONLY,
-    _STAGES,
     CANDIDATES_PER_ORPHAN,
-    RANK_EXACT,
-    _run_stage,
-    _slices,
-    _stage_sql,
+    _memory_limit_bytes,
+    match_stages,
     stitch,
 )
 from .tables import temp_table
@@ -189,6 +188,7 @@ def _run(con, learned: Learned, audited: np.ndarray, tol: float, max_lag: float)
     con.execute(_AUG_ORPHANS)
     # the real unpaired exits (their ids kept), and the decoys' own exits unless withheld
     con.execute("CREATE OR REPLACE TEMP TABLE cand_exits AS SELECT * FROM cal_real_cand_exits")
+    first_decoy_exit = con.execute("SELECT coalesce(max(eid) + 1, 0) FROM cand_exits").fetchone()[0]
     con.execute(_DECOY_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
     con.execute(_EXACT_ONLY)
     con.execute("CREATE OR REPLACE TEMP TABLE cand_pairs (oid BIGINT, eid BIGINT, rank INTEGER)")
@@ -196,12 +196,7 @@ def _run(con, learned: Learned, audited: np.ndarray, tol: float, max_lag: float)
         "CREATE OR REPLACE TEMP TABLE cand_counts"
         " (oid BIGINT, rank INTEGER, candidates BIGINT, kept INTEGER, degraded BOOLEAN)"
     )
-    slices = _slices(con)
-    for rank, columns in _STAGES:
-        top, orphans = _stage_sql(rank, columns, CANDIDATES_PER_ORPHAN)
-        for span in [None] if rank == RANK_EXACT else slices:
-            _run_stage(con, rank, top, orphans, span)
-    con.execute("DROP TABLE IF EXISTS cand_top")
+    _reuse_candidates(con, first_decoy_exit)
     temp_table(con, "cal_audited", {"real_oid": np.asarray(audited, dtype=np.int64)})
     ids = con.execute(
         "SELECT oid FROM cand_orphans WHERE true_exit IS NOT NULL"
@@ -212,6 +207,70 @@ def _run(con, learned: Learned, audited: np.ndarray, tol: float, max_lag: float)
     rows = con.execute(_DECOY_LINKS).fetchnumpy()
     con.execute("DROP TABLE IF EXISTS cal_audited")
     return _fit(rows)
+
+
+# Real orphans whose candidates the decoys cannot change: none of the decoys' exits shares a key
+# with them (at a time inside the exit's window, where a stage needs one), and their exact-key
+# status is what it was. They keep the main pass's candidates (`oid` here, `real_oid` there).
+_KEPT = """
+CREATE OR REPLACE TEMP TABLE cal_kept AS
+WITH x AS (SELECT * FROM cand_exits WHERE eid >= $first),
+touched AS (
+  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_exact = x.k_exact
+  UNION ALL
+  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_path = x.k_path
+    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+  UNION ALL
+  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_rpc = x.k_rpc
+    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+  UNION ALL
+  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_dest = x.k_dest
+    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+  UNION ALL
+  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_svc = x.k_svc
+    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi)
+SELECT oid, real_oid FROM cand_orphans
+WHERE real_oid IS NOT NULL AND oid NOT IN (SELECT oid FROM touched)
+  AND (oid IN (SELECT oid FROM exact_only)) = (real_oid IN (SELECT oid FROM cal_real_exact_only))
+"""
+
+
+def _reuse_candidates(con, first_decoy_exit: int) -> None:
+    """cand_pairs and cand_counts for the decoys and the real orphans: those the decoys cannot
+    touch (_KEPT) copied from the main pass, the others matched again. The same tables as
+    matching every orphan again, which took most of the calibration's time at 10M spans."""
+    con.execute(_KEPT, {"first": int(first_decoy_exit)})
+    con.execute(
+        "INSERT INTO cand_counts SELECT k.oid, c.rank, c.candidates, c.kept, c.degraded"
+        " FROM cal_real_cand_counts c JOIN cal_kept k ON k.real_oid = c.oid"
+    )
+    con.execute(
+        "INSERT INTO cand_pairs SELECT k.oid, p.eid, p.rank FROM cal_real_cand_pairs p"
+        " JOIN cal_kept k ON k.real_oid = p.oid"
+    )
+    con.execute("ALTER TABLE cand_orphans RENAME TO cal_all_orphans")
+    try:
+        con.execute(
+            "CREATE TEMP TABLE cand_orphans AS SELECT * FROM cal_all_orphans"
+            " WHERE oid NOT IN (SELECT oid FROM cal_kept)"
+        )
+        match_stages(con, CANDIDATES_PER_ORPHAN, _one_slice(con))
+    finally:
+        con.execute("DROP TABLE IF EXISTS cand_orphans")
+        con.execute("ALTER TABLE cal_all_orphans RENAME TO cand_orphans")
+        con.execute("DROP TABLE IF EXISTS cal_kept")
+
+
+def _one_slice(con) -> list[tuple[int, int]] | None:
+    """The orphans matched again are few (the decoys and their neighbours): one time slice for all
+    when they fit the memory a slice is sized for. The join then holds them, not the exits, which
+    only stream past; a slice that still runs out of memory is halved as any other."""
+    n, lo, hi = con.execute(
+        "SELECT count(*), min(start_ns)::BIGINT, max(start_ns)::BIGINT FROM cand_orphans"
+    ).fetchone()
+    if not n or n > _memory_limit_bytes(con) // 4 // _BYTES_PER_ROW:
+        return None
+    return [(lo // _BUCKET_NS * _BUCKET_NS, (hi // _BUCKET_NS + 1) * _BUCKET_NS)]
 
 
 # The decoys' exits as unpaired exits: the same columns as cand_exits (stitch.py), from xt. A

@@ -137,26 +137,36 @@ END"""
 def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[str, str]:
     """The stage's statement (cand_top: per orphan, its best candidates and how many fit) and
     the query of the orphans it is about (to give them up if it cannot run). Non-exact stages
-    take a slice of orphan start times, $lo <= start < $hi."""
-    waiting = "oid NOT IN (SELECT oid FROM cand_counts)"
-    if rank != RANK_EXACT:
-        waiting += " AND oid NOT IN (SELECT oid FROM exact_only) AND start_ns >= $lo AND start_ns < $hi"
-    okeys = " UNION ALL ".join(
-        f"SELECT {c} AS key, {_O_COLS} FROM cand_orphans WHERE {c} IS NOT NULL AND {waiting}" for c in columns
-    )
-    ekeys = " UNION ALL ".join(
-        f"SELECT {c} AS key, {_E_COLS} FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
-    )
+    read the stage tables (`_stage_tables`) for a slice of orphan start times, $lo <= start < $hi."""
     if rank == RANK_EXACT:  # no time bucket: the key decides
+        waiting = "oid NOT IN (SELECT oid FROM cand_counts)"
+        okeys = " UNION ALL ".join(
+            f"SELECT {c} AS key, {_O_COLS} FROM cand_orphans WHERE {c} IS NOT NULL AND {waiting}"
+            for c in columns
+        )
+        ekeys = " UNION ALL ".join(
+            f"SELECT {c} AS key, {_E_COLS} FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
+        )
         pairs = f"SELECT * FROM ({okeys}) ok JOIN ({ekeys}) ek USING (key)"
+        orphans = f"SELECT DISTINCT oid FROM ({okeys}) WHERE key IN (SELECT key FROM ({ekeys}))"
     else:
+        # the slice's exits: short ones by the range of their window's start (zone maps skip the
+        # rest of the table, which is sorted on it), and the few long ones
+        exits = f"""SELECT * FROM stage_exits
+          WHERE win_lo >= $lo - {_LONG_NS} AND win_lo < $hi AND win_hi >= $lo
+          UNION ALL SELECT * FROM stage_long_exits WHERE win_lo < $hi AND win_hi >= $lo"""
         pairs = f"""
-        WITH ok AS (SELECT *, o_start // $b AS bucket FROM ({okeys})),
+        WITH ok AS (SELECT *, o_start // $b AS bucket FROM stage_orphans
+                    WHERE o_start >= $lo AND o_start < $hi),
              ek AS (SELECT *, unnest(range(greatest(win_lo, $lo) // $b,
                                            least(win_hi, $hi - 1) // $b + 1)) AS bucket
-                    FROM ({ekeys}) WHERE win_hi >= $lo AND win_lo < $hi AND key IN (SELECT key FROM ok))
+                    FROM ({exits}) WHERE key IN (SELECT key FROM ok))
         SELECT * EXCLUDE (bucket) FROM ok JOIN ek USING (key, bucket)
         WHERE o_start BETWEEN win_lo AND win_hi"""
+        orphans = (
+            "SELECT DISTINCT oid FROM stage_orphans WHERE o_start >= $lo AND o_start < $hi"
+            f" AND key IN (SELECT key FROM ({exits}))"
+        )
     # a pair matched through two keys of a stage (rpc and destination) is listed once
     top = f"""
     CREATE OR REPLACE TEMP TABLE cand_top AS
@@ -166,8 +176,49 @@ def _stage_sql(rank: int, columns: tuple[str, ...], per_orphan: int) -> tuple[st
         ON m.caller = p.e_service AND m.callee = p.o_service AND m.protocol = p.e_protocol)
     GROUP BY oid"""
     # given up: the orphans that share a key with exits in flight during the slice
-    overlap = "" if rank == RANK_EXACT else " WHERE win_hi >= $lo AND win_lo < $hi"
-    return top, f"SELECT DISTINCT oid FROM ({okeys}) WHERE key IN (SELECT key FROM ({ekeys}){overlap})"
+    return top, orphans
+
+
+# An exit whose window (its call, plus the skew tolerance or a message's lag) is longer than this
+# is kept apart from the others, which a slice then finds by their window's start alone.
+_LONG_NS = 10_000_000_000
+
+
+def _stage_tables(con: duckdb.DuckDBPyConnection, columns: tuple[str, ...]) -> None:
+    """stage_orphans (sorted by start) and stage_exits, stage_long_exits (sorted by window start):
+    one row per key of the stage, orphans not matched at a stronger stage. Built once per stage,
+    so that each time slice reads only its own rows, not both tables and cand_counts again."""
+    waiting = "oid NOT IN (SELECT oid FROM cand_counts) AND oid NOT IN (SELECT oid FROM exact_only)"
+    okeys = " UNION ALL ".join(
+        f"SELECT {c} AS key, {_O_COLS} FROM cand_orphans WHERE {c} IS NOT NULL AND {waiting}" for c in columns
+    )
+    ekeys = " UNION ALL ".join(
+        f"SELECT {c} AS key, {_E_COLS} FROM cand_exits WHERE {c} IS NOT NULL" for c in columns
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE stage_orphans AS SELECT * FROM ({okeys}) ORDER BY o_start")
+    ekeys = f"SELECT * FROM ({ekeys}) WHERE key IN (SELECT key FROM stage_orphans)"
+    for table, test in (("stage_exits", "<="), ("stage_long_exits", ">")):
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM ({ekeys})"
+            f" WHERE win_hi - win_lo {test} {_LONG_NS} ORDER BY win_lo"
+        )
+
+
+def match_stages(con: duckdb.DuckDBPyConnection, per_orphan: int, slices: list | None = None) -> None:
+    """Fill cand_pairs and cand_counts (created empty) from cand_orphans, cand_exits and
+    exact_only: every stage, strongest first, the non-exact ones a time slice at a time
+    (`slices`, [lo, hi) on bucket boundaries; by default sized by `_slices`)."""
+    slices = _slices(con) if slices is None else slices
+    for rank, columns in _STAGES:
+        top, orphans = _stage_sql(rank, columns, per_orphan)
+        if rank == RANK_EXACT:
+            _run_stage(con, rank, top, orphans, None)
+            continue
+        _stage_tables(con, columns)
+        for span in slices:
+            _run_stage(con, rank, top, orphans, span)
+    for table in ("cand_top", "stage_orphans", "stage_exits", "stage_long_exits"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 # `path_odds`: how much a shared URL path says. Among the caller's exits with paths, the share
@@ -251,13 +302,7 @@ def build_candidates(
         "CREATE OR REPLACE TEMP TABLE cand_counts"
         " (oid BIGINT, rank INTEGER, candidates BIGINT, kept INTEGER, degraded BOOLEAN)"
     )
-    k = per_orphan or CANDIDATES_PER_ORPHAN
-    slices = _slices(con)
-    for rank, columns in _STAGES:
-        top, orphans = _stage_sql(rank, columns, k)
-        for span in [None] if rank == RANK_EXACT else slices:
-            _run_stage(con, rank, top, orphans, span)
-    con.execute("DROP TABLE IF EXISTS cand_top")
+    match_stages(con, per_orphan or CANDIDATES_PER_ORPHAN)
 
 
 def degraded_hops(con: duckdb.DuckDBPyConnection) -> list[dict]:
