@@ -13,8 +13,8 @@ variants interleaved so the machine's noise hits them alike:
 - `ids`: resource and scope as two id columns (their attributes in tables of their own);
 - `ids - otlp_rest`: the same without `otlp_rest`.
 
-Prints, per variant, the median wall and CPU µs per span over the runs, and the ratio to `wide`
-in the same run. Figures: docs/performance.md.
+Prints, per variant, the median wall and CPU µs per span over the runs, the ratio to `wide`
+in the same run, and the file's bytes per span once closed (checkpointed). Figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _insert_sql(schema: pa.Schema) -> str:
     return f"SELECT {', '.join(exprs)}, current_timestamp AS ingested_at FROM batch"
 
 
-def _one(variant: str, commits: list[list[SpanBatch]], tmp: str) -> tuple[float, float]:
+def _one(variant: str, commits: list[list[SpanBatch]], tmp: str) -> tuple[float, float, float]:
     path = os.path.join(tmp, f"{variant.replace(' ', '')}.duckdb")
     spans = sum(b.accepted for c in commits for b in c)
     if variant == "store":
@@ -102,10 +102,12 @@ def _one(variant: str, commits: list[list[SpanBatch]], tmp: str) -> tuple[float,
             con.execute(insert)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         con.close()
+    size = 0
     for f in (path, path + ".wal"):
         if os.path.exists(f):
+            size += os.path.getsize(f)  # after the close, which checkpoints
             os.remove(f)
-    return wall / spans * 1e6, cpu / spans * 1e6
+    return wall / spans * 1e6, cpu / spans * 1e6, size / spans
 
 
 def main() -> None:
@@ -130,20 +132,27 @@ def main() -> None:
     )
     wall: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
+    disk: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="ctxaudit-loader-", dir=os.environ.get("BENCH_TMP")) as tmp:
         for run in range(args.runs):
             for v in variants:
-                w, c = _one(v, commits, tmp)
+                w, c, b = _one(v, commits, tmp)
                 wall[v].append(w)
                 cpu[v].append(c)
-                print(f"run {run + 1} {v:<18} wall {w:6.2f} µs/span  CPU {c:6.2f} µs/span", flush=True)
+                disk[v].append(b)
+                print(
+                    f"run {run + 1} {v:<18} wall {w:6.2f} µs/span  CPU {c:6.2f} µs/span  "
+                    f"{b:6.1f} B/span on disk",
+                    flush=True,
+                )
     print(f"\nmedians (load average at the end {os.getloadavg()[0]:.1f})")
     ref = "wide" if "wide" in variants else variants[0]
     for v in variants:
         ratio = statistics.median(a / b for a, b in zip(wall[v], wall[ref]))
         print(
             f"  {v:<18} wall {statistics.median(wall[v]):6.2f} µs/span (range {min(wall[v]):.2f}-"
-            f"{max(wall[v]):.2f})  CPU {statistics.median(cpu[v]):6.2f}  wall / {ref}: {ratio:.2f}"
+            f"{max(wall[v]):.2f})  CPU {statistics.median(cpu[v]):6.2f}  wall / {ref}: {ratio:.2f}  "
+            f"{statistics.median(disk[v]):6.1f} B/span on disk"
         )
 
 
