@@ -1,0 +1,132 @@
+"""A crowd-aware "no parent" price, tried and not adopted (issue 14, item 2): run a benchmark with
+each candidate pair scored against a background of unrelated exits, to reproduce the figures in
+docs/accuracy.md ("A price for a crowded field").
+
+    python -m bench.crowd_price [--variant lr|crowd-only] [--all-edges] [--no-free]
+                                -- bench.reliability --runs 12 --seed 1
+    python -m bench.crowd_price -- bench.realdata PATH --shape attrs ...
+
+The engine prices "no parent" per edge as a constant (timing.py, `SyncModel.null`). Against a
+background of unrelated exits, the posterior of "exit j is the parent" is proportional to
+p * f(x_j) / lambda(x_j), and of "no parent" to 1 - p, where f is the true pairs' density of the
+gaps x = (d1, d2), p the chance the parent was stored, and lambda the density of unrelated exits
+at x. An unrelated exit with gaps (d1, d2) started at o_start - d1 and lasted
+o_end - o_start + d1 + d2, so lambda(x_j) = r * g(D_j): the rate r of the edge's unpaired exits
+around the orphan (within 1 s) times the density g of their durations at the candidate's own
+duration D_j (a smoothed histogram of log durations). Exits that are other orphans' parents are
+not unrelated: the assignment's one-to-one competition counts them already, so lambda is
+scaled by the share of the edge's unpaired exits that no orphan can claim,
+1 - orphans * p / exits (at least 1%; `--no-free` leaves it out).
+
+Variants, as a shift of each pair's cost by its background price against the edge's price
+(-ln lambda_j - null; likelihoods of borrowed or inferred models count for half, and so does
+their background):
+
+- `lr`: the whole shift (the likelihood ratio replaces the constant price); by default only on
+  edges scored with their own model (`--all-edges`: every edge);
+- `crowd-only`: only where the field is more crowded than the price assumes (the shift's
+  negative part): the confidence can only fall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+import audit.engine.findings as findings
+import audit.engine.stitch as stitch_module
+from audit.engine.estimate import stored_probability
+
+_RATE_WINDOW_NS = 1e9
+_FREE_FLOOR = 0.01
+_BINS = 256
+
+
+def background_price(con, caller: str, callee: str, protocol: str, o_start, e_start, e_end) -> np.ndarray:
+    """-ln lambda per pair: unrelated exits of the edge per ns of start time per ns of duration
+    at the candidate's duration, around the orphan's start."""
+    rows = con.execute(
+        "SELECT start_ns::BIGINT AS s, greatest(end_ns::BIGINT - start_ns::BIGINT, 1000) AS d"
+        " FROM cand_exits WHERE service = ? AND protocol IS NOT DISTINCT FROM ?"
+        " AND (NOT instrumented OR target = ?)",
+        [caller, protocol, callee],
+    ).fetchnumpy()
+    starts, logd = np.sort(rows["s"].astype(float)), np.log(rows["d"].astype(float))
+    if len(starts) < 2:
+        return np.full(len(o_start), np.inf)
+    t = o_start.astype(float)
+    n = np.searchsorted(starts, t + _RATE_WINDOW_NS) - np.searchsorted(starts, t - _RATE_WINDOW_NS)
+    span = np.minimum(t + _RATE_WINDOW_NS, starts[-1]) - np.maximum(t - _RATE_WINDOW_NS, starts[0])
+    rate = n / np.maximum(span, 1e8)
+    iqr = float(np.subtract(*np.percentile(logd, [75, 25]))) / 1.349
+    h = max(0.9 * min(float(logd.std()), iqr or float(logd.std())) * len(logd) ** -0.2, 0.05)
+    lo, hi = logd.min() - 4 * h, logd.max() + 4 * h
+    counts, _ = np.histogram(logd, bins=_BINS, range=(lo, hi))
+    step = (hi - lo) / _BINS
+    density = gaussian_filter1d(counts.astype(float), h / step, mode="constant") / (len(logd) * step)
+    d = np.maximum(e_end - e_start, 1000).astype(float)
+    i = np.clip(((np.log(d) - lo) / step).astype(int), 0, _BINS - 1)
+    lam = rate * np.maximum(density[i], 1e-12) / d
+    return -np.log(np.maximum(lam, 1e-300))
+
+
+def install(variant: str, all_edges: bool, free: bool) -> None:
+    """Patch the engine's pair costs (stitch._costs) for this process."""
+    state: dict = {}
+    original_stitch, original_costs = stitch_module.stitch, stitch_module._costs
+
+    def keep_connection(con, learned, ids):
+        state["con"] = con
+        return original_stitch(con, learned, ids)
+
+    def costs(cols, learned, edges):
+        cost, null = original_costs(cols, learned, edges)
+        con, shift = state["con"], np.zeros(len(cost))
+        for g in np.unique(cols["edge"]):
+            i = np.nonzero(cols["edge"] == g)[0]
+            caller, callee, protocol = edges[int(g)]
+            if protocol == "messaging":
+                continue
+            m = learned.sync_model(caller, callee, protocol)
+            if m.source != "edge" and not all_edges:
+                continue
+            price = background_price(
+                con, caller, callee, protocol, cols["o_start"][i], cols["e_start"][i], cols["e_end"][i]
+            )
+            if free:
+                exits = con.execute(
+                    "SELECT count(*) FROM cand_exits WHERE service = ? AND protocol IS NOT DISTINCT FROM ?"
+                    " AND (NOT instrumented OR target = ?)",
+                    [caller, protocol, callee],
+                ).fetchall()[0][0]
+                claimed = len(np.unique(cols["oid"][i])) * float(np.mean(stored_probability(cols["e_th"][i])))
+                price = price - np.log(min(max(1.0 - claimed / max(exits, 1), _FREE_FLOOR), 1.0))
+            w = 1.0 if m.source == "edge" else stitch_module._BORROWED
+            shift[i] = np.where(np.isfinite(price), w * price - null[i], 0.0)
+        return cost - (shift if variant == "lr" else np.minimum(shift, 0.0)), null
+
+    stitch_module.stitch = findings.stitch = keep_connection
+    stitch_module._costs = costs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=("lr", "crowd-only"), default="lr")
+    ap.add_argument("--all-edges", action="store_true", help="also edges scored with a borrowed model")
+    ap.add_argument("--no-free", action="store_true", help="count every unpaired exit as unrelated")
+    ap.add_argument("module", nargs=argparse.REMAINDER, help="-- then a bench module and its arguments")
+    args = ap.parse_args()
+    rest = args.module[1:] if args.module[:1] == ["--"] else args.module
+    if not rest:
+        ap.error("name a bench module after --")
+    install(args.variant, args.all_edges, not args.no_free)
+    sys.argv = rest
+    runpy.run_module(rest[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
