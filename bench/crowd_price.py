@@ -25,13 +25,16 @@ their background):
 - `lr`: the whole shift (the likelihood ratio replaces the constant price); by default only on
   edges scored with their own model (`--all-edges`: every edge);
 - `crowd-only`: only where the field is more crowded than the price assumes (the shift's
-  negative part): the confidence can only fall.
+  negative part): the confidence can only fall;
+- `none`: nothing patched, the control (bench.realdata's audit runs in this process either way).
 """
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import contextlib
+import importlib
+import json
 import sys
 
 import numpy as np
@@ -115,7 +118,7 @@ def install(variant: str, all_edges: bool, free: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("lr", "crowd-only"), default="lr")
+    ap.add_argument("--variant", choices=("lr", "crowd-only", "none"), default="lr")
     ap.add_argument("--all-edges", action="store_true", help="also edges scored with a borrowed model")
     ap.add_argument("--no-free", action="store_true", help="count every unpaired exit as unrelated")
     ap.add_argument("module", nargs=argparse.REMAINDER, help="-- then a bench module and its arguments")
@@ -123,9 +126,25 @@ def main() -> None:
     rest = args.module[1:] if args.module[:1] == ["--"] else args.module
     if not rest:
         ap.error("name a bench module after --")
-    install(args.variant, args.all_edges, not args.no_free)
+    if args.variant != "none":  # "none": the engine as it is, audited the same way (the control)
+        install(args.variant, args.all_edges, not args.no_free)
+    module = importlib.import_module(rest[0])
+    if hasattr(module, "run_audit") and hasattr(module, "_CTXAUDIT"):  # bench.realdata: audit in-process
+        module.run_audit = _audit_in_process
     sys.argv = rest
-    runpy.run_module(rest[0], run_name="__main__")
+    module.main()
+
+
+def _audit_in_process(db: str, min_confidence: float, memory_limit: str, out: str) -> dict:
+    """bench.realdata's audit (a `ctxaudit audit` subprocess there) in this process, patched."""
+    from audit.cli import main as cli
+
+    cmd = ["audit", "--db", db, "--all", "--settle", "0", "--json", "--no-save"]
+    cmd += ["--min-confidence", str(min_confidence), "--memory-limit", memory_limit]
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        cli.main(cmd, standalone_mode=False)
+    with open(out) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":
