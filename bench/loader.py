@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from audit.store.batch import SpanBatch
-from audit.store.writer import SpanStore
+from audit.store.writer import SpanStore, joined_columns
 from bench.payloads import encoded_requests
 from collector_ext import decoder
 from collector_ext.decode import PROTOBUF
@@ -64,21 +64,6 @@ def _layout(table: pa.Table, variant: str) -> pa.Table:
     return table.drop_columns(sorted(c for c in drop if c in table.column_names))
 
 
-def _insert_sql(schema: pa.Schema) -> str:
-    targets, exprs = [], []
-    for name in schema.names:
-        if name.endswith("_lo"):
-            continue
-        if name.endswith("_hi"):
-            base = name[:-3]
-            targets.append(base)
-            exprs.append(f"({base}_hi::UHUGEINT << 64) | {base}_lo::UHUGEINT")
-        else:
-            targets.append(name)
-            exprs.append(name)
-    return f"SELECT {', '.join(exprs)}, current_timestamp AS ingested_at FROM batch"
-
-
 def _one(variant: str, commits: list[list[SpanBatch]], tmp: str) -> tuple[float, float, float]:
     path = os.path.join(tmp, f"{variant.replace(' ', '')}.duckdb")
     spans = sum(b.accepted for c in commits for b in c)
@@ -92,7 +77,8 @@ def _one(variant: str, commits: list[list[SpanBatch]], tmp: str) -> tuple[float,
     else:
         con = duckdb.connect(path, config={"checkpoint_threshold": "128MiB"})
         tables = [pa.concat_tables([_layout(b.spans, variant) for b in c]) for c in commits]
-        select = _insert_sql(tables[0].schema)
+        columns = joined_columns(tables[0].schema)
+        select = f"SELECT {', '.join(f'{e} AS {c}' for c, e in columns)} FROM batch"
         con.register("batch", tables[0].slice(0, 0))
         con.execute(f"CREATE TABLE spans AS {select}")
         insert = f"INSERT INTO spans {select}"

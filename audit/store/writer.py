@@ -33,22 +33,25 @@ class QueueFull(Exception):
     """The write queue has no room for this batch now; the client should retry."""
 
 
-def _insert_sql(table: str, schema: pa.Schema, skip: tuple[str, ...] = ()) -> str:
-    """INSERT ... SELECT that joins each `<x>_hi`/`<x>_lo` pair into one UHUGEINT column `<x>`."""
-    targets, exprs = [], []
+def joined_columns(schema: pa.Schema, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(column, SQL expression) per stored column of a batch with `schema`: each `<x>_hi`/`<x>_lo`
+    pair joined into one UHUGEINT column `<x>`; `ingested_at` last, one value per transaction."""
+    out = []
     for name in schema.names:
         if name.endswith("_lo") or name in skip:
             continue
         if name.endswith("_hi"):
             base = name[:-3]
-            targets.append(base)
-            exprs.append(f"({base}_hi::UHUGEINT << 64) | {base}_lo::UHUGEINT")
+            out.append((base, f"({base}_hi::UHUGEINT << 64) | {base}_lo::UHUGEINT"))
         else:
-            targets.append(name)
-            exprs.append(name)
-    targets.append("ingested_at")
-    exprs.append("current_timestamp")  # one value per transaction: the commit group
-    return f"INSERT INTO {table} ({', '.join(targets)}) SELECT {', '.join(exprs)} FROM batch_{table}"
+            out.append((name, name))
+    return out + [("ingested_at", "current_timestamp")]  # the commit group
+
+
+def _insert_sql(table: str, schema: pa.Schema, skip: tuple[str, ...] = ()) -> str:
+    columns = joined_columns(schema, skip)
+    targets, exprs = ", ".join(c for c, _ in columns), ", ".join(e for _, e in columns)
+    return f"INSERT INTO {table} ({targets}) SELECT {exprs} FROM batch_{table}"
 
 
 # a span's resource and scope columns go to span_resources and span_scopes, once per id
