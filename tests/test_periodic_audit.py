@@ -39,6 +39,13 @@ def _simulate(tmp_path, port: int, seed: int) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def _wait_for_a_run(remote: RemoteReader, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not remote.audit_runs():
+        assert time.monotonic() < deadline, f"no audit run after {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
 def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
     db = str(tmp_path / "live.duckdb")
     # spans first, with no audit: the simulated traffic is in the past, so all of it is settled
@@ -48,10 +55,7 @@ def test_serve_audits_the_settled_window_and_saves_the_run(tmp_path):
     proc, port, _ = start_server(db, "--audit-every", "1", "--audit-settle", "0")
     try:
         remote = RemoteReader(proc.api_url)
-        deadline = time.monotonic() + 90
-        while not remote.audit_runs():
-            assert time.monotonic() < deadline, "no audit run after 90 s"
-            time.sleep(0.5)
+        _wait_for_a_run(remote)
         _simulate(tmp_path, port, 2)  # ingestion goes on beside the audits
         wait_loaded(remote)  # acknowledged, then loaded from the staging log
         run = remote.audit_run()
@@ -90,10 +94,7 @@ def test_serve_audits_with_its_audit_config(tmp_path):
     )
     try:
         remote = RemoteReader(proc.api_url)
-        deadline = time.monotonic() + 90
-        while not remote.audit_runs():
-            assert time.monotonic() < deadline, "no audit run after 90 s"
-            time.sleep(0.5)
+        _wait_for_a_run(remote)
         run = remote.audit_run()
         assert any(e.startswith("recommendations:") for e in run["entrypoints"])
         orphans = remote.findings(kind="orphan_root")
