@@ -399,21 +399,30 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
     # in a fixed order (sorted here: an ORDER BY needs memory a small limit may not have): an
     # orphan with candidates on several edges takes its "no parent" price from the last (_assign)
     order = np.lexsort((cols["eid"], cols["oid"], cols["edge"]))
-    cols = {name: column[order] for name, column in cols.items()}
+    for name in list(cols):  # one column at a time: the fetched copy goes as its sorted one comes
+        cols[name] = cols[name][order]
+    del order
     n = len(cols["oid"])
     if n == 0:
         return Stitched(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    oid, eid, rank = cols["oid"].astype(np.int64), cols["eid"].astype(np.int64), cols["rank"]
     cost, null = _costs(cols, learned, edges)
-    cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols["path_odds"])
-    cost = cost - np.log(cols["prior"])
+    for name in ("o_start", "o_end", "e_start", "e_end", "edge"):
+        del cols[name]
+    rank = cols.pop("rank")
+    cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols.pop("path_odds"))
+    del rank
+    cost -= np.log(cols.pop("prior"))
     # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
-    p_stored = stored_probability(cols["e_th"])
+    p_stored = stored_probability(cols.pop("e_th"))
+    oid, eid = cols.pop("oid").astype(np.int64, copy=False), cols.pop("eid").astype(np.int64, copy=False)
     # an exit with a row per candidate callee is one column of the assignment (one orphan at most)
-    spread = ~np.ma.getmaskarray(cols["slot"])
+    slot = cols.pop("slot")
+    spread = ~np.ma.getmaskarray(slot)
     if not spread.any():
+        del slot, spread, cols
         return _assign(oid, eid, cost, null, p_stored)
-    slot = np.where(spread, np.ma.getdata(cols["slot"]), -1).astype(np.int64)
+    slot = np.where(spread, np.ma.getdata(slot), -1).astype(np.int64)
+    del spread, cols
     return _assign_slots(oid, eid, slot, cost, null, p_stored)
 
 
@@ -428,6 +437,7 @@ def _assign_slots(oid, eid, slot, cost, null, p_stored) -> Stitched:
     return Stitched(got.oid, eid[at], got.confidence)
 
 
+_COST_CHUNK = 1 << 20  # pairs scored at a time
 _BORROWED = 0.5  # likelihoods from a model borrowed from other edges count for half: they only hint
 
 
@@ -437,19 +447,24 @@ def _costs(
     """Per pair: the negative log-likelihood of its timing under its edge's model, and what a
     candidate at the edge of plausibility would cost on that edge (the "no parent" price).
     `edges`: the pairs' edge numbers -> (caller, callee, protocol), from `pair_edges`."""
-    cost, null = np.empty(len(cols["oid"])), np.empty(len(cols["oid"]))
-    groups = np.unique(cols["edge"])
-    order = np.argsort(cols["edge"], kind="stable")
-    bounds = np.searchsorted(cols["edge"][order], groups)
-    for g, a, b in zip(groups, bounds, np.r_[bounds[1:], len(order)]):
-        i = order[a:b]
+    edge = cols["edge"]
+    cost, null = np.empty(len(edge)), np.empty(len(edge))
+    groups = np.unique(edge)
+    # pairs sorted by edge (as stitch sorts them) are read in place, without an order's copies
+    order = None if bool(np.all(edge[1:] >= edge[:-1])) else np.argsort(edge, kind="stable")
+    bounds = np.searchsorted(edge if order is None else edge[order], groups)
+    for g, a, b in zip(groups, bounds, np.r_[bounds[1:], len(edge)]):
         caller, callee, protocol = edges[int(g)]
-        if protocol == "messaging":
-            m = learned.lag_model(caller, callee)
-            cost[i] = m.nll(cols["o_start"][i] - cols["e_end"][i])
-        else:
-            m = learned.sync_model(caller, callee, protocol)
-            cost[i] = m.nll(cols["o_start"][i] - cols["e_start"][i], cols["e_end"][i] - cols["o_end"][i])
+        lag = protocol == "messaging"
+        m = learned.lag_model(caller, callee) if lag else learned.sync_model(caller, callee, protocol)
+        # in chunks: the model's temporaries over millions of pairs at once were gigabytes
+        for c in range(a, b, _COST_CHUNK):
+            i = slice(c, min(c + _COST_CHUNK, b)) if order is None else order[c : min(c + _COST_CHUNK, b)]
+            if lag:
+                cost[i] = m.nll(cols["o_start"][i] - cols["e_end"][i])
+            else:
+                cost[i] = m.nll(cols["o_start"][i] - cols["e_start"][i], cols["e_end"][i] - cols["o_end"][i])
+        i = slice(a, b) if order is None else order[a:b]
         null[i] = m.null()
         if m.source != "edge":
             cost[i] *= _BORROWED
@@ -524,8 +539,9 @@ def _solve(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
     Solved per connected group of orphans and exits that share candidates: most orphans have
     their candidates to themselves, and one global sparse problem is 50x slower than many
     small dense ones."""
-    graph = csr_matrix((np.ones(len(row)), (row, n_o + col)), shape=(n_o + n_e, n_o + n_e))
+    graph = csr_matrix((np.ones(len(row), np.int8), (row, n_o + col)), shape=(n_o + n_e, n_o + n_e))
     _, label = connected_components(graph, directed=False)
+    del graph
     group = label[row]  # per pair
     match = n_e + np.arange(n_o)  # "no parent" unless a cheaper exit is taken
     # orphans alone in their group: the cheapest of their own options
@@ -537,9 +553,14 @@ def _solve(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
     match[row[pick]] = col[pick]
     # the shared groups: one small dense assignment each, with local indices computed for all
     # groups at once (per-group numpy calls would cost more than the solving)
+    if alone.all():
+        return match
+    if not alone.any():  # a keyless hop under load: one group of every pair, no copy of them
+        del alone
+        _solve_groups(group, row, col, cost, null_cost, n_o, n_e, match)
+        return match
     shared = np.nonzero(~alone)[0]
-    if len(shared):
-        _solve_groups(group[shared], row[shared], col[shared], cost[shared], null_cost, n_o, n_e, match)
+    _solve_groups(group[shared], row[shared], col[shared], cost[shared], null_cost, n_o, n_e, match)
     return match
 
 
