@@ -394,36 +394,60 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
     """Assign parents to the given orphans (ids in cand_orphans; entry-point roots left out)."""
     temp_table(con, "stitch_orphans", {"oid": orphan_ids})
     edges = pair_edges(con)
-    cols = con.execute(_PAIR_ROWS + " WHERE p.oid IN (SELECT oid FROM stitch_orphans)").fetchnumpy()
+    query = _PAIR_ROWS + " WHERE p.oid IN (SELECT oid FROM stitch_orphans)"
+    # streamed: each batch of pairs is costed as it comes and only what the assignment needs is
+    # kept (millions of pairs on a keyless hop under load; all their columns were gigabytes)
+    kept: dict[str, list] = {name: [] for name in ("oid", "eid", "edge", "cost", "null", "p_stored", "slot")}
+    for batch in con.sql(query).to_arrow_reader(_FETCH_ROWS):
+        part = _costed(batch, learned, edges)
+        for name in kept:
+            kept[name].append(part[name])
+        del part, batch
     con.execute("DROP TABLE pair_edges")
+    if not sum(len(part) for part in kept["oid"]):
+        return Stitched(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    cols = {name: np.concatenate(kept.pop(name)) for name in list(kept)}
     # in a fixed order (sorted here: an ORDER BY needs memory a small limit may not have): an
     # orphan with candidates on several edges takes its "no parent" price from the last (_assign)
-    order = np.lexsort((cols["eid"], cols["oid"], cols["edge"]))
-    for name in list(cols):  # one column at a time: the fetched copy goes as its sorted one comes
-        cols[name] = cols[name][order]
-    del order
-    n = len(cols["oid"])
-    if n == 0:
-        return Stitched(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    cost, null = _costs(cols, learned, edges)
-    for name in ("o_start", "o_end", "e_start", "e_end", "edge"):
-        del cols[name]
-    rank = cols.pop("rank")
-    cost = np.where(rank == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols.pop("path_odds"))
-    del rank
-    cost -= np.log(cols.pop("prior"))
-    # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
-    p_stored = stored_probability(cols.pop("e_th"))
-    oid, eid = cols.pop("oid").astype(np.int64, copy=False), cols.pop("eid").astype(np.int64, copy=False)
+    order = np.lexsort((cols["eid"], cols["oid"], cols.pop("edge")))
+    oid, eid, cost, null = (cols.pop(name)[order] for name in ("oid", "eid", "cost", "null"))
+    p_stored, slot = cols.pop("p_stored")[order], cols.pop("slot")[order]
+    del order, cols
     # an exit with a row per candidate callee is one column of the assignment (one orphan at most)
-    slot = cols.pop("slot")
-    spread = ~np.ma.getmaskarray(slot)
-    if not spread.any():
-        del slot, spread, cols
+    if not (slot >= 0).any():
+        del slot
         return _assign(oid, eid, cost, null, p_stored)
-    slot = np.where(spread, np.ma.getdata(slot), -1).astype(np.int64)
-    del spread, cols
     return _assign_slots(oid, eid, slot, cost, null, p_stored)
+
+
+_FETCH_ROWS = 1 << 20  # pairs fetched and costed at a time
+
+
+def _costed(batch: pa.RecordBatch, learned: Learned, edges: dict[int, tuple[str, str, str]]) -> dict:
+    """One batch of _PAIR_ROWS: per pair its orphan, exit and edge, its cost and "no parent"
+    price, the chance its exit was stored, and its slot (-1: none)."""
+    cols = {
+        name: batch.column(name).to_numpy(zero_copy_only=False)
+        for name in batch.schema.names
+        if name != "slot"
+    }
+    slot = batch.column("slot")
+    slot = slot.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    cost, null = _costs(cols, learned, edges)
+    cost = np.where(cols["rank"] == RANK_EXACT, np.minimum(cost, 0.0) - 20.0, cost - cols["path_odds"])
+    cost -= np.log(cols["prior"])
+    # the orphan's parent exit was sampled with the caller's probability; otherwise it is not here
+    p_stored = stored_probability(cols["e_th"])
+    oid, eid = cols["oid"].astype(np.int64, copy=False), cols["eid"].astype(np.int64, copy=False)
+    return {
+        "oid": oid,
+        "eid": eid,
+        "edge": cols["edge"],
+        "cost": cost,
+        "null": null,
+        "p_stored": p_stored,
+        "slot": slot,
+    }
 
 
 def _assign_slots(oid, eid, slot, cost, null, p_stored) -> Stitched:
