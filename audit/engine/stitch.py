@@ -540,17 +540,28 @@ def _marginals(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
     k = np.exp(-np.clip(cost - shift[row], 0.0, 700.0))
     k_null = np.exp(-np.clip(null_cost - shift, 0.0, 700.0))
     free = np.ones(len(row))  # per pair: the exit's message, how likely it is free for the orphan
-    for _ in range(_BP_ROUNDS):
-        kf = k * free
-        others = np.bincount(row, kf, minlength=n_o)[row] - kf + k_null[row]
-        odds = k / np.maximum(others, 1e-300)  # the orphan's message: its odds on this exit
-        taken = np.bincount(col, odds, minlength=n_e)[col] - odds
-        new = np.sqrt(free / (1.0 + np.maximum(taken, 0.0)))
+    kf = np.empty(len(row))
+    for _ in range(_BP_ROUNDS):  # in place where it can be: millions of pairs on a keyless hop
+        np.multiply(k, free, out=kf)
+        others = np.bincount(row, kf, minlength=n_o)[row]
+        others -= kf
+        others += k_null[row]
+        # the orphan's message: its odds on this exit
+        odds = np.divide(k, np.maximum(others, 1e-300, out=others), out=others)
+        del others
+        taken = np.bincount(col, odds, minlength=n_e)[col]
+        taken -= odds
+        del odds
+        np.maximum(taken, 0.0, out=taken)
+        taken += 1.0
+        new = np.sqrt(np.divide(free, taken, out=taken), out=taken)
+        del taken
         done = np.allclose(new, free, rtol=1e-6, atol=1e-9)
         free = new
+        del new
         if done:
             break
-    kf = k * free
+    np.multiply(k, free, out=kf)
     return kf / (np.bincount(row, kf, minlength=n_o) + k_null)[row]
 
 
@@ -579,9 +590,15 @@ def _solve(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
     # groups at once (per-group numpy calls would cost more than the solving)
     if alone.all():
         return match
-    if not alone.any():  # a keyless hop under load: one group of every pair, no copy of them
+    if not alone.any():  # no copy of the pairs
         del alone
-        _solve_groups(group, row, col, cost, null_cost, n_o, n_e, match)
+        if label.max() == 0:  # a keyless hop under load: one group, its local indices the global ones
+            del group, label
+            got_rows, got_cols = _solve_group(row, col, cost, null_cost, n_o, n_e)
+            took = got_cols < n_e
+            match[got_rows[took]] = got_cols[took]
+        else:
+            _solve_groups(group, row, col, cost, null_cost, n_o, n_e, match)
         return match
     shared = np.nonzero(~alone)[0]
     _solve_groups(group[shared], row[shared], col[shared], cost[shared], null_cost, n_o, n_e, match)
@@ -621,8 +638,10 @@ _WINDOW_ROWS, _WINDOW_STEP = 4000, 3000
 
 
 def _solve_windows(r, c, cost, null_cost, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(r, kind="stable")
-    r, c, cost = r[order], c[order], cost[order]
+    if not bool(np.all(r[1:] >= r[:-1])):  # pairs come sorted by orphan from stitch: no copies then
+        order = np.argsort(r, kind="stable")
+        r, c, cost = r[order], c[order], cost[order]
+        del order
     starts = np.searchsorted(r, np.arange(k + 1))  # pairs of row i: starts[i]:starts[i + 1]
     taken = np.zeros(m, dtype=bool)
     got = np.full(k, m)  # per row: its exit, or m for none
@@ -654,14 +673,19 @@ def _solve_groups(group, row, col, cost, null_cost, n_o: int, n_e: int, match: n
         k, m = int(r.max()) + 1, int(c.max()) + 1
         rows, cols = rows_flat[row_at : row_at + k], cols_flat[col_at : col_at + m]
         row_at, col_at = row_at + k, col_at + m
-        if k > _WINDOW_ROWS:  # a keyless hop under load chains everything into one group
-            got_rows, got_cols = _solve_windows(r, c, cost[idx], null_cost[rows], k, m)
-        elif k > _DENSE_LIMIT:
-            got_rows, got_cols = _solve_sparse(r, c, cost[idx], null_cost[rows], k, m)
-        else:
-            dense = np.full((k, m + k), 1e12)
-            dense[r, c] = cost[idx]
-            dense[np.arange(k), m + np.arange(k)] = null_cost[rows]
-            got_rows, got_cols = linear_sum_assignment(dense)
+        got_rows, got_cols = _solve_group(r, c, cost[idx], null_cost[rows], k, m)
         took = got_cols < m
         match[rows[got_rows[took]]] = cols[got_cols[took]]
+
+
+def _solve_group(r, c, cost, null_cost, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """One group's assignment: rows 0..k-1 (null_cost per row), exits 0..m-1; per row taken,
+    its column (m + row for none)."""
+    if k > _WINDOW_ROWS:  # a keyless hop under load chains everything into one group
+        return _solve_windows(r, c, cost, null_cost, k, m)
+    if k > _DENSE_LIMIT:
+        return _solve_sparse(r, c, cost, null_cost, k, m)
+    dense = np.full((k, m + k), 1e12)
+    dense[r, c] = cost
+    dense[np.arange(k), m + np.arange(k)] = null_cost
+    return linear_sum_assignment(dense)
