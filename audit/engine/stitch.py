@@ -415,8 +415,9 @@ def stitch(con: duckdb.DuckDBPyConnection, learned: Learned, orphan_ids: np.ndar
     del order, cols
     # an exit with a row per candidate callee is one column of the assignment (one orphan at most)
     if not (slot >= 0).any():
-        del slot
-        return _assign(oid, eid, cost, null, p_stored)
+        pairs = {"oid": oid, "eid": eid, "cost": cost, "null": null, "p_stored": p_stored}
+        del slot, oid, eid, cost, null, p_stored
+        return _assign_pairs(pairs)
     return _assign_slots(oid, eid, slot, cost, null, p_stored)
 
 
@@ -497,16 +498,23 @@ def _costs(
 
 
 def _assign(oid, eid, cost, null, p_stored) -> Stitched:
-    orphans, row = np.unique(oid, return_inverse=True)
-    exits, col = np.unique(eid, return_inverse=True)
+    return _assign_pairs({"oid": oid, "eid": eid, "cost": cost, "null": null, "p_stored": p_stored})
+
+
+def _assign_pairs(pairs: dict) -> Stitched:
+    """_assign on the pairs' arrays, which it takes out of `pairs` (oid, eid, cost, null,
+    p_stored): those only it holds are freed once it has what it needs of them."""
+    orphans, row = np.unique(pairs.pop("oid"), return_inverse=True)
+    exits, col = np.unique(pairs.pop("eid"), return_inverse=True)
     n_o, n_e = len(orphans), len(exits)
     # each orphan's own "no parent here" column, priced by the plausibility edge and the odds
     # that its parent was not sampled
     null_row = np.zeros(n_o)
-    null_row[row] = null
+    null_row[row] = pairs.pop("null")
     p_row = np.zeros(n_o)
-    np.maximum.at(p_row, row, p_stored)
+    np.maximum.at(p_row, row, pairs.pop("p_stored"))
     null_cost = null_row - np.log((1.0 - p_row) / p_row + 1e-9).clip(min=0.0)
+    cost = pairs.pop("cost")
     match = _solve(row, col, cost, null_cost, n_o, n_e)
 
     chosen = match[row] == col  # the pairs the assignment picked
@@ -556,7 +564,13 @@ def _marginals(row, col, cost, null_cost, n_o: int, n_e: int) -> np.ndarray:
         taken += 1.0
         new = np.sqrt(np.divide(free, taken, out=taken), out=taken)
         del taken
-        done = np.allclose(new, free, rtol=1e-6, atol=1e-9)
+        # np.allclose(new, free, rtol=1e-6, atol=1e-9) on finite values, with kf as the scratch
+        np.abs(np.subtract(new, free, out=kf), out=kf)
+        tol = np.abs(free)
+        tol *= 1e-6
+        tol += 1e-9
+        done = bool(np.less_equal(kf, tol).all())
+        del tol
         free = new
         del new
         if done:
