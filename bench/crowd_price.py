@@ -49,15 +49,17 @@ _FREE_FLOOR = 0.01
 _BINS = 256
 
 
-def background_price(con, caller: str, callee: str, protocol: str, o_start, e_start, e_end) -> np.ndarray:
-    """-ln lambda per pair: unrelated exits of the edge per ns of start time per ns of duration
-    at the candidate's duration, around the orphan's start."""
-    rows = con.execute(
-        "SELECT start_ns::BIGINT AS s, greatest(end_ns::BIGINT - start_ns::BIGINT, 1000) AS d"
-        " FROM cand_exits WHERE service = ? AND protocol IS NOT DISTINCT FROM ?"
-        " AND (NOT instrumented OR target = ?)",
-        [caller, protocol, callee],
-    ).fetchnumpy()
+def edge_exits(exits: dict, caller: str, callee: str, protocol: str) -> dict:
+    """The unpaired exits that can be on the edge, from `exits` (cand_exits' columns, read before
+    stitch: the engine's costs run while the pairs' stream holds the connection)."""
+    keep = (exits["service"] == caller) & (exits["protocol"] == protocol)
+    keep &= ~exits["instrumented"] | (exits["target"] == callee)
+    return {"s": exits["s"][keep], "d": exits["d"][keep]}
+
+
+def background_price(rows: dict, o_start, e_start, e_end) -> np.ndarray:
+    """-ln lambda per pair: unrelated exits of the edge (`edge_exits`) per ns of start time per ns
+    of duration at the candidate's duration, around the orphan's start."""
     starts, logd = np.sort(rows["s"].astype(float)), np.log(rows["d"].astype(float))
     if len(starts) < 2:
         return np.full(len(o_start), np.inf)
@@ -77,18 +79,46 @@ def background_price(con, caller: str, callee: str, protocol: str, o_start, e_st
     return -np.log(np.maximum(lam, 1e-300))
 
 
+# the pairs stitch assigns, in its order within an edge (orphan, exit)
+_EDGE_PAIRS = """
+SELECT e.service AS caller, o.service AS callee, e.protocol, p.oid, coalesce(e.th, 0)::DOUBLE AS e_th
+FROM cand_pairs p JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
+WHERE p.oid IN (SELECT unnest($ids::BIGINT[]))
+ORDER BY caller, callee, protocol, p.oid, p.eid
+"""
+
+
 def install(variant: str, all_edges: bool, free: bool) -> None:
     """Patch the engine's pair costs (stitch._costs) for this process."""
     state: dict = {}
     original_stitch, original_costs = stitch_module.stitch, stitch_module._costs
 
     def keep_connection(con, learned, ids):
-        state["con"] = con
+        cols = con.execute(
+            "SELECT service, protocol, instrumented, target, start_ns::BIGINT AS s,"
+            " greatest(end_ns::BIGINT - start_ns::BIGINT, 1000) AS d FROM cand_exits"
+        ).fetchnumpy()
+        # NULLs as SQL compares them: a NULL string equals nothing but NULL (protocol IS NOT DISTINCT
+        # FROM), a NULL `instrumented` keeps only exits to the callee
+        state["exits"] = {
+            n: np.ma.filled(c, None) if c.dtype == object else np.ma.filled(c, n == "instrumented")
+            for n, c in cols.items()
+        }
+        # per edge, the orphans that can claim its exits (their count times the mean chance their
+        # candidate exit was stored), over all the edge's pairs: the engine costs them in batches
+        state["claimed"] = {}
+        if free:
+            pairs = con.execute(_EDGE_PAIRS, {"ids": np.asarray(ids).tolist()}).fetchnumpy()
+            edge = list(zip(pairs["caller"], pairs["callee"], np.ma.filled(pairs["protocol"], None)))
+            cuts = [0] + [j for j in range(1, len(edge)) if edge[j] != edge[j - 1]] + [len(edge)]
+            for a, b in zip(cuts[:-1], cuts[1:]):  # the rows are sorted by edge
+                p = float(np.mean(stored_probability(pairs["e_th"][a:b])))
+                state["claimed"][edge[a]] = len(np.unique(pairs["oid"][a:b])) * p
         return original_stitch(con, learned, ids)
 
     def costs(cols, learned, edges):
         cost, null = original_costs(cols, learned, edges)
-        con, shift = state["con"], np.zeros(len(cost))
+        shift = np.zeros(len(cost))
         for g in np.unique(cols["edge"]):
             i = np.nonzero(cols["edge"] == g)[0]
             caller, callee, protocol = edges[int(g)]
@@ -97,16 +127,11 @@ def install(variant: str, all_edges: bool, free: bool) -> None:
             m = learned.sync_model(caller, callee, protocol)
             if m.source != "edge" and not all_edges:
                 continue
-            price = background_price(
-                con, caller, callee, protocol, cols["o_start"][i], cols["e_start"][i], cols["e_end"][i]
-            )
+            rows = edge_exits(state["exits"], caller, callee, protocol)
+            price = background_price(rows, cols["o_start"][i], cols["e_start"][i], cols["e_end"][i])
             if free:
-                exits = con.execute(
-                    "SELECT count(*) FROM cand_exits WHERE service = ? AND protocol IS NOT DISTINCT FROM ?"
-                    " AND (NOT instrumented OR target = ?)",
-                    [caller, protocol, callee],
-                ).fetchall()[0][0]
-                claimed = len(np.unique(cols["oid"][i])) * float(np.mean(stored_probability(cols["e_th"][i])))
+                exits = len(rows["s"])
+                claimed = state["claimed"][(caller, callee, protocol)]
                 price = price - np.log(min(max(1.0 - claimed / max(exits, 1), _FREE_FLOOR), 1.0))
             w = 1.0 if m.source == "edge" else stitch_module._BORROWED
             shift[i] = np.where(np.isfinite(price), w * price - null[i], 0.0)
