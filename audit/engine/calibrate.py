@@ -28,6 +28,7 @@ from .stitch import (
     _BYTES_PER_ROW,
     _EXACT_ONLY,
     CANDIDATES_PER_ORPHAN,
+    EXIT_KEYS,
     _memory_limit_bytes,
     match_stages,
     stitch,
@@ -276,24 +277,14 @@ def _one_slice(con) -> list[tuple[int, int]] | None:
 # The decoys' exits as unpaired exits: the same columns as cand_exits (stitch.py), from xt. A
 # decoy exit whose operation reaches several callees gets a row per candidate callee, as a real
 # unpaired one does (targets.py, "spread").
-_DECOY_EXITS = """
+_DECOY_EXITS = f"""
 INSERT INTO cand_exits BY NAME
 SELECT (SELECT coalesce(max(eid) + 1, 0) FROM cand_exits) + row_number() OVER (ORDER BY rid, target) - 1
          AS eid,
        rid, trace_id, span_id, service, protocol, start_ns, end_ns, th, target, instrumented, in_window,
        share, CASE WHEN share IS NOT NULL THEN name END AS op,
        'svc:' || target AS k_svc,
-       CASE WHEN protocol IN ('http', 'none') AND url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
-       CASE WHEN rpc_service IS NOT NULL THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '')
-       END AS k_rpc,
-       CASE WHEN messaging_destination IS NOT NULL THEN 'dest:' || messaging_destination END AS k_dest,
-       CASE WHEN messaging_partition IS NOT NULL AND messaging_offset IS NOT NULL
-              THEN 'kafka:' || coalesce(messaging_destination, '') || '/' || messaging_partition
-                   || '/' || messaging_offset
-            WHEN messaging_message_id IS NOT NULL THEN 'msg:' || messaging_message_id END AS k_exact,
-       start_ns::BIGINT - $tol AS win_lo,
-       end_ns::BIGINT + CASE WHEN protocol = 'messaging' THEN $max_lag ELSE $tol END AS win_hi
-FROM (
+{EXIT_KEYS}FROM (
   SELECT x.* REPLACE (coalesce(c.target, x.target) AS target, c.share AS share) FROM xt x
   LEFT JOIN op_callees c ON x.share IS NOT NULL AND c.service = x.service AND c.name = x.name
     AND c.protocol = x.protocol

@@ -29,12 +29,8 @@ from .tables import temp_table
 _BUCKET_NS = 100_000_000
 RANK_SERVICE, RANK_KEY, RANK_PATH, RANK_EXACT = 1, 2, 3, 4
 
-_CANDIDATE_EXITS = """
-CREATE OR REPLACE TEMP TABLE cand_exits AS
-SELECT row_number() OVER (ORDER BY rid, target) - 1 AS eid, rid, trace_id, span_id, service, protocol,
-       start_ns, end_ns, th, target, instrumented, in_window,
-       share, CASE WHEN share IS NOT NULL THEN name END AS op,  -- an exit with a row per candidate callee
-       CASE WHEN instrumented THEN 'svc:' || target END AS k_svc,
+# An exit's keys and time window, the columns of cand_exits after k_svc (also calibrate.py's decoys)
+EXIT_KEYS = """
        CASE WHEN protocol IN ('http', 'none') AND url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
        CASE WHEN rpc_service IS NOT NULL
          THEN 'rpc:' || rpc_service || '/' || coalesce(rpc_method, '') END AS k_rpc,
@@ -45,7 +41,14 @@ SELECT row_number() OVER (ORDER BY rid, target) - 1 AS eid, rid, trace_id, span_
             WHEN messaging_message_id IS NOT NULL THEN 'msg:' || messaging_message_id END AS k_exact,
        start_ns::BIGINT - $tol AS win_lo,
        end_ns::BIGINT + CASE WHEN protocol = 'messaging' THEN $max_lag ELSE $tol END AS win_hi
-FROM xt
+"""
+_CANDIDATE_EXITS = f"""
+CREATE OR REPLACE TEMP TABLE cand_exits AS
+SELECT row_number() OVER (ORDER BY rid, target) - 1 AS eid, rid, trace_id, span_id, service, protocol,
+       start_ns, end_ns, th, target, instrumented, in_window,
+       share, CASE WHEN share IS NOT NULL THEN name END AS op,  -- an exit with a row per candidate callee
+       CASE WHEN instrumented THEN 'svc:' || target END AS k_svc,
+{EXIT_KEYS}FROM xt
 WHERE NOT continued_to_target AND protocol <> 'db'
 """
 _CANDIDATE_ORPHANS = """
