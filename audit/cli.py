@@ -383,6 +383,13 @@ def _when(ns: int) -> str:
     help="With --spark: audit the window in slices of this length, one Spark task each (docs/scale.md).",
 )
 @click.option(
+    "--spark-temp",
+    metavar="DIR",
+    help="With --spark: the folder the Spark tasks write each slice's findings to for the driver to "
+    "read (a run's own subfolder, removed afterwards); on a cluster, one the driver and every executor "
+    "share [default: _audit-tmp in --parquet].",
+)
+@click.option(
     "--save-db",
     metavar="PATH",
     help="With --spark: save the run in this store (created if missing; no server may hold it), as "
@@ -406,6 +413,7 @@ def audit(
     spark,
     parquet,
     slice_s,
+    spark_temp,
     save_db,
 ) -> None:
     """Find where trace context is lost in DB's spans, stitch orphans to their probable
@@ -429,7 +437,9 @@ def audit(
     except SettingsError as e:
         raise click.BadParameter(str(e), param_hint="--config") from None
     if spark or parquet:
-        _audit_on_spark(spark, parquet, settings, since, until, slice_s, memory_limit, as_json, save_db)
+        _audit_on_spark(
+            spark, parquet, settings, since, until, slice_s, memory_limit, as_json, save_db, spark_temp
+        )
         return
     if save_db:
         raise click.UsageError("--save-db goes with --spark (`audit --db` saves its run in --db)")
@@ -467,7 +477,9 @@ def audit(
     _print_result(result, as_json)
 
 
-def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_limit, as_json, save_db) -> None:
+def _audit_on_spark(
+    master, parquet, settings, since, until, slice_s, memory_limit, as_json, save_db, spark_temp
+) -> None:
     """`audit --spark`: the same engine, per time slice in Spark tasks, over every shard's Parquet;
     with --save-db, the run saved in that store as `audit --db` saves one."""
     from .audit_job import save_result
@@ -489,6 +501,7 @@ def _audit_on_spark(master, parquet, settings, since, until, slice_s, memory_lim
             until_ns=until,
             slice_s=slice_s,
             memory_limit=memory_limit,
+            temp=spark_temp,
             progress=lambda step: click.echo(f"audit: {step} ({time.monotonic() - started:.1f} s)", err=True),
         )
         if store is not None and result is not None:

@@ -3,7 +3,11 @@ docs/scale.md). One implementation of the audit's rules: each Spark task loads o
 (its window plus the context margin either side, from every shard: orphans and their parents
 are in different traces, so usually in different shards) into an in-memory DuckDB store with
 the store's own schema, and runs the engine on it, exactly as the single-process audit runs it
-on a window of the file. The driver concatenates the slices' findings and adds up their edges.
+on a window of the file. Each task writes its slice's findings (Parquet) and figures (JSON)
+into the run's temporary folder and hands Spark back only their paths and row counts: a slice's
+findings (hundreds of MB at 10M spans) never pass through the driver's JVM. The driver reads
+the files with pyarrow, concatenates the slices' findings, adds up their edges and removes the
+folder, also when the audit fails.
 
 A window that fits one slice (the default slice is a day) gives the single-process audit's
 answers for that window; a longer window gives, slice by slice, what the single-process audit
@@ -14,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .contract.document import AuditResult, Edge
 from .engine import AuditWindow, run_audit
@@ -41,7 +48,9 @@ from .store.parquet import (
 
 _S = 1_000_000_000
 DEFAULT_SLICE_S = 86_400.0
-_RESULT_SCHEMA = "slice long, findings binary, meta string"
+# what a task hands back through Spark: where its slice's files are, and how many findings they hold
+_RESULT_SCHEMA = "slice long, findings long, path string"
+TEMP_FOLDER = "_audit-tmp"  # the default home of runs' temporary folders, inside the export folder
 
 
 def slices(window: AuditWindow, slice_ns: int) -> list[AuditWindow]:
@@ -65,10 +74,10 @@ def audit_slice(spans: pa.Table, links: pa.Table, window: AuditWindow, settings:
         con.close()
 
 
-def _result_row(index: int, result: AuditResult) -> dict:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, result.findings.schema) as writer:
-        writer.write_table(result.findings)
+def write_slice(folder: str, index: int, result: AuditResult) -> dict:
+    """A slice's findings (Parquet) and other figures (JSON) as files in the run's folder; the
+    row Spark carries back names them. Each file is written under a name of its own, then
+    renamed: a retried or speculative attempt of the task replaces it whole."""
     meta = {
         "spans": result.spans,
         "traces": result.traces,
@@ -81,18 +90,70 @@ def _result_row(index: int, result: AuditResult) -> dict:
         "degraded": result.degraded,
         "window": [result.window_start_ns, result.window_end_ns],
     }
-    return {"slice": index, "findings": sink.getvalue().to_pybytes(), "meta": json.dumps(meta)}
+    path = os.path.join(folder, f"slice-{index:06d}")
+    attempt = f".{uuid.uuid4().hex}.tmp"
+    pq.write_table(result.findings, path + ".parquet" + attempt)
+    os.replace(path + ".parquet" + attempt, path + ".parquet")
+    with open(path + ".json" + attempt, "w") as f:
+        json.dump(meta, f)
+    os.replace(path + ".json" + attempt, path + ".json")
+    return {"slice": index, "findings": result.findings.num_rows, "path": path}
 
 
-def _task(windows: list[AuditWindow], settings: AuditSettings, memory_limit: str):
+def read_slice(row) -> tuple[pa.Table, dict]:
+    """What a task wrote, as the driver reads it; an error names the file (a folder the driver
+    does not share with the executors leaves none where the driver looks)."""
+    path = row["path"]
+    try:
+        findings = pq.read_table(path + ".parquet")
+        with open(path + ".json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"{path}.parquet: a Spark task's findings cannot be read ({str(e)[:300]}); the temporary "
+            "folder must be one the driver and every executor share (--spark-temp, docs/scale.md)"
+        ) from None
+    if findings.num_rows != row["findings"]:
+        raise ExportError(f"{path}.parquet: {findings.num_rows} findings, the task wrote {row['findings']}")
+    return findings, meta
+
+
+def _task(windows: list[AuditWindow], settings: AuditSettings, memory_limit: str, folder: str):
     """The function Spark runs per slice (cogrouped spans and links, as Arrow tables)."""
 
     def run(spans: pa.Table, links: pa.Table) -> pa.Table:
         index = (spans if spans.num_rows else links).column("slice")[0].as_py()
         result = audit_slice(spans, links, windows[index], settings, memory_limit)
-        return pa.Table.from_pylist([_result_row(index, result)])
+        return pa.Table.from_pylist([write_slice(folder, index, result)])
 
     return run
+
+
+def run_folder(root: Path, temp: str | None) -> Path:
+    """This run's own folder for the tasks' files: under `temp`, else under the export folder
+    (which every executor already reads); created, and checked writable, before Spark starts."""
+    base = Path(temp) if temp else root / TEMP_FOLDER
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    folder = base / f"run-{stamp}-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True)
+        (folder / ".writable").write_bytes(b"")
+        (folder / ".writable").unlink()
+    except OSError as e:
+        raise ExportError(
+            f"{base}: the Spark tasks' temporary folder is not writable ({e.strerror or e}); "
+            "give --spark-temp a folder the driver and every executor can write"
+        ) from None
+    return folder
+
+
+def _remove_run_folder(folder: Path, temp: str | None) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if not temp:  # the default home goes too once no other run uses it
+        try:
+            folder.parent.rmdir()
+        except OSError:
+            pass
 
 
 def merge(
@@ -197,11 +258,14 @@ def spark_audit(
     until_ns: int | None = None,
     slice_s: float = DEFAULT_SLICE_S,
     memory_limit: str = AUDIT_MEMORY_LIMIT,
+    temp: str | None = None,
     progress: Callable[[str], None] = lambda step: None,
     session=None,
 ) -> AuditResult | None:
     """Audit the export under `parquet` on Spark; None when it holds no spans in the window.
-    Raises ExportError (naming the path) when a shard's export does not cover the window whole."""
+    Raises ExportError (naming the path) when a shard's export does not cover the window whole,
+    or when the tasks' temporary folder (`temp`, else `_audit-tmp` in the export folder: a path
+    the driver and every executor share) is not writable."""
     started = time.monotonic()
     local = "://" not in parquet or parquet.startswith("file://")
     root = Path(parquet.removeprefix("file://"))
@@ -215,7 +279,21 @@ def spark_audit(
         root, window.start_ns, window.end_ns, read_from_ns=window.read_from_ns, read_to_ns=window.read_to_ns
     )
     windows = slices(window, max(int(slice_s * _S), 1))
-    progress(f"{len(windows)} slice(s) on Spark")
+    folder = run_folder(root, temp)
+    try:
+        return _on_spark(
+            master, parquet, root, window, windows, settings, memory_limit, folder, progress, session, started
+        )
+    finally:
+        _remove_run_folder(folder, temp)
+
+
+def _on_spark(
+    master, parquet, root, window, windows, settings, memory_limit, folder, progress, session, started
+):
+    """The Spark job proper: each slice's task writes its files under `folder`; the driver reads
+    them (read_slice) and merges the slices."""
+    progress(f"{len(windows)} slice(s) on Spark, their findings written under {folder}")
     spark = session or spark_session(master)
     # hour=00 stays the text the manifest names (inferred, it would be the number 0)
     spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
@@ -241,7 +319,7 @@ def spark_audit(
         links = spark.read.option("basePath", str(root / "links")).parquet(str(root / "links"))
         spans = with_slices(spans, "start_ns").select("slice", *SPAN_COLUMNS)
         links = with_slices(links, "span_start_ns").select("slice", *LINK_COLUMNS)
-        run = _task(windows, settings, memory_limit)
+        run = _task(windows, settings, memory_limit, str(folder))
         rows = (
             spans.groupBy("slice").cogroup(links.groupBy("slice")).applyInArrow(run, _RESULT_SCHEMA).collect()
         )
@@ -251,10 +329,11 @@ def spark_audit(
         raise
     if not rows:
         return None
+    progress(f"reading {sum(r['findings'] for r in rows):,} findings of {len(rows)} slice(s)")
     parts = []
     for row in rows:
-        findings = pa.ipc.open_stream(row["findings"]).read_all()
-        parts.append((windows[row["slice"]], findings, json.loads(row["meta"])))
+        findings, meta = read_slice(row)
+        parts.append((windows[row["slice"]], findings, meta))
     audited = {w.start_ns for w, _, _ in parts}
     # a slice without spans has no task; that is an empty slice, never a lost one (checked above)
     for w in windows:

@@ -435,3 +435,55 @@ def test_a_saved_spark_run_reads_back_like_a_single_process_run(store, tmp_path,
         reports[name] = json.loads((out / "report.json").read_text())
     assert reports["spark"]["figures"] == reports["db"]["figures"]
     assert reports["spark"]["hops"] == reports["db"]["hops"]
+
+
+# --- the tasks' temporary folder: each slice's findings go through files, not the driver's JVM ---
+
+
+@pytest.mark.parametrize("where", ["--spark-temp", "default"])
+def test_a_temporary_folder_that_cannot_be_written_is_named(store, tmp_path, where):
+    """Checked before Spark starts: exit 1 naming the folder, and no document."""
+    out, _ = _exported(store, tmp_path)
+    blocker = tmp_path / "a-file"  # a file where the folder should be (root writes through chmod)
+    blocker.write_text("")
+    args = ["audit", "--spark", "local[1]", "--parquet", str(out), "--json"]
+    if where == "--spark-temp":
+        named = str(blocker / "tmp")
+        args += ["--spark-temp", named]
+    else:
+        named = str(out / "_audit-tmp")
+        Path(named).write_text("")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert f"{named}: the Spark tasks' temporary folder is not writable" in result.stderr
+    assert "--spark-temp" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.slow
+def test_the_tasks_files_are_read_and_removed(store, tmp_path, spark):
+    """The findings come back through files in a run's own folder, which is gone afterwards; the
+    default folder inside the export too."""
+    export_store(store, str(tmp_path / "pq"), shard="all")
+    seen = []
+    from audit.spark_audit import spark_audit
+
+    result = spark_audit(
+        "local[2]", str(tmp_path / "pq"), AuditSettings(), session=spark, progress=seen.append
+    )
+    assert result.findings.num_rows > 0
+    assert any(str(tmp_path / "pq" / "_audit-tmp" / "run-") in step for step in seen)
+    assert not (tmp_path / "pq" / "_audit-tmp").exists()
+    # a given folder keeps only what was there; a failing task leaves no files behind either
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    (temp / "other").write_text("not ours")
+    with pytest.raises(ExportError, match="the Spark audit failed"):
+        spark_audit(
+            "local[2]",
+            str(tmp_path / "pq"),
+            AuditSettings(),
+            session=spark,
+            temp=str(temp),
+            memory_limit="lots",
+        )
+    assert [p.name for p in temp.iterdir()] == ["other"]
