@@ -9,6 +9,11 @@ isotonic regression (per protocol, per edge where it has enough links), taken at
 bound, and applied to the real links' confidences. It only ever lowers a confidence: where the
 raw confidence keeps its promise, the mapping leaves it alone.
 
+Only what the decoys can change is done again: the real orphans that share a key with a decoy's
+exit are matched again (the others keep the main pass's candidates), and the assignment is
+solved over the connected groups of orphans and exits that hold a decoy orphan, the only ones
+whose links are scored.
+
 A share of the decoys lose their exit (as if the caller had not been sampled): that share is
 the callee's orphans in excess of the unpaired exits that resolve to it, the orphans that
 cannot have a stored parent. A link named for such a decoy is wrong, as it is for a real one.
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 import duckdb
 import numpy as np
 from scipy.optimize import isotonic_regression
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .learn import Learned
 from .stitch import (
@@ -41,6 +48,16 @@ MIN_PROTOCOL_LINKS = 200  # decoy links a protocol needs for a curve; else confi
 MIN_BLOCK = 50  # decoy links per step of a curve, at least
 _Z = 1.0  # the Wilson bound's z (one-sided about 84%)
 _SWAPPED = ("cand_orphans", "cand_exits", "cand_pairs", "cand_counts", "exact_only", "stitch_orphans")
+_WORK_TABLES = (
+    "cal_decoys",
+    "cal_decoy_orphans",
+    "cal_decoy_exits",
+    "cal_audited",
+    "cal_rematch",
+    "cal_pairs",
+    "cal_subset",
+    "cal_decoy_links",
+)
 
 # Sampled propagated calls: per edge, up to `cap` (the callee's real orphans, at least 50, at most
 # DECOYS_PER_EDGE), chosen by a hash of the exit's ids (not its row number) so runs are reproducible
@@ -64,27 +81,33 @@ SELECT exit_rid, entry_rid, caller, callee, protocol,
        (hash(span_id, trace_id, $seed) % 1000000) / 1e6 < least(orphaned, 0.9) AS withheld
 FROM calls WHERE k <= least($cap, greatest(50, orphans))
 """
-_AUG_ORPHANS = """
-CREATE OR REPLACE TEMP TABLE cand_orphans AS
-SELECT row_number() OVER (ORDER BY start_ns, rid, real_oid NULLS LAST) - 1 AS oid, * FROM (
-  SELECT oid AS real_oid, NULL::BIGINT AS true_exit, * EXCLUDE (oid) FROM cal_real_cand_orphans
-  UNION ALL BY NAME
-  SELECT NULL AS real_oid, d.exit_rid AS true_exit, r.rid, r.trace_id, r.span_id, r.service, r.name, r.kind,
-         r.protocol, r.start_ns, r.end_ns, r.th,
-         'svc:' || r.service AS k_svc,
-         CASE WHEN r.url_path IS NOT NULL THEN 'path:' || r.url_path END AS k_path,
-         CASE WHEN r.rpc_service IS NOT NULL THEN 'rpc:' || r.rpc_service || '/' || coalesce(r.rpc_method, '')
-         END AS k_rpc,
-         CASE WHEN r.messaging_destination IS NOT NULL THEN 'dest:' || r.messaging_destination END AS k_dest,
-         CASE WHEN r.messaging_partition IS NOT NULL AND r.messaging_offset IS NOT NULL
-                THEN 'kafka:' || coalesce(r.messaging_destination, '') || '/' || r.messaging_partition
-                     || '/' || r.messaging_offset
-              WHEN r.messaging_message_id IS NOT NULL THEN 'msg:' || r.messaging_message_id END AS k_exact
-  FROM cal_decoys d JOIN (
-    SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
-           sampling_threshold AS th, rpc_service, rpc_method, messaging_destination, messaging_message_id,
-           messaging_partition, messaging_offset, coalesce(url_path, url_path(url_full)) AS url_path
-    FROM spans WHERE rowid IN (SELECT entry_rid FROM cal_decoys)) r ON r.rid = d.entry_rid)
+# The decoys' orphans, with ids after the real orphans' ($first on): the real ones are not copied
+_DECOY_ORPHANS = """
+CREATE OR REPLACE TEMP TABLE cal_decoy_orphans AS
+SELECT $first + row_number() OVER (ORDER BY r.start_ns, r.rid) - 1 AS oid,
+       NULL::BIGINT AS real_oid, d.exit_rid AS true_exit,
+       r.rid, r.trace_id, r.span_id, r.service, r.name, r.kind, r.protocol, r.start_ns, r.end_ns, r.th,
+       'svc:' || r.service AS k_svc,
+       CASE WHEN r.url_path IS NOT NULL THEN 'path:' || r.url_path END AS k_path,
+       CASE WHEN r.rpc_service IS NOT NULL THEN 'rpc:' || r.rpc_service || '/' || coalesce(r.rpc_method, '')
+       END AS k_rpc,
+       CASE WHEN r.messaging_destination IS NOT NULL THEN 'dest:' || r.messaging_destination END AS k_dest,
+       CASE WHEN r.messaging_partition IS NOT NULL AND r.messaging_offset IS NOT NULL
+              THEN 'kafka:' || coalesce(r.messaging_destination, '') || '/' || r.messaging_partition
+                   || '/' || r.messaging_offset
+            WHEN r.messaging_message_id IS NOT NULL THEN 'msg:' || r.messaging_message_id END AS k_exact
+FROM cal_decoys d JOIN (
+  SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
+         sampling_threshold AS th, rpc_service, rpc_method, messaging_destination, messaging_message_id,
+         messaging_partition, messaging_offset, coalesce(url_path, url_path(url_full)) AS url_path
+  FROM spans WHERE rowid IN (SELECT entry_rid FROM cal_decoys)) r ON r.rid = d.entry_rid
+"""
+# Real orphans (cal_real_cand_orphans) and decoys in one table: `oid` the real one or the decoy's
+# id, `real_oid` null for decoys. The assignment's ids are numbered afresh (_run).
+_BOTH_ORPHANS = """
+SELECT oid AS real_oid, NULL::BIGINT AS true_exit, * FROM cal_real_cand_orphans WHERE oid IN ({ids})
+UNION ALL BY NAME
+SELECT * FROM cal_decoy_orphans WHERE oid IN ({ids})
 """
 
 
@@ -100,12 +123,31 @@ class Calibration:
 
     def apply(self, confidence: np.ndarray, caller, callee, protocol) -> np.ndarray:
         """The calibrated confidences (never above the raw ones)."""
+        edges = list(zip(caller, callee, protocol))
+        distinct = list(dict.fromkeys(edges))
+        number = {e: i for i, e in enumerate(distinct)}
+        return self.apply_edges(confidence, np.array([number[e] for e in edges], dtype=np.int64), distinct)
+
+    def apply_edges(self, confidence: np.ndarray, edge: np.ndarray, edges: list[tuple]) -> np.ndarray:
+        """`apply` with each link's edge given as an index into `edges` (caller, callee, protocol):
+        the links of one edge are mapped at once (millions of links at 10M spans)."""
         out = np.asarray(confidence, dtype=float).copy()
-        for i in range(len(out)):
-            curve = self.edges.get((caller[i], callee[i], protocol[i])) or self.protocols.get(protocol[i])
+        order = np.argsort(edge, kind="stable")
+        bounds = np.searchsorted(edge[order], np.arange(len(edges) + 1))
+        for i, (caller, callee, protocol) in enumerate(edges):
+            curve = self.edges.get((caller, callee, protocol)) or self.protocols.get(protocol)
             if curve is not None:
-                out[i] = min(out[i], _evaluate(curve, out[i]))
+                at = order[bounds[i] : bounds[i + 1]]
+                out[at] = np.minimum(out[at], _evaluate_all(curve, out[at]))
         return out
+
+
+# Each link's edge (by the link's position in the arrays given)
+_LINK_EDGES = """
+CREATE OR REPLACE TEMP TABLE cal_link_edges AS
+SELECT l.i, e.service AS caller, o.service AS callee, e.protocol FROM cal_links l
+JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid)
+"""
 
 
 def calibrated(con: duckdb.DuckDBPyConnection, cal: Calibration, oid, eid, confidence) -> np.ndarray:
@@ -113,12 +155,21 @@ def calibrated(con: duckdb.DuckDBPyConnection, cal: Calibration, oid, eid, confi
     if not len(oid) or not (cal.edges or cal.protocols):
         return np.asarray(confidence, dtype=float)
     temp_table(con, "cal_links", {"i": np.arange(len(oid)), "oid": oid, "eid": eid})
-    rows = con.execute(
-        "SELECT e.service AS caller, o.service AS callee, e.protocol FROM cal_links l"
-        " JOIN cand_orphans o USING (oid) JOIN cand_exits e USING (eid) ORDER BY l.i"
-    ).fetchnumpy()
-    con.execute("DROP TABLE cal_links")
-    return cal.apply(confidence, rows["caller"], rows["callee"], rows["protocol"])
+    try:
+        con.execute(_LINK_EDGES)
+        order = "ORDER BY caller, callee, protocol"
+        edges = con.execute(
+            f"SELECT DISTINCT caller, callee, protocol FROM cal_link_edges {order}"
+        ).fetchall()
+        number = con.execute(
+            f"SELECT i, dense_rank() OVER ({order}) - 1 AS n FROM cal_link_edges"
+        ).fetchnumpy()
+    finally:
+        for name in ("cal_links", "cal_link_edges"):
+            con.execute(f"DROP TABLE IF EXISTS {name}")
+    edge = np.full(len(oid), -1, dtype=np.int64)  # a link without its rows keeps its confidence
+    edge[number["i"].astype(np.int64)] = number["n"]
+    return cal.apply_edges(confidence, edge, edges)
 
 
 def fit_curve(raw: np.ndarray, right: np.ndarray, z: float = _Z) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +195,10 @@ def fit_curve(raw: np.ndarray, right: np.ndarray, z: float = _Z) -> tuple[np.nda
     return x[ends - 1], np.clip(lower, 0.0, 1.0)
 
 
-def _evaluate(curve: tuple[np.ndarray, np.ndarray], value: float) -> float:
-    """The step of the block that holds `value` (a value above every block takes the last)."""
+def _evaluate_all(curve: tuple[np.ndarray, np.ndarray], values: np.ndarray) -> np.ndarray:
+    """The step of the block that holds each value (a value above every block takes the last)."""
     tops, bounds = curve
-    i = min(int(np.searchsorted(tops, value, side="left")), len(tops) - 1)
-    return float(bounds[i])
+    return bounds[np.minimum(np.searchsorted(tops, values, side="left"), len(tops) - 1)]
 
 
 def calibrate(
@@ -172,11 +222,12 @@ def calibrate(
         tol, max_lag = learned.sync_reach_ns(default_skew_ns), min(learned.lag_reach_ns(), max_lag_ns)
         return _run(con, learned, audited, tol, max_lag)
     finally:
+        con.execute("DROP VIEW IF EXISTS cand_exits")
         for name in _SWAPPED:
             con.execute(f"DROP TABLE IF EXISTS {name}")
             if _exists(con, f"cal_real_{name}"):
                 con.execute(f"ALTER TABLE cal_real_{name} RENAME TO {name}")
-        for name in ("cal_decoys", "cal_decoy_links"):
+        for name in _WORK_TABLES:
             con.execute(f"DROP TABLE IF EXISTS {name}")
 
 
@@ -186,80 +237,108 @@ def _exists(con, name: str) -> bool:
 
 
 def _run(con, learned: Learned, audited: np.ndarray, tol: float, max_lag: float) -> Calibration:
-    con.execute(_AUG_ORPHANS)
-    # the real unpaired exits (their ids kept), and the decoys' own exits unless withheld
-    con.execute("CREATE OR REPLACE TEMP TABLE cand_exits AS SELECT * FROM cal_real_cand_exits")
-    first_decoy_exit = con.execute("SELECT coalesce(max(eid) + 1, 0) FROM cand_exits").fetchone()[0]
-    con.execute(_DECOY_EXITS, {"tol": int(tol), "max_lag": int(max_lag)})
+    # the real unpaired exits (their ids kept), and the decoys' own exits unless withheld: a view,
+    # not a copy of the real ones
+    first_exit = con.execute("SELECT coalesce(max(eid) + 1, 0) FROM cal_real_cand_exits").fetchone()[0]
+    con.execute("CREATE OR REPLACE TEMP TABLE cal_decoy_exits AS FROM cal_real_cand_exits LIMIT 0")
+    con.execute(_DECOY_EXITS, {"first": int(first_exit), "tol": int(tol), "max_lag": int(max_lag)})
+    con.execute("CREATE TEMP VIEW cand_exits AS FROM cal_real_cand_exits UNION ALL FROM cal_decoy_exits")
+    first_orphan = con.execute("SELECT coalesce(max(oid) + 1, 0) FROM cal_real_cand_orphans").fetchone()[0]
+    con.execute(_DECOY_ORPHANS, {"first": int(first_orphan)})
+    temp_table(con, "cal_audited", {"real_oid": np.asarray(audited, dtype=np.int64)})
+    _match_touched(con)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cal_pairs AS SELECT oid, eid, rank FROM cand_pairs UNION ALL"
+        " SELECT oid, eid, rank FROM cal_real_cand_pairs WHERE oid IN (SELECT real_oid FROM cal_audited)"
+        " AND oid NOT IN (SELECT oid FROM cal_rematch)"
+    )
+    temp_table(con, "cal_subset", {"work": _decoy_groups(con, first_orphan)})
+    # the assignment over the decoys' groups only, its orphans numbered in time order as the
+    # main pass numbers them (the assignment windows on that order)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cand_orphans AS"
+        " SELECT row_number() OVER (ORDER BY start_ns, rid, real_oid NULLS LAST) - 1 AS oid,"
+        " oid AS work, * EXCLUDE (oid) FROM (" + _BOTH_ORPHANS.format(ids="SELECT work FROM cal_subset") + ")"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cand_pairs AS"
+        " SELECT o.oid, p.eid, p.rank FROM cal_pairs p JOIN cand_orphans o ON o.work = p.oid"
+    )
+    ids = con.execute("SELECT oid FROM cand_orphans ORDER BY oid").fetchnumpy()["oid"]
+    got = stitch(con, learned, ids.astype(np.int64))
+    temp_table(con, "cal_decoy_links", got.table())
+    return _fit(con.execute(_DECOY_LINKS).fetchnumpy())
+
+
+# The audited real orphans whose candidates the decoys can change: a decoy's exit shares a key
+# with them (at a time inside the exit's window, where a stage needs one), or their exact-key
+# status changes (exact_only, with the decoys' exits). Every other one keeps the main pass's
+# candidates: the same as matching every orphan again, which took most of the calibration's time
+# at 10M spans.
+_TOUCHED = """
+CREATE OR REPLACE TEMP TABLE cal_rematch AS
+WITH o AS (SELECT * FROM cal_real_cand_orphans WHERE oid IN (SELECT real_oid FROM cal_audited)),
+x AS (FROM cal_decoy_exits),
+dests AS (SELECT DISTINCT k_dest FROM cand_exits WHERE k_exact IS NOT NULL)
+SELECT o.oid FROM o JOIN x ON o.k_exact = x.k_exact
+UNION
+SELECT o.oid FROM o JOIN x ON o.k_path = x.k_path AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+UNION
+SELECT o.oid FROM o JOIN x ON o.k_rpc = x.k_rpc AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+UNION
+SELECT o.oid FROM o JOIN x ON o.k_dest = x.k_dest AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+UNION
+SELECT o.oid FROM o JOIN x ON o.k_svc = x.k_svc AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+UNION
+SELECT oid FROM o WHERE coalesce(k_exact IS NOT NULL AND k_dest IN (FROM dests), false)
+  <> (oid IN (SELECT oid FROM cal_real_exact_only))
+UNION
+SELECT oid FROM cal_decoy_orphans
+"""
+
+
+def _match_touched(con) -> None:
+    """cal_rematch (the decoys and the real orphans they touch), and their candidates in
+    cand_pairs, matched again next to the decoys' exits."""
+    con.execute(_TOUCHED)
+    ids = "SELECT oid FROM cal_rematch"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE cand_orphans AS {_BOTH_ORPHANS.format(ids=ids)}")
     con.execute(_EXACT_ONLY)
     con.execute("CREATE OR REPLACE TEMP TABLE cand_pairs (oid BIGINT, eid BIGINT, rank INTEGER)")
     con.execute(
         "CREATE OR REPLACE TEMP TABLE cand_counts"
         " (oid BIGINT, rank INTEGER, candidates BIGINT, kept INTEGER, degraded BOOLEAN)"
     )
-    _reuse_candidates(con, first_decoy_exit)
-    temp_table(con, "cal_audited", {"real_oid": np.asarray(audited, dtype=np.int64)})
-    ids = con.execute(
-        "SELECT oid FROM cand_orphans WHERE true_exit IS NOT NULL"
-        " OR real_oid IN (SELECT real_oid FROM cal_audited) ORDER BY oid"
-    ).fetchnumpy()["oid"]
-    got = stitch(con, learned, ids.astype(np.int64))
-    temp_table(con, "cal_decoy_links", got.table())
-    rows = con.execute(_DECOY_LINKS).fetchnumpy()
-    con.execute("DROP TABLE IF EXISTS cal_audited")
-    return _fit(rows)
+    match_stages(con, CANDIDATES_PER_ORPHAN, _one_slice(con))
 
 
-# Real orphans whose candidates the decoys cannot change: none of the decoys' exits shares a key
-# with them (at a time inside the exit's window, where a stage needs one), and their exact-key
-# status is what it was. They keep the main pass's candidates (`oid` here, `real_oid` there).
-_KEPT = """
-CREATE OR REPLACE TEMP TABLE cal_kept AS
-WITH x AS (SELECT * FROM cand_exits WHERE eid >= $first),
-touched AS (
-  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_exact = x.k_exact
-  UNION ALL
-  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_path = x.k_path
-    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
-  UNION ALL
-  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_rpc = x.k_rpc
-    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
-  UNION ALL
-  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_dest = x.k_dest
-    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
-  UNION ALL
-  SELECT o.oid FROM cand_orphans o JOIN x ON o.k_svc = x.k_svc
-    AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi)
-SELECT oid, real_oid FROM cand_orphans
-WHERE real_oid IS NOT NULL AND oid NOT IN (SELECT oid FROM touched)
-  AND (oid IN (SELECT oid FROM exact_only)) = (real_oid IN (SELECT oid FROM cal_real_exact_only))
-"""
-
-
-def _reuse_candidates(con, first_decoy_exit: int) -> None:
-    """cand_pairs and cand_counts for the decoys and the real orphans: those the decoys cannot
-    touch (_KEPT) copied from the main pass, the others matched again. The same tables as
-    matching every orphan again, which took most of the calibration's time at 10M spans."""
-    con.execute(_KEPT, {"first": int(first_decoy_exit)})
-    con.execute(
-        "INSERT INTO cand_counts SELECT k.oid, c.rank, c.candidates, c.kept, c.degraded"
-        " FROM cal_real_cand_counts c JOIN cal_kept k ON k.real_oid = c.oid"
-    )
-    con.execute(
-        "INSERT INTO cand_pairs SELECT k.oid, p.eid, p.rank FROM cal_real_cand_pairs p"
-        " JOIN cal_kept k ON k.real_oid = p.oid"
-    )
-    con.execute("ALTER TABLE cand_orphans RENAME TO cal_all_orphans")
-    try:
-        con.execute(
-            "CREATE TEMP TABLE cand_orphans AS SELECT * FROM cal_all_orphans"
-            " WHERE oid NOT IN (SELECT oid FROM cal_kept)"
-        )
-        match_stages(con, CANDIDATES_PER_ORPHAN, _one_slice(con))
-    finally:
-        con.execute("DROP TABLE IF EXISTS cand_orphans")
-        con.execute("ALTER TABLE cal_all_orphans RENAME TO cand_orphans")
-        con.execute("DROP TABLE IF EXISTS cal_kept")
+def _decoy_groups(con, first_decoy: int) -> np.ndarray:
+    """The orphans (ids of cal_pairs) in the connected groups of orphans and exits that hold a
+    decoy orphan. Only decoy links are scored, and the assignment and its marginals are solved
+    per group: the others need not be solved again (all but a few per cent of a large window's).
+    An exit with a row per candidate callee is one column of the assignment (stitch.py): its
+    rows are one node here too."""
+    pairs = con.execute("SELECT oid, eid FROM cal_pairs").fetchnumpy()
+    oid, eid = pairs["oid"].astype(np.int64), pairs["eid"].astype(np.int64)
+    if not len(oid):
+        return oid
+    spread = con.execute("SELECT eid, rid FROM cand_exits WHERE share IS NOT NULL").fetchnumpy()
+    n_e = int(eid.max()) + 1
+    column = np.arange(n_e)
+    rows = spread["eid"].astype(np.int64)
+    inside = rows < n_e
+    _, slot = np.unique(spread["rid"][inside], return_inverse=True)
+    column[rows[inside]] = n_e + slot
+    n_o, n_c = int(oid.max()) + 1, n_e + (int(slot.max()) + 1 if len(slot) else 0)
+    col = column[eid]
+    del column, eid, pairs
+    graph = csr_matrix((np.ones(len(oid), np.int8), (oid, n_o + col)), shape=(n_o + n_c, n_o + n_c))
+    _, label = connected_components(graph, directed=False)
+    del graph, col
+    held = np.zeros(label.max() + 1, dtype=bool)
+    held[label[oid[oid >= first_decoy]]] = True
+    orphans = np.unique(oid)
+    return orphans[held[label[orphans]]]
 
 
 def _one_slice(con) -> list[tuple[int, int]] | None:
@@ -274,13 +353,13 @@ def _one_slice(con) -> list[tuple[int, int]] | None:
     return [(lo // _BUCKET_NS * _BUCKET_NS, (hi // _BUCKET_NS + 1) * _BUCKET_NS)]
 
 
-# The decoys' exits as unpaired exits: the same columns as cand_exits (stitch.py), from xt. A
+# The decoys' exits as unpaired exits, ids from $first on: the same columns as cand_exits
+# (stitch.py), from xt. A
 # decoy exit whose operation reaches several callees gets a row per candidate callee, as a real
 # unpaired one does (targets.py, "spread").
 _DECOY_EXITS = f"""
-INSERT INTO cand_exits BY NAME
-SELECT (SELECT coalesce(max(eid) + 1, 0) FROM cand_exits) + row_number() OVER (ORDER BY rid, target) - 1
-         AS eid,
+INSERT INTO cal_decoy_exits BY NAME
+SELECT $first + row_number() OVER (ORDER BY rid, target) - 1 AS eid,
        rid, trace_id, span_id, service, protocol, start_ns, end_ns, th, target, instrumented, in_window,
        share, CASE WHEN share IS NOT NULL THEN name END AS op,
        'svc:' || target AS k_svc,
