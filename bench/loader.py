@@ -11,7 +11,10 @@ variants interleaved so the machine's noise hits them alike:
 - `wide`: the row before issue 19 item 3: resource and scope columns in every row, `otlp_rest`;
 - `wide - otlp_rest`: the same without `otlp_rest`;
 - `ids`: resource and scope as two id columns (their attributes in tables of their own);
-- `ids - otlp_rest`: the same without `otlp_rest`.
+- `ids - otlp_rest`: the same without `otlp_rest`;
+- `ids + whole otlp_rest`: `ids` with every attribute in `otlp_rest`, as before the attributes a
+  column holds were left out of it (migration 0006_otlp_rest_slim); `store`, `wide` and `ids`
+  leave them out.
 
 Prints, per variant, the median wall and CPU µs per span over the runs, the ratio to `wide`
 in the same run, and the file's bytes per span once closed (checkpointed). Figures: docs/performance.md.
@@ -29,6 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from audit.store.batch import SpanBatch
+from audit.store.rest import restore
 from audit.store.writer import SpanStore, joined_columns
 from bench.payloads import encoded_requests
 from collector_ext import decoder
@@ -50,7 +54,13 @@ def _layout(table: pa.Table, variant: str) -> pa.Table:
     """The batch's columns as one of the row layouts compared."""
     drop = set()
     if variant.endswith("- otlp_rest"):
-        drop.add("otlp_rest")
+        drop.update(("otlp_rest", "attributes_in_columns"))
+    if variant.endswith("+ whole otlp_rest") and "attributes_in_columns" in table.column_names:
+        rest = [restore(r["otlp_rest"], r["attributes_in_columns"], r) for r in table.to_pylist()]
+        table = table.set_column(
+            table.column_names.index("otlp_rest"), "otlp_rest", pa.array(rest, pa.binary())
+        )
+        drop.add("attributes_in_columns")
     if variant.startswith("wide"):
         drop.update(c for c in _IDS if c in table.column_names)
         if "resource_attributes" not in table.column_names:
@@ -101,7 +111,9 @@ def main() -> None:
     ap.add_argument("--commit-spans", type=int, default=64_000)
     ap.add_argument("--commits", type=int, default=12)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--variants", default="store,wide,wide - otlp_rest,ids,ids - otlp_rest")
+    ap.add_argument(
+        "--variants", default="store,wide,wide - otlp_rest,ids,ids - otlp_rest,ids + whole otlp_rest"
+    )
     args = ap.parse_args()
     per = 1000
     n_requests = max(1, args.commit_spans // per)

@@ -31,6 +31,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from audit.store.batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch, resource_id, scope_id
 from audit.store.otlp_values import attributes, to_json
+from audit.store.rest import COLUMN_ATTRIBUTES, INT_MAX, STRING, max_string_bytes, string_kv_size
 
 from .columns import _GROUP, _HTTP_KEYS, _KINDS, _STATUS, DERIVED, _as_int, _as_int32, _as_path, _as_str
 from .tracestate import parse_ot_sampling
@@ -174,14 +175,15 @@ def to_span_batch(wire: bytes) -> SpanBatch:
     arrays["link_count"] = _lengths(spans.column("links"), pa.uint32())
 
     attrs = spans.column("attributes")
-    derived, protocol = _derive(attrs, kv_h, n)
+    derived, protocol, kept, moved, moved_bytes = _derive(attrs, kv_h, n)
     arrays.update(derived)
     arrays["protocol"] = protocol
     rest = rest_h.record_batch_to_array(
-        pa.RecordBatch.from_arrays([attrs, spans.column("events")], names=["attributes", "events"])
+        pa.RecordBatch.from_arrays([kept, spans.column("events")], names=["attributes", "events"])
     )
-    _check_sizes(raw_spans, spans, rest)
+    _check_sizes(raw_spans, spans, rest, moved_bytes)
     arrays["otlp_rest"] = rest
+    arrays["attributes_in_columns"] = moved
 
     end_before_start = int(np.count_nonzero(np.asarray(end) < np.asarray(start)))
     columns = [arrays[f.name] for f in SPAN_SCHEMA]
@@ -325,14 +327,16 @@ _AS_TEXT = _table((_INT, _BOOL))
 _INT32 = (-(2**31), 2**31)
 
 
-def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.Array]:
-    """The DERIVED columns and the protocol class, from all spans' attributes at once."""
+def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple:
+    """The DERIVED columns and the protocol class, from all spans' attributes at once; then the
+    attributes without those a column holds exactly, `attributes_in_columns`, and the bytes
+    left out per span (audit/store/rest.py; columns.py does the same per span)."""
     raw = attrs.flatten()
     out: dict[str, pa.Array] = {}
     if len(raw) == 0:
         for name, _, _ in DERIVED:
             out[name] = pa.nulls(n, SPAN_SCHEMA.field(name).type)
-        return out, pa.array(["none"] * n, pa.string())
+        return out, pa.array(["none"] * n, pa.string()), attrs, pa.nulls(n, pa.uint32()), 0
     try:
         kvs = kv_h.array_to_record_batch(raw)
     except ValueError as e:
@@ -362,7 +366,7 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.
     int_value = value["int_value"]
     as_text = None  # string, int or bool as text, made if a string column needs it
 
-    present = {}
+    present, sources = {}, {}
     for name, conv, candidates in DERIVED:
         type_ = SPAN_SCHEMA.field(name).type
         if not any(key in code_of for key in candidates):
@@ -387,6 +391,7 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.
             source[owner[rows]] = rows
         chosen = source >= 0
         present[name] = chosen
+        sources[name] = source
         take = pa.array(source, mask=~chosen)
         if conv is _as_int or conv is _as_int32:
             out[name] = int_value.take(take).cast(type_)
@@ -401,7 +406,52 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple[dict[str, pa.Array], pa.
         if conv is _as_path:  # legacy http.target carries the query string; url.path does not
             column = pc.replace_substring_regex(column, r"(?s)\?.*", "")
         out[name] = column
-    return out, _protocol(out, present, owner, code, code_of, n)
+    protocol = _protocol(out, present, owner, code, code_of, n)
+    kept, moved, moved_bytes = _leave_out(attrs, raw, out, sources, owner, code, code_of, kind, value, n)
+    return out, protocol, kept, moved, moved_bytes
+
+
+def _leave_out(attrs, raw, out, sources, owner, code, code_of, kind, value, n) -> tuple:
+    """The attributes each column gives back exactly taken out of `attrs` (as columns._in_column
+    decides per span): (the attributes kept, attributes_in_columns, bytes taken out per span)."""
+    _, kv_size = _offsets(raw)
+    out_kv = np.zeros(len(raw), dtype=bool)
+    bits = np.zeros(n, dtype=np.uint32)
+    for bit, (key, name, type_) in enumerate(COLUMN_ATTRIBUTES):
+        c = code_of.get(key)
+        if c is None:
+            continue
+        rows = np.flatnonzero(code == c)
+        rows = rows[sources[name][owner[rows]] == rows]  # the attribute the column was read from
+        if type_ == STRING:
+            rows = rows[kind[rows] == _STRING]
+            if not len(rows):
+                continue
+            strings = value["string_value"].take(pa.array(rows))
+            length = np.asarray(pc.binary_length(strings))
+            same = np.asarray(pc.fill_null(pc.equal(strings, out[name].take(pa.array(owner[rows]))), False))
+            ok = same & (length > 0) & (length <= max_string_bytes(key))
+            ok &= kv_size[rows] == string_kv_size(len(key.encode()), length)
+        else:
+            rows = rows[kind[rows] == _INT]
+            if not len(rows):
+                continue
+            ints = np.asarray(value["int_value"].take(pa.array(rows)))
+            same = ints == np.asarray(out[name].take(pa.array(owner[rows])).fill_null(0)).astype(np.int64)
+            ok = same & (ints > 0) & (ints < INT_MAX)
+            ok &= kv_size[rows] == len(key.encode()) + 5 + _varint_size(np.maximum(ints, 0))
+        rows = rows[ok]
+        out_kv[rows] = True
+        bits[owner[rows]] |= np.uint32(1 << bit)
+    if not out_kv.any():
+        return attrs, pa.nulls(n, pa.uint32()), 0
+    keep = ~out_kv
+    counts = np.bincount(owner, weights=keep, minlength=n).astype(np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    kept = pa.ListArray.from_arrays(pa.array(offsets), raw.filter(pa.array(keep)))
+    moved_bytes = np.bincount(owner, weights=np.where(out_kv, _element(kv_size), 0), minlength=n)
+    return kept, pa.array(bits, mask=bits == 0), moved_bytes.astype(np.int64)
 
 
 _PROTOCOLS = np.asarray(["none", "http", "db", "rpc", "grpc", "messaging"], dtype=object)
@@ -484,14 +534,14 @@ def _varint_field(values) -> np.ndarray:
     return np.where(v != 0, 1 + _varint_size(v), 0)
 
 
-def _check_sizes(raw_spans: pa.Array, spans: pa.RecordBatch, rest: pa.Array) -> None:
+def _check_sizes(raw_spans: pa.Array, spans: pa.RecordBatch, rest: pa.Array, moved_bytes=0) -> None:
     """Every byte of every span is in a column or in otlp_rest, or the request goes to columns.py.
 
     A span's size is the sum of its fields' canonical encodings only when it has no unknown
     field, no field sent twice, no default value sent explicitly and no overlong varint: the
     cases where the columns could lose something the Python path keeps."""
     _, span_len = _offsets(raw_spans)
-    size = _offsets(rest)[1].astype(np.int64)
+    size = _offsets(rest)[1].astype(np.int64) + moved_bytes  # attributes left out, in columns
     delimited = ("trace_id", "span_id", "parent_span_id", "name", "trace_state")
     size += _delimited(np.stack([_offsets(spans.column(name))[1] for name in delimited])).sum(axis=0)
     varints = ("kind", "dropped_attributes_count", "dropped_events_count", "dropped_links_count")

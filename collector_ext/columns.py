@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from audit.store.batch import LINK_SCHEMA, SPAN_SCHEMA, SpanBatch, resource_id, scope_id
 from audit.store.otlp_values import any_value, attributes, to_json
+from audit.store.rest import BIT_OF, COLUMN_ATTRIBUTES, INT_MAX, max_string_bytes, varint_size
 
 from .tracestate import parse_ot_sampling
 
@@ -126,20 +127,45 @@ def _plan(keys: frozenset) -> tuple:
     )
 
 
-def _derive(attrs) -> tuple[tuple, str]:
-    """The DERIVED columns and the protocol class of one span, from its attribute map."""
+def _derive(attrs) -> tuple[tuple, str, int]:
+    """The DERIVED columns, the protocol class and `attributes_in_columns` of one span, from its
+    attribute map; the attributes a column holds exactly are deleted from the map (rest.py)."""
     keys = _KEYS.intersection(attrs)  # a set intersection in C finds the few keys present
     if not keys:
-        return _NO_DERIVED, "none"
+        return _NO_DERIVED, "none", 0
     out = list(_NO_DERIVED)
+    moved = 0
     for col, conv, present in _plan(keys):
         for k in present:
-            v = conv(attrs[k])
+            value = attrs[k]
+            v = conv(value)
             if v is not None:  # else fall back to the next (legacy) key
                 out[col] = v
+                bit = BIT_OF.get(k)
+                if bit is not None and _in_column(value, v, k):
+                    moved |= 1 << bit
                 break
     derived = tuple(out)
-    return derived, protocol_of(derived, keys)
+    protocol = protocol_of(derived, keys)
+    if moved:
+        for bit, (k, _, _) in enumerate(COLUMN_ATTRIBUTES):
+            if moved >> bit & 1:
+                del attrs[k]
+    return derived, protocol, moved
+
+
+def _in_column(value, v, key: str) -> bool:
+    """Does the column value `v` give this AnyValue back exactly (same type, same value,
+    canonically encoded)? Then otlp_rest leaves the attribute out (audit/store/rest.py)."""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        s = value.string_value
+        n = len(s.encode())
+        return v == s and 0 < n <= max_string_bytes(key) and value.ByteSize() == 2 + n
+    if which == "int_value":
+        i = value.int_value
+        return v == i and 0 < i < INT_MAX and value.ByteSize() == 1 + varint_size(i)
+    return False
 
 
 # Span fields held in columns (links: in span_links). Stripping them before serializing
@@ -191,6 +217,7 @@ _ROW = (
     "sampling_tracestate_invalid",
     "protocol",
     "otlp_rest",
+    "attributes_in_columns",
 )
 _GROUP = (
     "service_name",
@@ -286,7 +313,7 @@ def to_span_batch(traces) -> SpanBatch:
                     end_before_start += 1
                 status = span.status
                 code = status.code
-                d, protocol = _derive(span.attributes)
+                d, protocol, moved = _derive(span.attributes)  # before _rest: it deletes what columns hold
                 derived.append(d)
                 n_links = len(span_links)
                 if n_links:
@@ -323,7 +350,8 @@ def to_span_batch(traces) -> SpanBatch:
                         rv,
                         ts_bad,
                         protocol,
-                        _rest(span),  # last: it clears the fields read before it
+                        _rest(span),  # after the fields read before it: it clears them
+                        moved or None,
                     )
                 )
 

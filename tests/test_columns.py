@@ -5,6 +5,7 @@ import json
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from audit.store.rest import COLUMN_ATTRIBUTES, max_string_bytes, restore
 from collector_ext.columns import to_span_batch
 from collector_ext.decode import PROTOBUF, decode_request
 from tests.otlp_builders import kv, request, span
@@ -39,7 +40,7 @@ KINDS = ["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"]
 
 def rebuild(row: dict, links: list[dict]) -> Span:
     """Columns + otlp_rest + span_links -> the OTLP span: the store must lose nothing."""
-    s = Span.FromString(row["otlp_rest"])
+    s = Span.FromString(restore(row["otlp_rest"], row["attributes_in_columns"], row))
     s.trace_id = (row["trace_id_hi"] << 64 | row["trace_id_lo"]).to_bytes(16, "big")
     s.span_id = row["span_id"].to_bytes(8, "big")
     if row["parent_span_id"] is not None:
@@ -99,6 +100,60 @@ def test_otlp_rest_holds_no_field_that_a_column_holds():
     sent.links.add(trace_id=b"\x05" * 16, span_id=b"\x06" * 8)
     rest = Span.FromString(convert(request([sent])).spans.to_pylist()[0]["otlp_rest"])
     assert [f.name for f, _ in rest.ListFields()] == ["attributes"]
+
+
+# every attribute a column may hold, with a value the column gives back exactly
+IN_COLUMNS = {
+    key: (1 << 30) + i if kind == "int" else f"v{i}" for i, (key, _, kind) in enumerate(COLUMN_ATTRIBUTES)
+}
+
+
+def test_otlp_rest_leaves_out_the_attributes_a_column_holds_and_they_come_back():
+    # one key per column is read (the current one wins over a legacy one): send each column's
+    # keys in turn, so that every entry of COLUMN_ATTRIBUTES is the one read once
+    columns = {}
+    for key, column, _ in COLUMN_ATTRIBUTES:
+        columns.setdefault(column, []).append(key)
+    for turn in range(max(len(keys) for keys in columns.values())):
+        attrs = {
+            "other": "kept",
+            **{keys[turn]: IN_COLUMNS[keys[turn]] for keys in columns.values() if turn < len(keys)},
+        }
+        sent = span(T1, S1, attrs=attrs)
+        row = convert(request([sent])).spans.to_pylist()[0]
+        rest = Span.FromString(row["otlp_rest"])
+        assert [a.key for a in rest.attributes] == ["other"]
+        expect = sum(1 << i for i, (key, _, _) in enumerate(COLUMN_ATTRIBUTES) if key in attrs)
+        assert row["attributes_in_columns"] == expect
+        stored = Span.FromString(restore(row["otlp_rest"], row["attributes_in_columns"], row))
+        assert {a.key: a.value for a in stored.attributes} == {a.key: a.value for a in sent.attributes}
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"http.target": "/a?q=1"},  # the column drops the query
+        {"server.port": "8080"},  # a string where the column is an int
+        {"http.route": 5},  # an int where the column is a string
+        {"url.path": ""},  # empty
+        {"server.port": 0},
+        {"server.port": -1},
+        {"messaging.kafka.offset": 2**40},  # not an entry, and beyond the view's ints
+        {"url.full": "https://x/" + "a" * max_string_bytes("url.full")},  # too long for one-byte lengths
+        {"server.address": "a", "net.peer.name": "b"},  # the legacy key is not the one read
+    ],
+)
+def test_attributes_a_column_does_not_give_back_exactly_stay_in_otlp_rest(attrs):
+    sent = span(T1, S1, attrs=attrs)
+    row = convert(request([sent])).spans.to_pylist()[0]
+    rest = Span.FromString(row["otlp_rest"])
+    kept = {a.key for a in rest.attributes}
+    if "net.peer.name" in attrs:
+        assert kept == {"net.peer.name"} and row["attributes_in_columns"] == 1 << 7
+    else:
+        assert kept == set(attrs) and row["attributes_in_columns"] is None
+    stored = Span.FromString(restore(row["otlp_rest"], row["attributes_in_columns"], row))
+    assert {a.key: a.value for a in stored.attributes} == {a.key: a.value for a in sent.attributes}
 
 
 def test_scalar_columns():

@@ -13,12 +13,14 @@ import random
 import duckdb
 import pyarrow as pa
 import pytest
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
 
 from audit.store.batch import RESOURCE_COLUMNS, SCOPE_COLUMNS, SpanBatch, resource_id, scope_id
 from audit.store.migrations import MIGRATIONS, ensure_spans_full
+from audit.store.otlp_values import any_value
 from audit.store.parquet import export_select
 from audit.store.reader import LocalReader
+from audit.store.rest import restore
 from audit.store.staging import encode_frame, read_segment
 from audit.store.writer import SpanStore, _insert_sql
 from bench.payloads import build_request
@@ -52,17 +54,30 @@ def _requests(n: int = 2, spans_per: int = 500) -> list[bytes]:
     return [*bodies, odd.SerializeToString()]
 
 
-def _old_store(path: str, batches: list[SpanBatch]) -> None:
-    """A store as the build before 0005 wrote it: its migrations, spans with every column."""
+def _whole_rest(spans: pa.Table) -> pa.Table:
+    """`spans` as a build before 0006_otlp_rest_slim made them: every attribute in otlp_rest."""
+    rest = [restore(r["otlp_rest"], r["attributes_in_columns"], r) for r in spans.to_pylist()]
+    at = spans.column_names.index("otlp_rest")
+    spans = spans.set_column(at, "otlp_rest", pa.array(rest, pa.binary()))
+    return spans.drop_columns(["attributes_in_columns"])
+
+
+def _old_store(path: str, batches: list[SpanBatch], before: str = "0005_span_resources") -> None:
+    """A store as the build before migration `before` wrote it: its migrations, its columns."""
     con = duckdb.connect(path)
     con.execute("CREATE TABLE _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)")
-    for m in MIGRATIONS[: [m.name for m in MIGRATIONS].index("0005_span_resources")]:
+    for m in MIGRATIONS[: [m.name for m in MIGRATIONS].index(before)]:
         con.execute(m.sql)
         con.execute("INSERT INTO _migrations VALUES (?, current_timestamp)", [m.name])
     for b in batches:
-        table = b.spans.drop_columns(list(_GROUP_IDS))
-        con.register("batch_spans", table)
-        con.execute(_insert_sql("spans", table.schema))
+        table = _whole_rest(b.spans)
+        if before == "0005_span_resources":
+            table = table.drop_columns(list(_GROUP_IDS))
+            con.register("batch_spans", table)
+            con.execute(_insert_sql("spans", table.schema))
+        else:
+            con.register("batch_spans", table)
+            con.execute(_insert_sql("spans", table.schema, RESOURCE_COLUMNS + SCOPE_COLUMNS))
     con.close()
 
 
@@ -165,7 +180,7 @@ def test_a_store_of_the_previous_schema_is_read_then_migrated(tmp_path, batches)
     store = SpanStore(db)  # the writer migrates it
     con = store.cursor()
     names = [r[0] for r in con.execute("SELECT name FROM _migrations").fetchall()]
-    assert names[-1] == "0005_span_resources"
+    assert "0005_span_resources" in names
     columns = {r[0] for r in con.execute("DESCRIBE spans").fetchall()}
     assert columns.isdisjoint(RESOURCE_COLUMNS + SCOPE_COLUMNS) and set(_GROUP_IDS) <= columns
     after = con.sql(
@@ -217,3 +232,51 @@ def test_a_staging_segment_of_the_previous_build_loads(tmp_path, batches):
         )
         == want
     )
+
+
+def _rest_rows(db: str) -> list[tuple]:
+    """Each span's id and whole otlp_rest as the readers get it (spans_full, the Parquet export)."""
+    con = duckdb.connect(db, read_only=True)
+    try:
+        ensure_spans_full(con)
+        view = con.execute("SELECT span_id, otlp_rest FROM spans_full").fetchall()
+        rows = con.execute(export_select("spans"), {"lo": 0, "hi": 2**63 - 1}).fetchall()
+        names = [d[0] for d in con.description]
+    finally:
+        con.close()
+    exported = [(int(r["span_id"], 16), r["otlp_rest"]) for r in (dict(zip(names, r)) for r in rows)]
+    assert sorted(exported) == sorted(view)
+    return sorted(view)
+
+
+def test_otlp_rest_of_a_store_before_0006_and_after_reads_the_same(tmp_path, batches):
+    """Spans stored whole before 0006_otlp_rest_slim and slim after it: spans_full, the Parquet
+    export and the trace view give every span's attributes as they were sent."""
+    sent = sorted((r["span_id"], r["otlp_rest"]) for b in batches for r in _whole_rest(b.spans).to_pylist())
+    assert any(b.spans.column("attributes_in_columns").null_count < b.accepted for b in batches)
+    db = str(tmp_path / "old.duckdb")
+    _old_store(db, batches, before="0006_otlp_rest_slim")
+    assert _rest_rows(db) == sent  # read-only, not migrated yet
+
+    store = SpanStore(db)  # migrates, then stores slim rows beside the whole ones
+    store.append(batches)
+    con = store.cursor()
+    (slim, whole) = con.execute(
+        "SELECT count(*) FILTER (WHERE attributes_in_columns IS NOT NULL), "
+        "count(*) FILTER (WHERE attributes_in_columns IS NULL) FROM spans"
+    ).fetchone()
+    assert slim > 0 and whole >= len(sent)
+    store.close()
+    assert _rest_rows(db) == sorted(sent + sent)
+
+    reader = LocalReader(db)
+    try:
+        tid = reader._dicts("SELECT trace_id FROM spans WHERE attributes_in_columns IS NOT NULL LIMIT 1", [])
+        trace = reader.trace(tid[0]["trace_id"])
+    finally:
+        reader.close()
+    by_id = dict(sent)
+    assert len(trace) == 2 * len({s["span_id"] for s in trace})  # stored whole once, slim once
+    for s in trace:
+        want = Span.FromString(by_id[s["span_id"]])
+        assert s["attributes"] == {kv.key: any_value(kv.value) for kv in want.attributes}

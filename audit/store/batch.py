@@ -38,6 +38,8 @@ SPAN_SCHEMA = pa.schema(
         ("link_count", _u32),
         ("dropped_links_count", _u32),
         ("otlp_rest", pa.binary()),
+        # which attributes otlp_rest leaves out because a column holds them (audit/store/rest.py)
+        ("attributes_in_columns", _u32),
         ("service_name", _str),
         ("resource_attributes", _str),
         ("resource_dropped_attributes_count", _u32),
@@ -139,7 +141,11 @@ class SpanBatch:
 
 def with_group_ids(spans: pa.Table) -> pa.Table:
     """`spans` with `resource_id` and `scope_id`: a batch staged by a build before them (a
-    staging log segment written before an upgrade) gets them computed here."""
+    staging log segment written before an upgrade) gets them computed here; and with
+    `attributes_in_columns` (NULL: its otlp_rest is whole) if staged before that."""
+    if "attributes_in_columns" not in spans.column_names:
+        at = spans.column_names.index("otlp_rest") + 1
+        spans = spans.add_column(at, "attributes_in_columns", pa.nulls(spans.num_rows, _u32))
     if "resource_id" in spans.column_names:
         return spans
     rows = spans.select(RESOURCE_COLUMNS + SCOPE_COLUMNS).to_pylist()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import duckdb
 
+from .rest import restore_sql
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -212,6 +214,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE spans DROP COLUMN scope_schema_url;
         CREATE VIEW spans_full AS
             SELECT s.* EXCLUDE (resource_id, scope_id), r.* EXCLUDE (resource_id), c.* EXCLUDE (scope_id)
+            FROM spans s
+            LEFT JOIN span_resources r USING (resource_id)
+            LEFT JOIN span_scopes c USING (scope_id);
+        """,
+    ),
+    Migration(
+        "0006_otlp_rest_slim",
+        """
+        -- slimmer rows (issue 19): otlp_rest no longer repeats the attributes that a column holds
+        -- exactly; attributes_in_columns says which ones were left out (bit i: entry i of
+        -- audit/store/rest.py COLUMN_ATTRIBUTES; NULL for spans stored before). spans_full puts
+        -- them back, so its otlp_rest is the whole span as before.
+        ALTER TABLE spans ADD COLUMN attributes_in_columns UINTEGER;
+        CREATE OR REPLACE VIEW spans_full AS
+            SELECT s.* EXCLUDE (resource_id, scope_id, attributes_in_columns)
+                       REPLACE ("""
+        + restore_sql("s.otlp_rest", "s.attributes_in_columns", lambda c: f"s.{c}")
+        + """ AS otlp_rest),
+                   r.* EXCLUDE (resource_id), c.* EXCLUDE (scope_id)
             FROM spans s
             LEFT JOIN span_resources r USING (resource_id)
             LEFT JOIN span_scopes c USING (scope_id);
