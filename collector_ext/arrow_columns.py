@@ -407,51 +407,53 @@ def _derive(attrs: pa.ListArray, kv_h, n: int) -> tuple:
             column = pc.replace_substring_regex(column, r"(?s)\?.*", "")
         out[name] = column
     protocol = _protocol(out, present, owner, code, code_of, n)
-    kept, moved, moved_bytes = _leave_out(attrs, raw, out, sources, owner, code, code_of, kind, value, n)
+    kept, moved, moved_bytes = _leave_out(attrs, raw, out, sources, owner, kind, value, code, code_of, n)
     return out, protocol, kept, moved, moved_bytes
 
 
-def _leave_out(attrs, raw, out, sources, owner, code, code_of, kind, value, n) -> tuple:
+def _leave_out(attrs, raw, out, sources, owner, kind, value, code, code_of, n) -> tuple:
     """The attributes each column gives back exactly taken out of `attrs` (as columns._in_column
-    decides per span): (the attributes kept, attributes_in_columns, bytes taken out per span)."""
+    decides per span): (the attributes kept, attributes_in_columns, bytes taken out per span).
+    A column read from an attribute of its own type holds that attribute's value (_derive), so
+    what is checked here is its size, the canonical encoding, and for url_path no query cut off."""
     _, kv_size = _offsets(raw)
+    str_len = ints = None
     out_kv = np.zeros(len(raw), dtype=bool)
     bits = np.zeros(n, dtype=np.uint32)
     for bit, (key, name, type_) in enumerate(COLUMN_ATTRIBUTES):
         c = code_of.get(key)
         if c is None:
             continue
-        rows = np.flatnonzero(code == c)
-        rows = rows[sources[name][owner[rows]] == rows]  # the attribute the column was read from
+        source = sources[name]
+        spans = np.flatnonzero(source >= 0)
+        spans = spans[code[source[spans]] == c]  # the spans whose column was read from `key`
+        rows = source[spans]
+        k = len(key.encode())
         if type_ == STRING:
-            rows = rows[kind[rows] == _STRING]
-            if not len(rows):
-                continue
-            strings = value["string_value"].take(pa.array(rows))
-            length = np.asarray(pc.binary_length(strings))
-            same = np.asarray(pc.fill_null(pc.equal(strings, out[name].take(pa.array(owner[rows]))), False))
-            ok = same & (length > 0) & (length <= max_string_bytes(key))
-            ok &= kv_size[rows] == string_kv_size(len(key.encode()), length)
+            if str_len is None:
+                str_len = _offsets(value["string_value"])[1]
+            length = str_len[rows]
+            ok = (kind[rows] == _STRING) & (length > 0) & (length <= max_string_bytes(key))
+            ok &= kv_size[rows] == string_kv_size(k, length)
+            if name == "url_path":  # http.target's query is not in the column
+                ok &= _offsets(out[name])[1][spans] == length
         else:
-            rows = rows[kind[rows] == _INT]
-            if not len(rows):
-                continue
-            ints = np.asarray(value["int_value"].take(pa.array(rows)))
-            same = ints == np.asarray(out[name].take(pa.array(owner[rows])).fill_null(0)).astype(np.int64)
-            ok = same & (ints > 0) & (ints < INT_MAX)
-            ok &= kv_size[rows] == len(key.encode()) + 5 + _varint_size(np.maximum(ints, 0))
-        rows = rows[ok]
-        out_kv[rows] = True
-        bits[owner[rows]] |= np.uint32(1 << bit)
+            if ints is None:
+                ints = np.asarray(value["int_value"].fill_null(0))
+            v = ints[rows]
+            ok = (kind[rows] == _INT) & (v > 0) & (v < INT_MAX)
+            ok &= kv_size[rows] == k + 5 + _varint_size(np.maximum(v, 0))
+        out_kv[rows[ok]] = True
+        bits[spans[ok]] |= np.uint32(1 << bit)
     if not out_kv.any():
         return attrs, pa.nulls(n, pa.uint32()), 0
-    keep = ~out_kv
-    counts = np.bincount(owner, weights=keep, minlength=n).astype(np.int32)
+    taken = owner[out_kv]
+    counts = np.asarray(_lengths(attrs, pa.int32())) - np.bincount(taken, minlength=n).astype(np.int32)
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
-    kept = pa.ListArray.from_arrays(pa.array(offsets), raw.filter(pa.array(keep)))
-    moved_bytes = np.bincount(owner, weights=np.where(out_kv, _element(kv_size), 0), minlength=n)
-    return kept, pa.array(bits, mask=bits == 0), moved_bytes.astype(np.int64)
+    kept = pa.ListArray.from_arrays(pa.array(offsets), raw.filter(pa.array(~out_kv)))
+    moved_bytes = np.bincount(taken, weights=_element(kv_size[out_kv]), minlength=n).astype(np.int64)
+    return kept, pa.array(bits, mask=bits == 0), moved_bytes
 
 
 _PROTOCOLS = np.asarray(["none", "http", "db", "rpc", "grpc", "messaging"], dtype=object)
