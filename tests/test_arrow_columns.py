@@ -15,6 +15,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from audit.scenarios.model import load_scenario
 from audit.scenarios.simulate import Simulator
+from audit.store.rest import max_string_bytes, restore
 from bench.payloads import build_request
 from collector_ext import arrow_columns, decoder, worker
 from collector_ext.decode import JSON, PROTOBUF
@@ -291,6 +292,27 @@ def test_spans_that_are_not_canonically_encoded_are_left_to_the_python_path(extr
         arrow_columns.to_span_batch(body)
     assert both(body) == "fallback"
     assert both(raw_request(good)) == "arrow"
+
+
+def test_attributes_left_out_of_otlp_rest_match():
+    """What a column gives back exactly is left out of otlp_rest the same way by both paths; an
+    audit attribute encoded with something more (an unknown field in its value), or too long for
+    the view's one-byte lengths, stays in it."""
+    odd_value = _field(1, b"http.route") + _field(2, _field(1, b"/r") + b"\xa0\x06\x01")
+    long_url = "https://x/" + "a" * max_string_bytes("url.full")
+    attrs = {"url.full": long_url, "server.address": "a", "server.port": 8080, "http.target": "/t?q"}
+    body = raw_request(
+        span(T1, S1, attrs=attrs).SerializeToString() + _field(9, odd_value),
+        span(
+            T1, S2, attrs={"http.route": "/r", "url.path": "/p", "http.status_code": 500}
+        ).SerializeToString(),
+    )
+    assert both(body) == "arrow"
+    rows = arrow_columns.to_span_batch(body).spans.to_pylist()
+    kept = [{a.key for a in Span.FromString(r["otlp_rest"]).attributes} for r in rows]
+    assert kept == [{"url.full", "http.route", "http.target"}, set()]
+    restored = Span.FromString(restore(rows[0]["otlp_rest"], rows[0]["attributes_in_columns"], rows[0]))
+    assert {a.key for a in restored.attributes} == set(attrs) | {"http.route"}
 
 
 def test_duplicated_attribute_keys_are_left_to_the_python_path():
