@@ -298,6 +298,35 @@ def test_breaks_the_timing_cannot_tell_apart_are_left_without_a_parent(tmp_path)
     assert named / found <= 0.02, (found, named, right)  # abstains on (nearly) every one
 
 
+def test_a_sampled_background_links_the_fixed_step_hand_off_as_well(tmp_path, monkeypatch):
+    # large windows keep only a sample of the shifted copies (past breaks._BACKGROUND candidates
+    # per operation, a quarter of them): the model still finds the step, and still abstains
+    # where nothing tells the requests apart
+    from audit.engine import breaks
+
+    rates = []
+    fit = breaks.HandoffModel.fit.__func__
+
+    def recording_fit(cls, *args):
+        rates.append(args[-1])
+        return fit(cls, *args)
+
+    monkeypatch.setattr(breaks, "_BACKGROUND", 5000)
+    monkeypatch.setattr(breaks.HandoffModel, "fit", classmethod(recording_fit))
+    found, named, right = _breaks(tmp_path, _handoff_scenario({"median": 1.0, "p99": 2.0}, waits=True))
+    assert rates and max(rates) < 0.5, rates
+    assert found >= 500
+    assert named / found >= 0.95, (found, named)
+    assert right / named >= 0.98, (named, right)
+    rates.clear()
+    (tmp_path / "apart").mkdir()
+    apart = _handoff_scenario({"median": 30.0, "p99": 1000.0}, waits=False)
+    found, named, right = _breaks(tmp_path / "apart", apart)
+    assert rates and max(rates) < 0.5, rates
+    assert found >= 500
+    assert named / found <= 0.02, (found, named, right)
+
+
 # Self-supervised calibration (audit/engine/calibrate.py): propagated calls cut on purpose.
 
 

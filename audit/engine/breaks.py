@@ -41,11 +41,24 @@ WHERE r.start_ns BETWEEN s.start_ns AND s.end_ns AND r.trace_id <> s.trace_id
 _ROOTS = """SELECT rid, trace_id, service, name, start_ns::BIGINT AS start_ns,
   greatest(end_ns, start_ns)::BIGINT AS end_ns FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')"""
 # the same breaks at instants moved by 0.3-3 s either way: whatever request is in flight
-# there has nothing to do with them (a hash of the row id makes the shift reproducible)
+# there has nothing to do with them (a hash of the row id makes the shift reproducible). Each
+# shifted copy is kept with its operation's rate in break_bg_rates (a hash again): the
+# background only estimates a density, which a sample of it does as well as all of it
 _SHIFTED = """SELECT rid, trace_id, service, name, start_ns + d AS start_ns, end_ns + d AS end_ns FROM (
   SELECT r.*, (300000000 + hash(r.rid, k) % 2700000000)::BIGINT * (CASE WHEN hash(k, r.rid) % 2 = 0
          THEN 1 ELSE -1 END) AS d
-  FROM ({roots}) r JOIN break_ops USING (service, name), range({shifts}) t(k))"""
+  FROM ({roots}) r JOIN break_bg_rates USING (service, name), range({shifts}) t(k)
+  WHERE hash(r.rid, k, 1) % 1000000 < rate * 1000000)"""
+# per break operation, the share of shifted copies kept: all of them (a background of about
+# twice the real candidates) up to _BACKGROUND candidates; past that, enough for about
+# _BACKGROUND_SHARE of the real candidates, or _BACKGROUND if more
+_BG_RATES = """
+CREATE OR REPLACE TEMP TABLE break_bg_rates AS
+SELECT service, name,
+       least(1.0, greatest($target, $share * count(p.break_rid)) / (count(p.break_rid) * $shifts + 1))::DOUBLE
+         AS rate
+FROM break_ops LEFT JOIN break_pairs p USING (service, name) GROUP BY ALL
+"""
 # each candidate's last event in the break's service before the break started (a span's end, or
 # the request's start) and its first event after the break ended (a span's start, or its end).
 # A table in DuckDB: at 10M spans there are millions of candidates (a row per request in flight
@@ -106,8 +119,11 @@ LEFT JOIN break_vocab c1 ON c1.op = o.op AND c1.step = f.name1
 LEFT JOIN break_vocab c2 ON c2.op = o.op AND c2.step = f.name2
 WHERE f.bg = {bg}
 """
+_OP_RATES = "SELECT o.op, r.rate FROM break_vocab_ops o JOIN break_bg_rates r USING (service, name)"
 _BATCH_ROWS = 1 << 20  # background candidates are counted into histograms a batch at a time
 _SHIFTS = 2  # shifted copies of each break: the background sample is twice the real one
+_BACKGROUND = 500_000  # background candidates per break operation past which copies are sampled
+_BACKGROUND_SHARE = 0.5  # the sampled background's size against the real candidates'
 
 _BREAK_OPS = """
 SELECT r.service, r.name, mode(r.kind), count(DISTINCT r.rid) AS roots, count(DISTINCT p.break_rid) AS during
@@ -159,14 +175,16 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     The confidence is the posterior of that request among its candidates and "none of these"
     (the real request was not sampled), with each candidate's likelihood ratio from the delay
     model learned for its break operation (`HandoffModel`)."""
+    con.execute(_BG_RATES, {"target": _BACKGROUND, "share": _BACKGROUND_SHARE, "shifts": _SHIFTS})
     shifted = _SHIFTED.format(roots=_ROOTS, shifts=_SHIFTS)
     con.execute(_ENCLOSING.format(table="break_bg_pairs", roots=shifted), {"b": _BUCKET_NS})
     con.execute(_FEATURES)
     con.execute("DROP TABLE break_bg_pairs")
     rows = _vocabularies(con)
+    rates = dict(con.execute(_OP_RATES).fetchall())
     real = _fetch(con, _CODED.format(bg="false") + " ORDER BY f.break_rid, f.parent_rid")
     background = _background_counts(con, rows)
-    for table in ("break_all_features", "break_vocab", "break_vocab_ops"):
+    for table in ("break_all_features", "break_vocab", "break_vocab_ops", "break_bg_rates"):
         con.execute(f"DROP TABLE {table}")
     n = len(real["break_rid"])
     empty = {"rid": np.zeros(0, np.int64), "parent_rid": np.zeros(0, np.int64), "confidence": np.zeros(0)}
@@ -182,7 +200,7 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
         counts = (np.bincount(c1[i], minlength=size), np.bincount(c2[i], minlength=size))
         per_break = np.unique(brk[i], return_index=True)[1]
         trues = float(p_stored[i][per_break].sum())  # expected true parents among the candidates
-        model = HandoffModel.fit(counts, background[op], rows[op], len(i), trues)
+        model = HandoffModel.fit(counts, background[op], rows[op], len(i), trues, rates.get(op, 1.0))
         ratio[i] = model.ratio(c1[i], c2[i])
     return posterior(brk, parent, ratio, p_stored)
 
@@ -295,15 +313,24 @@ class HandoffModel:
         self.lr1, self.lr2 = lr1, lr2
 
     @classmethod
-    def fit(cls, real: tuple, background: tuple, rows: int, n_real: int, trues: float) -> HandoffModel:
+    def fit(
+        cls, real: tuple, background: tuple, rows: int, n_real: int, trues: float, rate: float = 1.0
+    ) -> HandoffModel:
         """`real`, `background`: per feature (before, after), the candidates' counts per cell
-        (_cells); `trues`: the expected number of true parents among the n_real candidates."""
+        (_cells); `trues`: the expected number of true parents among the n_real candidates;
+        `rate`: the share of the shifted copies the background kept (break_bg_rates)."""
         lrs = []
         for real_counts, bg_counts in zip(real, background):
             h, bg = _histogram(real_counts, rows), _histogram(bg_counts, rows)
             p_bg = (bg + 1.0 / len(bg)) / (bg.sum() + 1.0)
-            expected = max(n_real - trues, 0.0) * p_bg
-            excess = np.maximum(h - expected - _Z * np.sqrt(expected + 1.0), 0.0)
+            unrelated = max(n_real - trues, 0.0)
+            expected = unrelated * p_bg
+            # the noise allowed for is the real candidates' (Poisson) with the full background;
+            # a sampled background adds its own, each of its counts standing for unrelated / n_bg
+            # real ones (a cell it left empty may still hold about one)
+            scale = unrelated / max(float(bg_counts.sum()), 1.0)
+            noise = expected + 1.0 + (1.0 - rate) * scale**2 * (bg + 1.0)
+            excess = np.maximum(h - expected - _Z * np.sqrt(noise), 0.0)
             if excess.sum() > trues:
                 excess *= trues / excess.sum()
             p_true = excess / max(trues, 1e-9) + (1.0 - excess.sum() / max(trues, 1e-9)) * p_bg
