@@ -100,19 +100,19 @@ FROM (
 
 # Roots in the finding window. `linked`: the root, or a direct child of it, links to another
 # span (the official Kafka consumer instrumentation puts the link on `process`, under `recv`).
+# Only the attributes later passes read: at 10M spans the temp tables spill past the memory
+# limit, and every column kept is written out and read back.
 _ROOTS = """
 CREATE OR REPLACE TEMP TABLE roots AS
-SELECT r.*,
+SELECT r.* EXCLUDE (link_count),
        r.link_count > 0 OR EXISTS (
          SELECT 1 FROM w c WHERE c.trace_id = r.trace_id AND c.parent_span_id = r.span_id AND c.link_count > 0
        ) AS linked
 FROM (
   SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
-         sampling_threshold AS th, link_count, server_address, server_port, rpc_system, rpc_service,
-           rpc_method,
+         sampling_threshold AS th, link_count, rpc_system, rpc_service, rpc_method,
          messaging_system, messaging_destination, messaging_message_id, messaging_partition, messaging_offset,
-         coalesce(url_path, url_path(url_full)) AS url_path,
-         http_route, db_system
+         coalesce(url_path, url_path(url_full)) AS url_path, db_system
   FROM spans WHERE parent_span_id IS NULL AND start_ns >= $wlo AND start_ns < $whi
     AND rowid NOT IN (SELECT rid FROM dropped)) r
 """
@@ -145,6 +145,7 @@ def scan(con: duckdb.DuckDBPyConnection, window: AuditWindow, progress=lambda st
     if inferred:
         apply_inferred_kinds(con, "roots")
     con.execute(_DANGLING, inner)
+    con.execute("ALTER TABLE w DROP COLUMN link_count")  # read only above; frees it without a copy
     spans, traces = con.execute(
         "SELECT count(*), count(DISTINCT trace_id) FROM w WHERE start_ns >= $wlo AND start_ns < $whi", inner
     ).fetchone()
