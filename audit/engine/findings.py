@@ -91,7 +91,8 @@ SELECT 'in_process_break', r.trace_id, r.span_id, r.service, r.name, r.kind, r.s
        CASE WHEN b.confidence >= $min_confidence THEN b.confidence END
 FROM roots r
 JOIN break_ops USING (service, name)
-LEFT JOIN (SELECT DISTINCT ON (rid) rid, target FROM xt) x ON x.rid = r.rid
+LEFT JOIN (SELECT DISTINCT ON (rid) rid, target FROM xt  -- the break roots' exits only, not all of xt
+           WHERE rid IN (SELECT rid FROM roots JOIN break_ops USING (service, name))) x ON x.rid = r.rid
 LEFT JOIN break_parents b ON b.rid = r.rid
 LEFT JOIN w p ON p.rid = b.parent_rid
 WHERE r.kind NOT IN ('SERVER', 'CONSUMER')
