@@ -63,6 +63,9 @@ def resolve_exits(con: duckdb.DuckDBPyConnection, learned: Learned) -> None:
     _resolve_by_operation(con, learned)
     _spread_by_operation(con, learned)
     con.execute("DROP TABLE exits")  # xt holds it all now; at 10M spans, memory is the limit
+    # the address keys did their work above; dropping a column frees it without a copy
+    for column in ("server_address", "server_port", "peer_service"):
+        con.execute(f"ALTER TABLE xt DROP COLUMN {column}")
 
 
 # The weakest resolution: an exit that names no target at all (no address, URL, peer.service,
