@@ -81,7 +81,8 @@ c AS (SELECT parent_trace, service, (row_number() OVER ())::INTEGER AS k
 pk AS (SELECT p.bg, p.break_rid, p.parent_rid, p.op, p.parent_th, p.start_ns, p.end_ns, c.k
        FROM p JOIN c USING (parent_trace, service)),
 ev AS (SELECT c.k, w.kind, w.name, w.start_ns::BIGINT AS start_ns, w.end_ns::BIGINT AS end_ns
-       FROM w JOIN c ON w.trace_id = c.parent_trace AND w.service = c.service),
+       FROM w JOIN c ON w.trace_id = c.parent_trace AND w.service = c.service
+       WHERE w.service IN (SELECT service FROM break_ops)),
 before AS (
   SELECT k, end_ns AS t, name FROM ev
   UNION ALL
