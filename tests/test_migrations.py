@@ -202,8 +202,9 @@ def test_a_store_of_the_previous_schema_is_read_then_migrated(tmp_path, batches)
 
 
 def test_a_staging_segment_of_the_previous_build_loads(tmp_path, batches):
-    """A segment staged before an upgrade holds batches without the id columns."""
-    old = [SpanBatch(b.spans.drop_columns(list(_GROUP_IDS)), b.links) for b in batches]
+    """A segment staged before an upgrade holds batches without the id columns, and with every
+    attribute in otlp_rest (no attributes_in_columns)."""
+    old = [SpanBatch(_whole_rest(b.spans).drop_columns(list(_GROUP_IDS)), b.links) for b in batches]
     segment = tmp_path / "1.seg"
     with open(segment, "wb") as f:
         for b in old:
@@ -215,6 +216,7 @@ def test_a_staging_segment_of_the_previous_build_loads(tmp_path, batches):
     store = SpanStore(db)
     store.append(got)
     store.close()
+    assert _rest_rows(db) == sorted((r["span_id"], r["otlp_rest"]) for b in old for r in b.spans.to_pylist())
     rows = _full_rows(db)
     want = sorted(
         (r["service_name"], r["resource_attributes"], r["scope_name"])
