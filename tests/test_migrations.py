@@ -20,13 +20,14 @@ from audit.store.migrations import MIGRATIONS, ensure_spans_full
 from audit.store.otlp_values import any_value
 from audit.store.parquet import export_select
 from audit.store.reader import LocalReader
-from audit.store.rest import restore
+from audit.store.rest import max_string_bytes, restore
 from audit.store.staging import encode_frame, read_segment
 from audit.store.writer import SpanStore, _insert_sql
 from bench.payloads import build_request
 from collector_ext.decode import PROTOBUF
 from collector_ext.ingest import decode_batch
-from tests.otlp_builders import kv, request, spans
+from tests.otlp_builders import kv, request, span, spans
+from tests.test_columns import S1, T1, convert
 
 _GROUP_IDS = ("resource_id", "scope_id")
 
@@ -282,3 +283,35 @@ def test_otlp_rest_of_a_store_before_0006_and_after_reads_the_same(tmp_path, bat
     for s in trace:
         want = Span.FromString(by_id[s["span_id"]])
         assert s["attributes"] == {kv.key: any_value(kv.value) for kv in want.attributes}
+
+
+def test_spans_full_puts_back_every_kind_of_value_a_column_gives_back(tmp_path):
+    """The view's SQL encodes what audit/store/rest.py's Python does: multi-byte UTF-8, a NUL, a
+    quote, ints of one to three varint bytes, and the longest string left out."""
+    attrs = {
+        "http.route": "a\x00b'c",
+        "url.path": "/é€😀",
+        "server.address": "s" * max_string_bytes("server.address"),
+        "server.port": 127,
+        "http.response.status_code": 128,
+        "rpc.system": "grpc",
+        "rpc.service": "svc",
+        "messaging.system": "kafka",
+        "db.system.name": "postgresql",
+        "peer.service": "p",
+        "url.full": "https://h/p",
+        "other": 16384,
+    }
+    sent = span(T1, S1, attrs=attrs)
+    batch = convert(request([sent]))
+    row = batch.spans.to_pylist()[0]
+    assert bin(row["attributes_in_columns"]).count("1") == len(attrs) - 1
+    db = str(tmp_path / "s.duckdb")
+    store = SpanStore(db)
+    store.append([batch])
+    store.close()
+    [(_, rest)] = _rest_rows(db)
+    assert rest == restore(row["otlp_rest"], row["attributes_in_columns"], row)
+    assert {a.key: a.value for a in Span.FromString(rest).attributes} == {
+        a.key: a.value for a in sent.attributes
+    }
