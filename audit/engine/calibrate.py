@@ -275,23 +275,27 @@ def _run(con, learned: Learned, audited: np.ndarray, tol: float, max_lag: float)
 # status changes (exact_only, with the decoys' exits). Every other one keeps the main pass's
 # candidates: the same as matching every orphan again, which took most of the calibration's time
 # at 10M spans.
-_TOUCHED = """
+_NEAR = "o.bucket = x.bucket AND o.start BETWEEN x.win_lo AND x.win_hi"  # in the exit's window
+_TOUCHED = f"""
 CREATE OR REPLACE TEMP TABLE cal_rematch AS
-WITH o AS (SELECT * FROM cal_real_cand_orphans WHERE oid IN (SELECT real_oid FROM cal_audited)),
-x AS (FROM cal_decoy_exits),
+WITH o AS (  -- joined on the key and the 100 ms bucket of the start, then the window
+  SELECT oid, start_ns::BIGINT AS start, start_ns::BIGINT // $b AS bucket,
+         k_svc, k_path, k_rpc, k_dest, k_exact
+  FROM cal_real_cand_orphans WHERE oid IN (SELECT real_oid FROM cal_audited)),
+x AS (SELECT *, unnest(range(win_lo // $b, win_hi // $b + 1)) AS bucket FROM cal_decoy_exits),
 dests AS (SELECT DISTINCT k_dest FROM cand_exits WHERE k_exact IS NOT NULL)
-SELECT o.oid FROM o JOIN x ON o.k_exact = x.k_exact
+SELECT o.oid FROM o JOIN (SELECT DISTINCT k_exact FROM cal_decoy_exits) x ON o.k_exact = x.k_exact
 UNION
-SELECT o.oid FROM o JOIN x ON o.k_path = x.k_path AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+SELECT o.oid FROM o JOIN x ON o.k_path = x.k_path AND {_NEAR}
 UNION
-SELECT o.oid FROM o JOIN x ON o.k_rpc = x.k_rpc AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+SELECT o.oid FROM o JOIN x ON o.k_rpc = x.k_rpc AND {_NEAR}
 UNION
-SELECT o.oid FROM o JOIN x ON o.k_dest = x.k_dest AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+SELECT o.oid FROM o JOIN x ON o.k_dest = x.k_dest AND {_NEAR}
 UNION
-SELECT o.oid FROM o JOIN x ON o.k_svc = x.k_svc AND o.start_ns::BIGINT BETWEEN x.win_lo AND x.win_hi
+SELECT o.oid FROM o JOIN x ON o.k_svc = x.k_svc AND {_NEAR}
 UNION
-SELECT oid FROM o WHERE coalesce(k_exact IS NOT NULL AND k_dest IN (FROM dests), false)
-  <> (oid IN (SELECT oid FROM cal_real_exact_only))
+SELECT oid FROM o WHERE k_exact IS NOT NULL
+  AND coalesce(k_dest IN (FROM dests), false) <> (oid IN (SELECT oid FROM cal_real_exact_only))
 UNION
 SELECT oid FROM cal_decoy_orphans
 """
@@ -300,7 +304,7 @@ SELECT oid FROM cal_decoy_orphans
 def _match_touched(con) -> None:
     """cal_rematch (the decoys and the real orphans they touch), and their candidates in
     cand_pairs, matched again next to the decoys' exits."""
-    con.execute(_TOUCHED)
+    con.execute(_TOUCHED, {"b": _BUCKET_NS})
     ids = "SELECT oid FROM cal_rematch"
     con.execute(f"CREATE OR REPLACE TEMP TABLE cand_orphans AS {_BOTH_ORPHANS.format(ids=ids)}")
     con.execute(_EXACT_ONLY)
