@@ -299,9 +299,9 @@ def test_breaks_the_timing_cannot_tell_apart_are_left_without_a_parent(tmp_path)
 
 
 def test_a_sampled_background_links_the_fixed_step_hand_off_as_well(tmp_path, monkeypatch):
-    # large windows keep only a sample of the shifted copies (past breaks._BACKGROUND candidates
-    # per operation, a quarter of them): the model still finds the step, and still abstains
-    # where nothing tells the requests apart
+    # large windows keep only a sample of the shifted copies' candidates (past breaks._BACKGROUND
+    # per operation, about half as many as the real ones; here a tenth): the model still finds
+    # the step, and still abstains where nothing tells the requests apart
     from audit.engine import breaks
 
     rates = []
@@ -311,7 +311,8 @@ def test_a_sampled_background_links_the_fixed_step_hand_off_as_well(tmp_path, mo
         rates.append(args[-1])
         return fit(cls, *args)
 
-    monkeypatch.setattr(breaks, "_BACKGROUND", 5000)
+    monkeypatch.setattr(breaks, "_BACKGROUND", 2000)
+    monkeypatch.setattr(breaks, "_BACKGROUND_SHARE", 0.1)
     monkeypatch.setattr(breaks.HandoffModel, "fit", classmethod(recording_fit))
     found, named, right = _breaks(tmp_path, _handoff_scenario({"median": 1.0, "p99": 2.0}, waits=True))
     assert rates and max(rates) < 0.5, rates

@@ -41,23 +41,30 @@ WHERE r.start_ns BETWEEN s.start_ns AND s.end_ns AND r.trace_id <> s.trace_id
 _ROOTS = """SELECT rid, trace_id, service, name, start_ns::BIGINT AS start_ns,
   greatest(end_ns, start_ns)::BIGINT AS end_ns FROM roots WHERE kind NOT IN ('SERVER', 'CONSUMER')"""
 # the same breaks at instants moved by 0.3-3 s either way: whatever request is in flight
-# there has nothing to do with them (a hash of the row id makes the shift reproducible). Each
-# shifted copy is kept with its operation's rate in break_bg_rates (a hash again): the
-# background only estimates a density, which a sample of it does as well as all of it
-_SHIFTED = """SELECT rid, trace_id, service, name, start_ns + d AS start_ns, end_ns + d AS end_ns FROM (
-  SELECT r.*, (300000000 + hash(r.rid, k) % 2700000000)::BIGINT * (CASE WHEN hash(k, r.rid) % 2 = 0
-         THEN 1 ELSE -1 END) AS d
-  FROM ({roots}) r JOIN break_bg_rates USING (service, name), range({shifts}) t(k)
-  WHERE hash(r.rid, k, 1) % 1000000 < rate * 1000000)"""
-# per break operation, the share of shifted copies kept: all of them (a background of about
-# twice the real candidates) up to _BACKGROUND candidates; past that, enough for about
-# _BACKGROUND_SHARE of the real candidates, or _BACKGROUND if more
+# there has nothing to do with them (a hash of the row id makes the shift reproducible)
+_COPIES = """SELECT r.*, k, (300000000 + hash(r.rid, k) % 2700000000)::BIGINT
+    * (CASE WHEN hash(k, r.rid) % 2 = 0 THEN 1 ELSE -1 END) AS d
+  FROM ({roots}) r JOIN break_ops USING (service, name), range({shifts}) t(k)"""
+# the copies kept with their operation's rate (break_bg_rates; a hash again)
+_SHIFTED = """SELECT rid, trace_id, service, name, start_ns + d AS start_ns, end_ns + d AS end_ns
+FROM ({copies}) c JOIN break_bg_rates USING (service, name)
+WHERE hash(rid, k, 1) % 1000000 < rate * 1000000"""
+# The background only estimates a density, which a sample of it does as well as all of it: per
+# break operation, the share of the shifted copies kept. All of them up to _BACKGROUND
+# candidates; past that, enough for about _BACKGROUND_SHARE of the real candidates, or
+# _BACKGROUND if more. A copy is expected to find as many candidates as a break does on
+# average if it falls within the service's requests, none if not (in a short window most do not)
 _BG_RATES = """
 CREATE OR REPLACE TEMP TABLE break_bg_rates AS
-SELECT service, name,
-       least(1.0, greatest($target, $share * count(p.break_rid)) / (count(p.break_rid) * $shifts + 1))::DOUBLE
-         AS rate
-FROM break_ops LEFT JOIN break_pairs p USING (service, name) GROUP BY ALL
+WITH s AS (SELECT service, min(start_ns)::BIGINT AS lo, max(end_ns)::BIGINT AS hi FROM w
+           WHERE kind IN ('SERVER', 'CONSUMER') AND service IN (SELECT service FROM break_ops) GROUP BY ALL),
+c AS (SELECT service, name, count(*) AS copies,
+             count(*) FILTER (WHERE start_ns + d BETWEEN lo AND hi) AS inside
+      FROM ({copies}) JOIN s USING (service) GROUP BY ALL),
+p AS (SELECT service, name, count(*) AS n FROM break_pairs GROUP BY ALL)
+SELECT service, name, least(1.0, greatest($target, $share * coalesce(p.n, 0))
+                             / (coalesce(p.n, 0) * $shifts * inside / copies + 1))::DOUBLE AS rate
+FROM c LEFT JOIN p USING (service, name)
 """
 # each candidate's last event in the break's service before the break started (a span's end, or
 # the request's start) and its first event after the break ended (a span's start, or its end).
@@ -176,8 +183,10 @@ def stitch_breaks(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     The confidence is the posterior of that request among its candidates and "none of these"
     (the real request was not sampled), with each candidate's likelihood ratio from the delay
     model learned for its break operation (`HandoffModel`)."""
-    con.execute(_BG_RATES, {"target": _BACKGROUND, "share": _BACKGROUND_SHARE, "shifts": _SHIFTS})
-    shifted = _SHIFTED.format(roots=_ROOTS, shifts=_SHIFTS)
+    copies = _COPIES.format(roots=_ROOTS, shifts=_SHIFTS)
+    params = {"target": _BACKGROUND, "share": _BACKGROUND_SHARE, "shifts": _SHIFTS}
+    con.execute(_BG_RATES.format(copies=copies), params)
+    shifted = _SHIFTED.format(copies=copies)
     con.execute(_ENCLOSING.format(table="break_bg_pairs", roots=shifted), {"b": _BUCKET_NS})
     con.execute(_FEATURES)
     con.execute("DROP TABLE break_bg_pairs")
