@@ -53,7 +53,9 @@ WHERE hash(rid, k, 1) % 1000000 < rate * 1000000"""
 # break operation, the share of the shifted copies kept. All of them up to _BACKGROUND
 # candidates; past that, enough for about _BACKGROUND_SHARE of the real candidates, or
 # _BACKGROUND if more. A copy is expected to find as many candidates as a break does on
-# average if it falls within the service's requests, none if not (in a short window most do not)
+# average if it falls within the service's requests, none if not (in a short window most do not).
+# Half as many as the real ones was too few: a noisier background inflates the likelihood
+# ratios against "none of these" (a reliability run at 649 in flight named 35 more, all wrong)
 _BG_RATES = """
 CREATE OR REPLACE TEMP TABLE break_bg_rates AS
 WITH s AS (SELECT service, min(start_ns)::BIGINT AS lo, max(end_ns)::BIGINT AS hi FROM w
@@ -131,7 +133,7 @@ _OP_RATES = "SELECT o.op, r.rate FROM break_vocab_ops o JOIN break_bg_rates r US
 _BATCH_ROWS = 1 << 20  # background candidates are counted into histograms a batch at a time
 _SHIFTS = 2  # shifted copies of each break: the background sample is twice the real one
 _BACKGROUND = 500_000  # background candidates per break operation past which copies are sampled
-_BACKGROUND_SHARE = 0.5  # the sampled background's size against the real candidates'
+_BACKGROUND_SHARE = 1.0  # the sampled background's size against the real candidates'
 
 _BREAK_OPS = """
 SELECT r.service, r.name, mode(r.kind), count(DISTINCT r.rid) AS roots, count(DISTINCT p.break_rid) AS during
