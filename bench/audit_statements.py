@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from bench.audit_steps import add_audit_args
+
 _CHILD = r"""
 import json, os, sys, time, traceback
 import duckdb, psutil
@@ -74,13 +76,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": cpu() - c,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--db", required=True)
-    ap.add_argument(
-        "--fraction", type=float, default=1.0, help="window from the first span, share of the store"
-    )
-    ap.add_argument("--memory-limit", default="2GB")
-    ap.add_argument("--context", type=int, default=120, help="seconds (the CLI's default)")
-    ap.add_argument("--code", help="a checkout whose audit/ to run (default: this one)")
+    add_audit_args(ap)
     ap.add_argument("--top", type=int, default=40, help="statements listed, by CPU seconds")
     args = ap.parse_args()
     root = os.path.abspath(args.code or os.path.join(os.path.dirname(__file__), ".."))

@@ -121,8 +121,8 @@ def run(db: str, fraction: float, memory: str, code: str | None, out: str | None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_audit_args(ap: argparse.ArgumentParser) -> None:
+    """The options of one audit in a fresh process (shared with bench/audit_statements.py)."""
     ap.add_argument("--db", required=True)
     ap.add_argument(
         "--fraction", type=float, default=1.0, help="window from the first span, share of the store"
@@ -130,6 +130,11 @@ def main() -> None:
     ap.add_argument("--memory-limit", default="2GB")
     ap.add_argument("--context", type=int, default=120, help="seconds (the CLI's default)")
     ap.add_argument("--code", help="a checkout whose audit/ to run (default: this one)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_audit_args(ap)
     ap.add_argument("--out", help="write PREFIX.findings.parquet and PREFIX.edges.json")
     args = ap.parse_args()
     r = run(args.db, args.fraction, args.memory_limit, args.code, args.out, args.context)

@@ -49,3 +49,27 @@ def audit_all(path: str, **config):
     result = run_audit(con, AuditWindow(lo, hi), AuditConfig(**config))
     con.close()
     return result
+
+
+def candidates_over_store(con):
+    """Run the engine's passes up to the stitching candidates over the whole store, as run_audit
+    does; return (learned, audited orphan ids, skew ns, max lag ns) for stitch and calibrate."""
+    import numpy as np
+
+    from audit.engine import AuditConfig
+    from audit.engine.learn import learn
+    from audit.engine.scan import scan
+    from audit.engine.skew import learn_unseen_offsets
+    from audit.engine.stitch import build_candidates
+    from audit.engine.targets import resolve_exits
+
+    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
+    window, config = AuditWindow(lo, hi), AuditConfig()
+    skew, lag = config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9
+    scan(con, window)
+    learned = learn(con, window, config)
+    resolve_exits(con, learned)
+    learn_unseen_offsets(con, learned, skew)
+    build_candidates(con, learned, skew, lag)
+    audited = con.execute("SELECT oid FROM cand_orphans").fetchnumpy()["oid"].astype(np.int64)
+    return learned, audited, skew, lag

@@ -6,15 +6,10 @@ import duckdb
 import numpy as np
 
 from audit.cli import DbSink
-from audit.engine import AuditConfig, AuditWindow
 from audit.engine import calibrate as calibration
-from audit.engine.learn import learn
-from audit.engine.scan import scan
-from audit.engine.skew import learn_unseen_offsets
-from audit.engine.stitch import build_candidates
-from audit.engine.targets import resolve_exits
 from audit.scenarios.model import Scenario
 from audit.scenarios.simulate import Simulator
+from tests.audit_helpers import candidates_over_store
 
 _TABLES = ("cand_orphans", "cand_exits", "cand_pairs", "cand_counts", "exact_only")
 
@@ -63,19 +58,6 @@ def _store(path: str) -> None:
     con.close()
 
 
-def _candidates(con):
-    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
-    window, config = AuditWindow(lo, hi), AuditConfig()
-    skew, lag = config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9
-    scan(con, window)
-    learned = learn(con, window, config)
-    resolve_exits(con, learned)
-    learn_unseen_offsets(con, learned, skew)
-    build_candidates(con, learned, skew, lag)
-    audited = con.execute("SELECT oid FROM cand_orphans").fetchnumpy()["oid"].astype(np.int64)
-    return learned, audited, skew, lag
-
-
 def _rows(con) -> dict:
     return {name: con.execute(f"SELECT * FROM {name} ORDER BY ALL").fetchall() for name in _TABLES}
 
@@ -84,7 +66,7 @@ def test_the_decoys_groups_give_the_maps_of_every_orphan_and_leave_the_tables(tm
     db = str(tmp_path / "late.duckdb")
     _store(db)
     con = duckdb.connect(db, read_only=True)
-    learned, audited, skew, lag = _candidates(con)
+    learned, audited, skew, lag = candidates_over_store(con)
     before = _rows(con)
     sizes = {}
     grouped_only = calibration._decoy_groups

@@ -15,11 +15,12 @@ from audit.engine.calibrate import Calibration, calibrate, calibrated, fit_curve
 from audit.engine.learn import learn
 from audit.engine.scan import scan
 from audit.engine.skew import find_peak, learn_unseen_offsets
-from audit.engine.stitch import _assign, _marginals, build_candidates, stitch
+from audit.engine.stitch import _assign, _marginals, stitch
 from audit.engine.tables import temp_table
 from audit.engine.targets import resolve_exits
 from audit.scenarios.model import Scenario
 from audit.scenarios.simulate import Simulator
+from tests.audit_helpers import candidates_over_store
 
 
 def assign(pairs: list[tuple[int, int, float]], null: float = 5.0, p_stored: float = 1.0) -> dict:
@@ -402,15 +403,7 @@ def test_calibrated_confidences_match_the_observed_precision_where_raw_ones_over
     path = str(tmp_path / "late.duckdb")
     truth = _late_handler_store(path)
     con = duckdb.connect(path, read_only=True)
-    lo, hi = con.execute("SELECT min(start_ns), max(start_ns) + 1 FROM spans").fetchone()
-    window, config = AuditWindow(lo, hi), AuditConfig()
-    skew, lag = config.default_skew_ms * 1e6, config.default_max_lag_s * 1e9
-    scan(con, window)
-    learned = learn(con, window, config)
-    resolve_exits(con, learned)
-    learn_unseen_offsets(con, learned, skew)
-    build_candidates(con, learned, skew, lag)
-    audited = con.execute("SELECT oid FROM cand_orphans").fetchnumpy()["oid"].astype(np.int64)
+    learned, audited, skew, lag = candidates_over_store(con)
     got = stitch(con, learned, audited)
     cal = calibrate(con, learned, audited, skew, lag)
     new = calibrated(con, cal, got.oid, got.eid, got.confidence)
