@@ -36,6 +36,7 @@ from .stitch import (
     _EXACT_ONLY,
     CANDIDATES_PER_ORPHAN,
     EXIT_KEYS,
+    ORPHAN_KEYS,
     _memory_limit_bytes,
     match_stages,
     stitch,
@@ -82,25 +83,19 @@ SELECT exit_rid, entry_rid, caller, callee, protocol,
 FROM calls WHERE k <= least($cap, greatest(50, orphans))
 """
 # The decoys' orphans, with ids after the real orphans' ($first on): the real ones are not copied
-_DECOY_ORPHANS = """
+_DECOY_ORPHANS = f"""
 CREATE OR REPLACE TEMP TABLE cal_decoy_orphans AS
 SELECT $first + row_number() OVER (ORDER BY r.start_ns, r.rid) - 1 AS oid,
        NULL::BIGINT AS real_oid, d.exit_rid AS true_exit,
        r.rid, r.trace_id, r.span_id, r.service, r.name, r.kind, r.protocol, r.start_ns, r.end_ns, r.th,
-       'svc:' || r.service AS k_svc,
-       CASE WHEN r.url_path IS NOT NULL THEN 'path:' || r.url_path END AS k_path,
-       CASE WHEN r.rpc_service IS NOT NULL THEN 'rpc:' || r.rpc_service || '/' || coalesce(r.rpc_method, '')
-       END AS k_rpc,
-       CASE WHEN r.messaging_destination IS NOT NULL THEN 'dest:' || r.messaging_destination END AS k_dest,
-       CASE WHEN r.messaging_partition IS NOT NULL AND r.messaging_offset IS NOT NULL
-              THEN 'kafka:' || coalesce(r.messaging_destination, '') || '/' || r.messaging_partition
-                   || '/' || r.messaging_offset
-            WHEN r.messaging_message_id IS NOT NULL THEN 'msg:' || r.messaging_message_id END AS k_exact
+       r.k_svc, r.k_path, r.k_rpc, r.k_dest, r.k_exact
 FROM cal_decoys d JOIN (
-  SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
-         sampling_threshold AS th, rpc_service, rpc_method, messaging_destination, messaging_message_id,
-         messaging_partition, messaging_offset, coalesce(url_path, url_path(url_full)) AS url_path
-  FROM spans WHERE rowid IN (SELECT entry_rid FROM cal_decoys)) r ON r.rid = d.entry_rid
+  SELECT *,
+{ORPHAN_KEYS}  FROM (
+    SELECT rowid AS rid, trace_id, span_id, service_name AS service, kind, name, protocol, start_ns, end_ns,
+           sampling_threshold AS th, rpc_service, rpc_method, messaging_destination, messaging_message_id,
+           messaging_partition, messaging_offset, coalesce(url_path, url_path(url_full)) AS url_path
+    FROM spans WHERE rowid IN (SELECT entry_rid FROM cal_decoys))) r ON r.rid = d.entry_rid
 """
 # Real orphans (cal_real_cand_orphans) and decoys in one table: `oid` the real one or the decoy's
 # id, `real_oid` null for decoys. The assignment's ids are numbered afresh (_run).

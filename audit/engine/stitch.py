@@ -51,11 +51,8 @@ SELECT row_number() OVER (ORDER BY rid, target) - 1 AS eid, rid, trace_id, span_
 {EXIT_KEYS}FROM xt
 WHERE NOT continued_to_target AND protocol <> 'db'
 """
-_CANDIDATE_ORPHANS = """
-CREATE OR REPLACE TEMP TABLE cand_orphans AS  -- oids in time order: the assignment windows on them
-SELECT row_number() OVER (ORDER BY start_ns, rid) - 1 AS oid, rid, trace_id, span_id, service, name, kind,
-       protocol,
-       start_ns, end_ns, th,
+# An orphan's keys, the last columns of cand_orphans (also calibrate.py's decoys)
+ORPHAN_KEYS = """
        'svc:' || service AS k_svc,
        CASE WHEN url_path IS NOT NULL THEN 'path:' || url_path END AS k_path,
        CASE WHEN rpc_service IS NOT NULL
@@ -65,7 +62,13 @@ SELECT row_number() OVER (ORDER BY start_ns, rid) - 1 AS oid, rid, trace_id, spa
               THEN 'kafka:' || coalesce(messaging_destination, '') || '/' || messaging_partition
                    || '/' || messaging_offset
             WHEN messaging_message_id IS NOT NULL THEN 'msg:' || messaging_message_id END AS k_exact
-FROM roots WHERE kind IN ('SERVER', 'CONSUMER') AND NOT linked
+"""
+_CANDIDATE_ORPHANS = f"""
+CREATE OR REPLACE TEMP TABLE cand_orphans AS  -- oids in time order: the assignment windows on them
+SELECT row_number() OVER (ORDER BY start_ns, rid) - 1 AS oid, rid, trace_id, span_id, service, name, kind,
+       protocol,
+       start_ns, end_ns, th,
+{ORPHAN_KEYS}FROM roots WHERE kind IN ('SERVER', 'CONSUMER') AND NOT linked
 """
 
 
